@@ -1,0 +1,76 @@
+//! Types shared by the watchdog kernel programs (`watchdog-ebpf`) and the daemon (`watchdog`).
+//!
+//! Everything here is `#[repr(C)]`, has no `bool` and no implicit padding, and is checked for size
+//! at compile time: the kernel and the daemon read the same bytes. The `user` feature adds the
+//! `aya::Pod` impls the daemon needs.
+#![no_std]
+
+pub mod event;
+pub mod names;
+pub mod state;
+
+pub use event::{Event, EventKind};
+pub use state::{
+    ConnInfo, ConnRecord, PortConfig, ReqState, TaskInfo, PORT_CLIENT_GONE, PORT_WATCHED,
+};
+
+/// Bumped whenever the layout of any map key or value changes. Stamped into the `META` map so a
+/// daemon never reads pinned state written with another layout.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Capacity limits of the kernel tables. Fixed at build time; insert failures are counted.
+pub mod limits {
+    /// Connections tracked at once (accepted on a watched port, not yet closed).
+    pub const MAX_CONNS: u32 = 65_536;
+    /// Threads that own or owned a request and are still alive.
+    pub const MAX_TASKS: u32 = 65_536;
+    /// Distinct watched ports that get their own metrics slot. Slot 0 collects the rest.
+    pub const MAX_PORT_SLOTS: u32 = 64;
+    /// Ring buffer for rare events (deadlines, client gone), in bytes.
+    pub const EVENTS_BYTES: u32 = 256 * 1024;
+    /// Every port number is an index into the ports array; index 0 is the wildcard entry.
+    pub const PORTS: u32 = 65_536;
+}
+
+/// Request-duration histogram kept in the kernel, per metrics slot: upper bounds in
+/// milliseconds. One more bucket (`+Inf`) follows the last bound.
+pub const DURATION_BUCKETS_MS: [u64; 17] = [
+    1, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 120_000,
+    300_000, 600_000,
+];
+
+/// Per-slot counters in the `PORT_STATS` per-CPU array: `slot * PORT_STAT_STRIDE + index`.
+pub mod port_stat {
+    /// Histogram buckets (non-cumulative) occupy indexes `0..=DURATION_BUCKETS_MS.len()`.
+    pub const BUCKETS: u32 = 0;
+    /// Sum of time-to-first-byte durations, in nanoseconds.
+    pub const DURATION_SUM_NS: u32 = super::DURATION_BUCKETS_MS.len() as u32 + 1;
+    /// Requests started.
+    pub const STARTED: u32 = DURATION_SUM_NS + 1;
+    /// Requests that ended without a response because the connection closed.
+    pub const CLOSED_IN_FLIGHT: u32 = STARTED + 1;
+    /// Entries per slot.
+    pub const STRIDE: u32 = CLOSED_IN_FLIGHT + 1;
+}
+
+/// Global counters in the `STATS` per-CPU array.
+pub mod stat {
+    /// Connections accepted on a watched port and tracked.
+    pub const CONNS_OPENED: u32 = 0;
+    /// Tracked connections closed.
+    pub const CONNS_CLOSED: u32 = 1;
+    /// Connections not tracked because the connection table was full.
+    pub const CONNS_TABLE_FULL: u32 = 2;
+    /// Requests not given an owner because the task table was full.
+    pub const TASKS_TABLE_FULL: u32 = 3;
+    /// Events dropped because the ring buffer was full.
+    pub const EVENTS_LOST: u32 = 4;
+    /// Deadline timers that fired on a request still in flight.
+    pub const DEADLINES_FIRED: u32 = 5;
+    /// Deadline timers that fired on a request that had already ended (no work done).
+    pub const DEADLINES_STALE: u32 = 6;
+    /// Tasks dropped from the task table on exit.
+    pub const TASKS_EXITED: u32 = 7;
+    /// Number of counters.
+    pub const COUNT: u32 = 8;
+}

@@ -1,0 +1,33 @@
+//! Names of maps and programs, used by both sides. Userspace never spells them out itself.
+
+/// Per-socket state (socket-local storage): `SockState`. Kernel only.
+pub const MAP_SOCKS: &str = "SOCKS";
+/// Tracked connections by socket cookie: `ConnRecord` (timer + `ConnInfo`).
+pub const MAP_CONNS: &str = "CONNS";
+/// Live tasks that own requests, by tid: `TaskInfo`.
+pub const MAP_TASKS: &str = "TASKS";
+/// Watched ports, indexed by port number (index 0 = every port): `PortConfig`.
+pub const MAP_PORTS: &str = "PORTS";
+/// Rare events for userspace: `Event`.
+pub const MAP_EVENTS: &str = "EVENTS";
+/// Global counters (per CPU): see `stat`.
+pub const MAP_STATS: &str = "STATS";
+/// Per-port counters and histograms (per CPU): see `port_stat`.
+pub const MAP_PORT_STATS: &str = "PORT_STATS";
+
+/// sock_ops program: connection accepted, state changes (close, peer FIN).
+pub const PROG_SOCK_OPS: &str = "conn_sock_ops";
+/// tp_btf sock_recv_length: bytes in, request start.
+pub const PROG_RECV: &str = "request_enter_recv";
+/// tp_btf sock_send_length: bytes out, request end.
+pub const PROG_SEND: &str = "request_exit_send";
+/// tp_btf tcp_receive_reset: the peer reset the connection.
+pub const PROG_RESET: &str = "conn_enter_receive_reset";
+/// tp_btf sched_process_exit: drop what an exiting task owned.
+pub const PROG_TASK_EXIT: &str = "task_exit";
+
+/// BTF tracepoint names attached to, in the same order as the programs above.
+pub const TP_RECV: &str = "sock_recv_length";
+pub const TP_SEND: &str = "sock_send_length";
+pub const TP_RESET: &str = "tcp_receive_reset";
+pub const TP_TASK_EXIT: &str = "sched_process_exit";

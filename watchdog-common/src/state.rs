@@ -1,0 +1,98 @@
+//! Map values shared by the kernel programs and the daemon.
+
+use core::mem::size_of;
+
+/// A watched port (or, at index 0, every port): what the kernel needs at accept and request start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortConfig {
+    /// When the kernel timer fires after a request starts, in nanoseconds. The earliest step of
+    /// any policy on this port; userspace schedules later steps itself.
+    pub deadline_ns: u64,
+    /// Metrics slot (`0..MAX_PORT_SLOTS`).
+    pub slot: u32,
+    /// `PORT_WATCHED` | `PORT_CLIENT_GONE`.
+    pub flags: u32,
+}
+
+/// Connections on this port are tracked.
+pub const PORT_WATCHED: u32 = 1;
+/// Report a peer FIN/RST that arrives while a request is in flight.
+pub const PORT_CLIENT_GONE: u32 = 2;
+
+/// Request state of a tracked connection.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReqState {
+    /// No request in flight (between requests, or before the first one).
+    Idle = 0,
+    /// Bytes came in, no byte has gone out yet.
+    InFlight = 1,
+}
+
+/// What userspace may read about a tracked connection and its current request.
+///
+/// Addresses are IPv6 (IPv4 as `::ffff:a.b.c.d`), network byte order; ports host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// Socket cookie: the connection's identity for its whole life.
+    pub cookie: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the current request started.
+    pub start_ns: u64,
+    /// Identity of the owning task's life (see `TaskInfo::life`).
+    pub owner_life: u64,
+    /// Deadline the kernel timer was armed with, relative to `start_ns`.
+    pub deadline_ns: u64,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// Request generation on this connection: 1 for the first request, then +1 each.
+    pub gen: u32,
+    /// `ReqState` as u32.
+    pub state: u32,
+    /// Owner thread id (kernel pid) and process id (kernel tgid).
+    pub tid: u32,
+    pub tgid: u32,
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// Metrics slot of the port.
+    pub slot: u16,
+    /// Address family (AF_INET = 2, AF_INET6 = 10).
+    pub family: u16,
+}
+
+/// The `CONNS` value: an opaque `struct bpf_timer` first, then the readable part.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnRecord {
+    /// Kernel-owned timer; reads as zero from userspace.
+    pub timer: [u64; 2],
+    pub info: ConnInfo,
+}
+
+/// A live task that owned a request. Deleted when the task exits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskInfo {
+    /// `bpf_ktime_get_ns` when this task was first seen: with the tid, names one task's life,
+    /// so a reused tid never matches a request recorded for an earlier task.
+    pub life: u64,
+    /// The request this task started most recently.
+    pub cur_cookie: u64,
+    pub cur_gen: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<PortConfig>() == 16);
+const _: () = assert!(size_of::<ConnInfo>() == 88);
+const _: () = assert!(size_of::<ConnRecord>() == 104);
+const _: () = assert!(size_of::<TaskInfo>() == 24);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain #[repr(C)] integers and arrays, no padding (checked by the size asserts).
+    unsafe impl aya::Pod for super::PortConfig {}
+    unsafe impl aya::Pod for super::ConnInfo {}
+    unsafe impl aya::Pod for super::ConnRecord {}
+    unsafe impl aya::Pod for super::TaskInfo {}
+}

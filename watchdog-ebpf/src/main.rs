@@ -1,0 +1,22 @@
+//! watchdog's kernel programs.
+//!
+//! Five thin entry points (see `programs/`) share the maps in `maps.rs`. The hot path, every
+//! recv and send on every socket of the host, does one socket-local-storage lookup and returns
+//! unless the socket is a tracked connection whose request state changes. Per request the kernel
+//! arms one `bpf_timer`; only a request still in flight when it fires (or one whose caller hangs
+//! up) produces an event for userspace.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod programs;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

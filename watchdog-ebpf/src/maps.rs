@@ -1,0 +1,120 @@
+//! Maps shared by the programs, and the small helpers that touch them.
+
+use aya_ebpf::{
+    bindings::{bpf_timer, BPF_NOEXIST},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, SkStorage},
+    macros::btf_map,
+};
+use watchdog_common::{
+    limits::{EVENTS_BYTES, MAX_CONNS, MAX_PORT_SLOTS, MAX_TASKS, PORTS as PORT_ENTRIES},
+    port_stat, stat, ConnInfo, Event, PortConfig, TaskInfo,
+};
+
+/// Per-socket state kept in socket-local storage: freed by the kernel with the socket.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SockState {
+    pub cookie: u64,
+    /// Current request generation.
+    pub gen: u32,
+    /// `ReqState` as u32.
+    pub state: u32,
+    /// Metrics slot of the local port.
+    pub slot: u32,
+    /// `SOCK_PEER_FIN` once the peer has sent FIN.
+    pub flags: u32,
+}
+
+/// `CONNS` value. Same layout as `watchdog_common::ConnRecord`; the timer must be a field of
+/// BTF type `struct bpf_timer` for the verifier to accept it.
+#[repr(C)]
+pub struct ConnEntry {
+    pub timer: bpf_timer,
+    pub info: ConnInfo,
+}
+
+const _: () =
+    assert!(core::mem::size_of::<ConnEntry>() == core::mem::size_of::<watchdog_common::ConnRecord>());
+
+/// The peer sent FIN: a later RST is the answer to our own write, not a new hang-up.
+pub const SOCK_PEER_FIN: u32 = 1;
+
+#[btf_map]
+pub static SOCKS: SkStorage<SockState> = SkStorage::new();
+
+#[btf_map]
+pub static CONNS: HashMap<u64, ConnEntry, { MAX_CONNS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static TASKS: HashMap<u32, TaskInfo, { MAX_TASKS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static PORTS: Array<PortConfig, { PORT_ENTRIES as usize }> = Array::new();
+
+#[btf_map]
+pub static EVENTS: RingBuf<Event, { EVENTS_BYTES as usize }> = RingBuf::new();
+
+#[btf_map]
+pub static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static PORT_STATS: PerCpuArray<u64, { (MAX_PORT_SLOTS * port_stat::STRIDE) as usize }> =
+    PerCpuArray::new();
+
+#[inline(always)]
+pub fn count(index: u32) {
+    add(&STATS, index, 1);
+}
+
+#[inline(always)]
+pub fn port_count(slot: u32, index: u32, value: u64) {
+    if slot < MAX_PORT_SLOTS {
+        add(&PORT_STATS, slot * port_stat::STRIDE + index, value);
+    }
+}
+
+#[inline(always)]
+fn add<const N: usize>(map: &PerCpuArray<u64, N>, index: u32, value: u64) {
+    if let Some(p) = map.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot, written only by this CPU with preemption off.
+        unsafe { *p += value };
+    }
+}
+
+/// The config of `port`, falling back to the wildcard entry at index 0.
+#[inline(always)]
+pub fn port_config(port: u32) -> Option<&'static PortConfig> {
+    let cfg = PORTS.get(port)?;
+    if cfg.flags != 0 {
+        return Some(cfg);
+    }
+    let any = PORTS.get(0)?;
+    (any.flags != 0).then_some(any)
+}
+
+/// Records the current task as a request owner; returns its life stamp (0 if the table is full).
+#[inline(always)]
+pub fn task_life(tid: u32, now: u64, cookie: u64, gen: u32) -> u64 {
+    if let Some(t) = TASKS.get_ptr_mut(tid) {
+        // SAFETY: map value pointer from a successful lookup.
+        unsafe {
+            (*t).cur_cookie = cookie;
+            (*t).cur_gen = gen;
+            return (*t).life;
+        }
+    }
+    let fresh = TaskInfo { life: now, cur_cookie: cookie, cur_gen: gen, _pad: 0 };
+    if TASKS.insert(tid, fresh, BPF_NOEXIST.into()).is_err() {
+        count(stat::TASKS_TABLE_FULL);
+        return 0;
+    }
+    now
+}
+
+/// Writes an event; counts it as lost when the ring buffer is full.
+#[inline(always)]
+pub fn emit(ev: &Event) {
+    if EVENTS.output(ev, 0).is_err() {
+        count(stat::EVENTS_LOST);
+    }
+}

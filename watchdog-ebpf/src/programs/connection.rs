@@ -1,0 +1,230 @@
+//! Connection lifecycle: accept on a watched port, peer FIN / RST, close.
+
+use core::{ffi::c_void, ptr};
+
+use aya_ebpf::{
+    bindings::{
+        bpf_sock, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT,
+    },
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_storage_get, bpf_timer_init,
+        bpf_timer_set_callback,
+    },
+    macros::{btf_tracepoint, sock_ops},
+    programs::{BtfTracePointContext, SockOpsContext},
+    EbpfContext,
+};
+use watchdog_common::{
+    stat, ConnInfo, Event, EventKind, ReqState, LAYOUT_VERSION, PORT_CLIENT_GONE,
+};
+
+use crate::maps::{
+    count, emit, port_config, port_count, ConnEntry, SockState, CONNS, SOCKS, SOCK_PEER_FIN,
+    TASKS,
+};
+
+const AF_INET: u32 = 2;
+const CLOCK_MONOTONIC: u64 = 1;
+
+/// `sock_ops` on the cgroup v2 root: every TCP socket of the host passes here.
+#[sock_ops]
+pub fn conn_sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_accept(&ctx),
+        BPF_SOCK_OPS_STATE_CB => on_state(&ctx),
+        _ => {}
+    }
+    1
+}
+
+fn sk_of(ctx: &SockOpsContext) -> *mut bpf_sock {
+    // SAFETY: ctx.ops is the kernel's bpf_sock_ops context; `sk` may be null (checked by callers).
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk }
+}
+
+#[inline(always)]
+fn addr(family: u32, v4: u32, v6: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    if family == AF_INET {
+        out[10] = 0xff;
+        out[11] = 0xff;
+        out[12..16].copy_from_slice(&v4.to_ne_bytes());
+    } else {
+        for (i, w) in v6.iter().enumerate() {
+            out[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+    }
+    out
+}
+
+/// A connection was accepted: track it if its local port is watched.
+fn on_accept(ctx: &SockOpsContext) {
+    let local_port = ctx.local_port();
+    let Some(cfg) = port_config(local_port) else { return };
+    let sk = sk_of(ctx);
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: helper call with the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // Context fields are read one by one with volatile loads: the verifier accepts only direct
+    // loads at constant offsets, and LLVM would otherwise fold the addresses into registers.
+    let ops = ctx.ops;
+    // SAFETY: each read is a field of the kernel's bpf_sock_ops context.
+    let (family, l4, r4, rport) = unsafe {
+        (
+            ptr::read_volatile(ptr::addr_of!((*ops).family)),
+            ptr::read_volatile(ptr::addr_of!((*ops).local_ip4)),
+            ptr::read_volatile(ptr::addr_of!((*ops).remote_ip4)),
+            ptr::read_volatile(ptr::addr_of!((*ops).remote_port)),
+        )
+    };
+    let mut l6 = [0u32; 4];
+    let mut r6 = [0u32; 4];
+    if family != AF_INET {
+        for i in 0..4 {
+            // SAFETY: as above.
+            unsafe {
+                l6[i] = ptr::read_volatile(ptr::addr_of!((*ops).local_ip6[i]));
+                r6[i] = ptr::read_volatile(ptr::addr_of!((*ops).remote_ip6[i]));
+            }
+        }
+    }
+    let info = ConnInfo {
+        cookie,
+        local_addr: addr(family, l4, l6),
+        remote_addr: addr(family, r4, r6),
+        local_port: local_port as u16,
+        remote_port: u16::from_be((rport >> 16) as u16),
+        slot: cfg.slot as u16,
+        family: family as u16,
+        ..ConnInfo::default()
+    };
+    let entry = ConnEntry { timer: unsafe { core::mem::zeroed() }, info };
+    if CONNS.insert(cookie, entry, BPF_NOEXIST.into()).is_err() {
+        count(stat::CONNS_TABLE_FULL);
+        return;
+    }
+    let Some(e) = CONNS.get_ptr_mut(cookie) else { return };
+    // SAFETY: `e` points into CONNS; the timer belongs to that map.
+    unsafe {
+        let map = ptr::addr_of!(CONNS) as *mut c_void;
+        bpf_timer_init(ptr::addr_of_mut!((*e).timer), map, CLOCK_MONOTONIC);
+        bpf_timer_set_callback(ptr::addr_of_mut!((*e).timer), on_deadline as *mut c_void);
+    }
+    let init = SockState { cookie, gen: 0, state: ReqState::Idle as u32, slot: cfg.slot, flags: 0 };
+    // SAFETY: `sk` is the non-null socket of this context; SOCKS is socket-local storage.
+    let st = unsafe {
+        bpf_sk_storage_get(
+            ptr::addr_of!(SOCKS) as *mut c_void,
+            sk.cast(),
+            ptr::addr_of!(init) as *mut c_void,
+            BPF_SK_STORAGE_GET_F_CREATE.into(),
+        )
+    };
+    if st.is_null() {
+        let _ = CONNS.remove(cookie);
+        count(stat::CONNS_TABLE_FULL);
+        return;
+    }
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    count(stat::CONNS_OPENED);
+}
+
+/// TCP state change on a tracked connection.
+fn on_state(ctx: &SockOpsContext) {
+    let new_state = ctx.arg(1);
+    if new_state != BPF_TCP_CLOSE_WAIT && new_state != BPF_TCP_CLOSE {
+        return;
+    }
+    let sk = sk_of(ctx);
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: lookup without create on this context's socket.
+    let st = unsafe {
+        bpf_sk_storage_get(ptr::addr_of!(SOCKS) as *mut c_void, sk.cast(), ptr::null_mut(), 0)
+    } as *mut SockState;
+    if st.is_null() {
+        return;
+    }
+    // SAFETY: non-null storage pointer.
+    let st = unsafe { &mut *st };
+    let in_flight = st.state == ReqState::InFlight as u32;
+    if new_state == BPF_TCP_CLOSE_WAIT {
+        st.flags |= SOCK_PEER_FIN;
+        if in_flight {
+            peer_gone(st.cookie, EventKind::PeerFin);
+        }
+        return;
+    }
+    // Closed: the request (if any) ends without a response; forget the connection.
+    if in_flight {
+        st.state = ReqState::Idle as u32;
+        port_count(st.slot, watchdog_common::port_stat::CLOSED_IN_FLIGHT, 1);
+    }
+    if CONNS.remove(st.cookie).is_ok() {
+        count(stat::CONNS_CLOSED);
+    }
+}
+
+/// The peer hung up on a request in flight: tell userspace if the port asks for it.
+#[inline(always)]
+fn peer_gone(cookie: u64, kind: EventKind) {
+    let Some(e) = CONNS.get_ptr(cookie) else { return };
+    // SAFETY: map value pointer from a successful lookup.
+    let info = unsafe { (*e).info };
+    let Some(cfg) = port_config(info.local_port as u32) else { return };
+    if cfg.flags & PORT_CLIENT_GONE == 0 || info.state != ReqState::InFlight as u32 {
+        return;
+    }
+    // SAFETY: helper without arguments.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    emit(&Event { kind: kind as u32, version: LAYOUT_VERSION, ts_ns, conn: info });
+}
+
+/// `tcp_receive_reset(struct sock *sk)`: the peer sent RST.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn conn_enter_receive_reset(ctx: BtfTracePointContext) -> u32 {
+    let sk: *mut c_void = ctx.arg(0);
+    // SAFETY: `sk` is the tracepoint's typed socket pointer.
+    let st = unsafe {
+        bpf_sk_storage_get(ptr::addr_of!(SOCKS) as *mut c_void, sk, ptr::null_mut(), 0)
+    } as *const SockState;
+    if !st.is_null() {
+        // SAFETY: non-null storage pointer.
+        let st = unsafe { &*st };
+        // After a FIN, a RST only answers the server's own write to a closed peer.
+        if st.state == ReqState::InFlight as u32 && st.flags & SOCK_PEER_FIN == 0 {
+            peer_gone(st.cookie, EventKind::PeerReset);
+        }
+    }
+    0
+}
+
+/// Timer callback: the deadline of the connection's current request has come.
+///
+/// Runs in softirq context. Writes an event only if that request is still in flight and its
+/// owner is the same live task that started it.
+unsafe extern "C" fn on_deadline(_map: *mut c_void, _key: *mut u64, e: *mut ConnEntry) -> i32 {
+    // SAFETY: the kernel passes the map value this timer lives in.
+    let info = unsafe { (*e).info };
+    if info.state != ReqState::InFlight as u32 {
+        count(stat::DEADLINES_STALE);
+        return 0;
+    }
+    match TASKS.get_ptr(info.tid) {
+        // SAFETY: map value pointer from a successful lookup.
+        Some(t) if unsafe { (*t).life } == info.owner_life => {}
+        _ => {
+            count(stat::DEADLINES_STALE);
+            return 0;
+        }
+    }
+    count(stat::DEADLINES_FIRED);
+    // SAFETY: helper without arguments.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    emit(&Event { kind: EventKind::Deadline as u32, version: LAYOUT_VERSION, ts_ns, conn: info });
+    0
+}

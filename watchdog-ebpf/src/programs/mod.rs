@@ -1,0 +1,3 @@
+mod connection;
+mod request;
+mod task;

@@ -1,0 +1,111 @@
+//! Requests on tracked connections: bytes in on an idle connection start one, the first byte
+//! out ends it. These two programs are the hot path: every recv and send on the host.
+
+use core::{ffi::c_void, ptr};
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_sk_storage_get, bpf_timer_start},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use watchdog_common::{port_stat, ReqState, DURATION_BUCKETS_MS};
+
+use crate::maps::{port_config, port_count, task_life, SockState, CONNS, SOCKS};
+
+const MSG_PEEK: i32 = 2;
+
+/// The tracked-connection state of `sk`, or null for every other socket.
+#[inline(always)]
+fn sock_state(sk: *mut c_void) -> *mut SockState {
+    // SAFETY: `sk` is the tracepoint's typed socket pointer; lookup without create.
+    unsafe { bpf_sk_storage_get(ptr::addr_of!(SOCKS) as *mut c_void, sk, ptr::null_mut(), 0) }
+        .cast()
+}
+
+/// `sock_recv_length(struct sock *sk, int ret, int flags)`, in the receiving task.
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn request_enter_recv(ctx: BtfTracePointContext) -> u32 {
+    let ret: i32 = ctx.arg(1);
+    let flags: i32 = ctx.arg(2);
+    if ret <= 0 || flags & MSG_PEEK != 0 {
+        return 0;
+    }
+    let st = sock_state(ctx.arg(0));
+    if st.is_null() {
+        return 0;
+    }
+    // SAFETY: non-null storage pointer.
+    let st = unsafe { &mut *st };
+    if st.state != ReqState::Idle as u32 {
+        return 0;
+    }
+    start_request(st);
+    0
+}
+
+fn start_request(st: &mut SockState) {
+    st.state = ReqState::InFlight as u32;
+    st.gen = st.gen.wrapping_add(1);
+    port_count(st.slot, port_stat::STARTED, 1);
+    let Some(e) = CONNS.get_ptr_mut(st.cookie) else { return };
+    // SAFETY: helpers without arguments.
+    let (now, pid_tgid) = unsafe { (bpf_ktime_get_ns(), bpf_get_current_pid_tgid()) };
+    let tid = pid_tgid as u32;
+    let life = task_life(tid, now, st.cookie, st.gen);
+    // SAFETY: `e` points into CONNS.
+    let info = unsafe { &mut (*e).info };
+    let Some(cfg) = port_config(info.local_port as u32) else { return };
+    info.start_ns = now;
+    info.gen = st.gen;
+    info.tid = tid;
+    info.tgid = (pid_tgid >> 32) as u32;
+    info.owner_life = life;
+    info.deadline_ns = cfg.deadline_ns;
+    info.state = ReqState::InFlight as u32;
+    if life != 0 {
+        // SAFETY: the timer was initialised at accept; re-arming moves an armed timer.
+        unsafe { bpf_timer_start(ptr::addr_of_mut!((*e).timer), cfg.deadline_ns, 0) };
+    }
+}
+
+/// `sock_send_length(struct sock *sk, int ret, int flags)`, in the sending task.
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn request_exit_send(ctx: BtfTracePointContext) -> u32 {
+    let ret: i32 = ctx.arg(1);
+    if ret <= 0 {
+        return 0;
+    }
+    let st = sock_state(ctx.arg(0));
+    if st.is_null() {
+        return 0;
+    }
+    // SAFETY: non-null storage pointer.
+    let st = unsafe { &mut *st };
+    if st.state != ReqState::InFlight as u32 {
+        return 0;
+    }
+    st.state = ReqState::Idle as u32;
+    let Some(e) = CONNS.get_ptr_mut(st.cookie) else { return 0 };
+    // SAFETY: `e` points into CONNS.
+    let info = unsafe { &mut (*e).info };
+    info.state = ReqState::Idle as u32;
+    // SAFETY: helper without arguments.
+    let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(info.start_ns);
+    port_count(st.slot, port_stat::BUCKETS + bucket(elapsed), 1);
+    port_count(st.slot, port_stat::DURATION_SUM_NS, elapsed);
+    0
+}
+
+/// Index of the histogram bucket for a duration (the last index is `+Inf`).
+#[inline(always)]
+fn bucket(ns: u64) -> u32 {
+    let ms = ns / 1_000_000;
+    let mut i = 0;
+    while i < DURATION_BUCKETS_MS.len() {
+        if ms < DURATION_BUCKETS_MS[i] {
+            return i as u32;
+        }
+        i += 1;
+    }
+    DURATION_BUCKETS_MS.len() as u32
+}
