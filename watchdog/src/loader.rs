@@ -5,6 +5,7 @@
 
 use std::{
     fs,
+    sync::Arc,
     path::{Path, PathBuf},
 };
 
@@ -51,8 +52,7 @@ pub struct Kernel {
     conns: HashMap<MapData, u64, ConnRecord>,
     tasks: HashMap<MapData, u32, TaskInfo>,
     ports: Array<MapData, PortConfig>,
-    stats: PerCpuArray<MapData, u64>,
-    port_stats: PerCpuArray<MapData, u64>,
+    counters: Arc<Counters>,
     events: Option<RingBuf<MapData>>,
     /// The cgroup v2 directory the sock_ops program is attached to.
     pub cgroup: PathBuf,
@@ -132,10 +132,12 @@ impl Kernel {
                 .map_err(|e| LoadError::Map(names::MAP_TASKS, e))?,
             ports: Array::try_from(take(&mut ebpf, names::MAP_PORTS)?)
                 .map_err(|e| LoadError::Map(names::MAP_PORTS, e))?,
-            stats: PerCpuArray::try_from(take(&mut ebpf, names::MAP_STATS)?)
-                .map_err(|e| LoadError::Map(names::MAP_STATS, e))?,
-            port_stats: PerCpuArray::try_from(take(&mut ebpf, names::MAP_PORT_STATS)?)
-                .map_err(|e| LoadError::Map(names::MAP_PORT_STATS, e))?,
+            counters: Arc::new(Counters {
+                stats: PerCpuArray::try_from(take(&mut ebpf, names::MAP_STATS)?)
+                    .map_err(|e| LoadError::Map(names::MAP_STATS, e))?,
+                port_stats: PerCpuArray::try_from(take(&mut ebpf, names::MAP_PORT_STATS)?)
+                    .map_err(|e| LoadError::Map(names::MAP_PORT_STATS, e))?,
+            }),
             events: Some(events),
             _ebpf: ebpf,
             cgroup,
@@ -167,6 +169,25 @@ impl Kernel {
         self.conns.iter().filter_map(Result::ok).map(|(_, r)| r.info).collect()
     }
 
+    /// The kernel's counters, shareable with the metrics collector.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+}
+
+/// The kernel's per-CPU counters (read-only from userspace).
+pub struct Counters {
+    stats: PerCpuArray<MapData, u64>,
+    port_stats: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Counters")
+    }
+}
+
+impl Counters {
     pub fn stats(&self) -> KernelStats {
         let get = |i: u32| -> u64 {
             self.stats.get(&i, 0).map(|v| v.iter().copied().sum()).unwrap_or(0)

@@ -1,13 +1,114 @@
+//! `watchdog`: parse, validate before binding anything, run, exit with a clear message.
+
+mod actions;
+mod api;
+mod check;
+mod cli;
+mod config;
+mod daemon;
+mod diagnose;
 mod loader;
-fn main() {
-    let mut k = loader::Kernel::load().unwrap();
-    k.set_port(8081, watchdog_common::PortConfig { deadline_ns: 1_000_000_000, slot: 1, flags: 3 }).unwrap();
-    let mut rb = k.take_events().unwrap();
-    for _ in 0..100 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        while let Some(item) = rb.next() {
-            println!("{:?}", watchdog_common::Event::decode(&item));
+mod metrics;
+mod policy;
+mod process;
+mod status;
+mod tracker;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::{
+    cli::{Cli, Command},
+    config::{Config, LogFormat, PolicyFlags},
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("watchdog: {}", error_chain(e.as_ref()));
+            ExitCode::from(1)
         }
     }
-    println!("{:?} {:?}", k.stats(), k.slot_stats(1));
+}
+
+/// "outer: inner: innermost", without backtraces.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Check(a) => {
+            init_logging(cli.log_format.unwrap_or_default());
+            let ok = check::run(a.config.as_deref(), a.config_only);
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
+        }
+        Command::Status(a) => {
+            status::run(&a.status_socket, a.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(a) => {
+            let mut cfg = match (&a.config, a.has_policy_flags()) {
+                (Some(_), true) => anyhow::bail!("give either --config or policy flags (--port, --budget, ...), not both"),
+                (Some(path), false) => Config::load(path)?,
+                (None, true) => {
+                    let budget = a.budget.ok_or_else(|| anyhow::anyhow!("--budget is required with --port"))?;
+                    for &pid in &a.pids {
+                        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                            anyhow::bail!("--pid {pid}: no such process");
+                        }
+                    }
+                    Config::from_flags(&PolicyFlags {
+                        ports: a.ports.clone(),
+                        budget,
+                        signal: a.signal,
+                        target: a.target,
+                        pids: a.pids.clone(),
+                        observe: a.observe,
+                        client_gone: a.client_gone,
+                    })?
+                }
+                (None, false) => Config::observe_everything(),
+            };
+            if let Some(addr) = a.metrics_addr {
+                cfg.metrics_addr = addr;
+            }
+            if let Some(p) = &a.status_socket {
+                cfg.status_socket = p.clone();
+            }
+            if a.events.is_some() {
+                cfg.events = a.events.clone();
+            }
+            if a.observe {
+                cfg.mode = config::Mode::Observe;
+            }
+            init_logging(cli.log_format.unwrap_or(cfg.log_format));
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(daemon::run(cfg, a.config.clone()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WATCHDOG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().flatten_event(true).with_current_span(false).init(),
+    }
 }

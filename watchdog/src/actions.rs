@@ -1,0 +1,236 @@
+//! Enforcement: signals through pidfds and TCP connection aborts through SOCK_DESTROY.
+//!
+//! Every action takes a `still_valid` check that re-reads the kernel's state *after* the target
+//! handle is open and *before* the action: a handle opened first can only refer to the owner or
+//! to nothing, and the check proves the owner is still the live task on the same request. This
+//! closes the PID-reuse race.
+
+use std::{io, os::fd::{AsRawFd, FromRawFd, OwnedFd}};
+
+use nix::sys::signal::Signal;
+
+use watchdog_common::ConnInfo;
+
+use crate::config::Target;
+
+/// The result of one action, as logged and counted (`result` label).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The signal was queued to the target / the connection was aborted.
+    Delivered,
+    /// Observe mode (or an open circuit breaker): nothing was done.
+    Observed,
+    /// The request had ended (or changed owner) by the time we looked: nothing was done.
+    Ended,
+    /// The target no longer exists.
+    TargetGone,
+    /// A safety rule or policy guard said no.
+    Refused(&'static str),
+    /// The system call failed.
+    Failed(String),
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Observed => "observed",
+            Outcome::Ended => "ended",
+            Outcome::TargetGone => "target_gone",
+            Outcome::Refused(_) => "refused",
+            Outcome::Failed(_) => "failed",
+        }
+    }
+}
+
+const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
+
+fn pidfd_open(pid: u32, flags: libc::c_uint) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; on success the return value is a new file descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a freshly opened descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn pidfd_send_signal(fd: &OwnedFd, sig: Signal) -> io::Result<()> {
+    // SAFETY: plain syscall on a descriptor we own; no siginfo.
+    let r = unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), sig as libc::c_int, std::ptr::null::<u8>(), 0)
+    };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+fn tgkill(tgid: u32, tid: u32, sig: Signal) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    let r = unsafe { libc::syscall(libc::SYS_tgkill, tgid as libc::pid_t, tid as libc::pid_t, sig as libc::c_int) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+fn gone_or_failed(e: io::Error) -> Outcome {
+    if e.raw_os_error() == Some(libc::ESRCH) { Outcome::TargetGone } else { Outcome::Failed(e.to_string()) }
+}
+
+/// Sends `sig` to the owner's thread or process, if `still_valid()` holds once the target is
+/// pinned.
+pub fn signal(target: Target, tgid: u32, tid: u32, sig: Signal, still_valid: impl FnOnce() -> bool) -> Outcome {
+    match target {
+        Target::Process => {
+            let fd = match pidfd_open(tgid, 0) {
+                Ok(fd) => fd,
+                Err(e) => return gone_or_failed(e),
+            };
+            if !still_valid() {
+                return Outcome::Ended;
+            }
+            pidfd_send_signal(&fd, sig).map_or_else(gone_or_failed, |()| Outcome::Delivered)
+        }
+        Target::Thread => match pidfd_open(tid, PIDFD_THREAD) {
+            Ok(fd) => {
+                if !still_valid() {
+                    return Outcome::Ended;
+                }
+                pidfd_send_signal(&fd, sig).map_or_else(gone_or_failed, |()| Outcome::Delivered)
+            }
+            // Before Linux 6.9 there are no thread pidfds: tgkill checks that tid still belongs
+            // to tgid, which with the validity check just before leaves only a microsecond window.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                if !still_valid() {
+                    return Outcome::Ended;
+                }
+                tgkill(tgid, tid, sig).map_or_else(gone_or_failed, |()| Outcome::Delivered)
+            }
+            Err(e) => gone_or_failed(e),
+        },
+    }
+}
+
+/// Does this kernel have thread pidfds (PIDFD_THREAD, Linux 6.9+)?
+pub fn thread_pidfds_supported() -> bool {
+    // SAFETY: gettid has no failure mode.
+    let tid = unsafe { libc::gettid() } as u32;
+    pidfd_open(tid, PIDFD_THREAD).is_ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection abort: inet_diag SOCK_DESTROY on the exact socket (4-tuple and cookie), as `ss -K`.
+
+const SOCK_DESTROY: u16 = 21;
+
+#[repr(C)]
+struct DestroyRequest {
+    // struct nlmsghdr
+    len: u32,
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+    // struct inet_diag_req_v2
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    // struct inet_diag_sockid
+    sport: u16,
+    dport: u16,
+    src: [u8; 16],
+    dst: [u8; 16],
+    ifindex: u32,
+    cookie: [u32; 2],
+}
+
+/// Aborts the connection: the owner's next call on it fails (ECONNABORTED), the peer gets a RST.
+/// `still_valid` runs right before the request is sent.
+pub fn reset(conn: &ConnInfo, still_valid: impl FnOnce() -> bool) -> Outcome {
+    if !still_valid() {
+        return Outcome::Ended;
+    }
+    match sock_destroy(conn) {
+        Ok(()) => Outcome::Delivered,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Outcome::TargetGone,
+        Err(e) => Outcome::Failed(format!("SOCK_DESTROY: {e}")),
+    }
+}
+
+fn sock_destroy(conn: &ConnInfo) -> io::Result<()> {
+    let v4 = conn.family == libc::AF_INET as u16;
+    let addr = |a: &[u8; 16]| -> [u8; 16] {
+        let mut out = [0u8; 16];
+        if v4 { out[..4].copy_from_slice(&a[12..16]) } else { out = *a }
+        out
+    };
+    let req = DestroyRequest {
+        len: std::mem::size_of::<DestroyRequest>() as u32,
+        ty: SOCK_DESTROY,
+        flags: (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
+        seq: 1,
+        pid: 0,
+        family: conn.family as u8,
+        protocol: libc::IPPROTO_TCP as u8,
+        ext: 0,
+        pad: 0,
+        states: u32::MAX,
+        sport: conn.local_port.to_be(),
+        dport: conn.remote_port.to_be(),
+        src: addr(&conn.local_addr),
+        dst: addr(&conn.remote_addr),
+        ifindex: 0,
+        cookie: [conn.cookie as u32, (conn.cookie >> 32) as u32],
+    };
+    // SAFETY: socket(2) returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is ours.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sending a fully initialised #[repr(C)] struct of the stated length.
+    let sent = unsafe {
+        libc::send(fd.as_raw_fd(), std::ptr::addr_of!(req).cast(), std::mem::size_of_val(&req), 0)
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = [0u8; 512];
+    // SAFETY: receiving into a buffer we own.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 20 {
+        return Err(io::Error::last_os_error());
+    }
+    // nlmsghdr (16 bytes) then, for NLMSG_ERROR, the int error code.
+    let ty = u16::from_ne_bytes([buf[4], buf[5]]);
+    if ty == libc::NLMSG_ERROR as u16 {
+        let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+        if err != 0 {
+            return Err(io::Error::from_raw_os_error(-err));
+        }
+    }
+    Ok(())
+}
+
+/// Can this process destroy sockets (CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY)? Tries it on a
+/// loopback connection of its own.
+pub fn sock_destroy_supported() -> Result<(), String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let client = std::net::TcpStream::connect(listener.local_addr().map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    let local = client.local_addr().map_err(|e| e.to_string())?;
+    let peer = client.peer_addr().map_err(|e| e.to_string())?;
+    let ip = |a: std::net::SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    };
+    let conn = ConnInfo {
+        family: libc::AF_INET as u16,
+        local_addr: ip(local),
+        remote_addr: ip(peer),
+        local_port: local.port(),
+        remote_port: peer.port(),
+        cookie: u64::MAX,
+        ..ConnInfo::default()
+    };
+    sock_destroy(&conn).map_err(|e| e.to_string())
+}

@@ -1,0 +1,809 @@
+//! Configuration: the TOML file (or the `run` flags) parsed into serde structs, then validated in
+//! one place into a `Config` the rest of the daemon can trust.
+//!
+//! Values with a syntax of their own (durations, signals, port ranges, globs) are parsed while
+//! deserializing, so a bad value is reported by the TOML parser with its file, line and column.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use nix::sys::signal::Signal;
+use serde::{de, Deserialize, Deserializer};
+
+/// Default location of the config file (systemd unit, container image).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/watchdog/watchdog.toml";
+/// Largest config file accepted: it decides what gets killed, it has no reason to be large.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Errors of reading and validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    /// The file is not acceptable as a config file (size, encoding, permissions).
+    #[error("{path}: {reason}")]
+    Refused { path: PathBuf, reason: String },
+    /// TOML syntax, an unknown key, or a value of the wrong form (with line and column).
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    /// The file parsed but does not make sense.
+    #[error("{path}: {field}: {reason}")]
+    Invalid { path: String, field: String, reason: String },
+}
+
+/// Enforce, or only log what would be done.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Observe,
+}
+
+/// Who receives a signal.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// The whole process (thread group) that owns the request.
+    #[default]
+    Process,
+    /// Only the thread that received the request's first bytes.
+    Thread,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A duration written as `250ms`, `2s`, `1m`, ... (humantime syntax).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. 250ms, 2s, 1m"))
+    }
+}
+
+/// A signal by name (`SIGKILL`, `KILL`) or number (`9`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sig(pub Signal);
+
+impl FromStr for Sig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let parsed = if let Ok(n) = t.parse::<i32>() {
+            Signal::try_from(n).ok()
+        } else {
+            let upper = t.to_ascii_uppercase();
+            let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+            Signal::from_str(&name).ok()
+        };
+        parsed.map(Sig).ok_or_else(|| {
+            format!("unknown signal {s:?}; use a name such as SIGTERM, SIGKILL, SIGINT, SIGUSR1 or a number")
+        })
+    }
+}
+
+impl fmt::Display for Sig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+/// An inclusive port range; a single port is `a..=a`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let port = |p: &str| -> Result<u16, String> {
+            match p.trim().parse::<u32>() {
+                Ok(n @ 1..=65535) => Ok(n as u16),
+                _ => Err(format!("invalid port {p:?}: ports are 1-65535")),
+            }
+        };
+        let r = match s.split_once('-') {
+            Some((a, b)) => PortRange { first: port(a)?, last: port(b)? },
+            None => {
+                let p = port(s)?;
+                PortRange { first: p, last: p }
+            }
+        };
+        if r.first > r.last {
+            return Err(format!("invalid port range {s:?}: first port is above the last"));
+        }
+        Ok(r)
+    }
+}
+
+/// A shell-style glob (`/usr/bin/python3*`).
+#[derive(Clone, Debug)]
+pub struct Glob(pub glob::Pattern);
+
+impl FromStr for Glob {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        glob::Pattern::new(s).map(Glob).map_err(|e| format!("invalid pattern {s:?}: {e}"))
+    }
+}
+
+impl PartialEq for Glob {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+macro_rules! deserialize_from_str {
+    ($($t:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(de::Error::custom)
+            }
+        }
+    )*};
+}
+deserialize_from_str!(Dur, Glob);
+
+impl<'de> Deserialize<'de> for Sig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(i64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => n.to_string().parse().map_err(de::Error::custom),
+            Raw::S(s) => s.parse().map_err(de::Error::custom),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(i64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => n.to_string().parse().map_err(de::Error::custom),
+            Raw::S(s) => s.parse().map_err(de::Error::custom),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    protect: Selector,
+    #[serde(default, rename = "policy")]
+    policies: Vec<RawPolicy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    mode: Option<Mode>,
+    metrics_addr: Option<SocketAddr>,
+    status_socket: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+    events: Option<PathBuf>,
+}
+
+/// Which processes a policy (or the protect list) covers. Empty lists match everything.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    /// Processes and all their descendants.
+    #[serde(default)]
+    pub pids: Vec<u32>,
+    /// Globs on the process name (`/proc/PID/comm`).
+    #[serde(default)]
+    pub comm: Vec<Glob>,
+    /// Globs on the executable path (`/proc/PID/exe`).
+    #[serde(default)]
+    pub exe: Vec<Glob>,
+    /// Globs on the cgroup v2 path (`/proc/PID/cgroup`, the `0::` line; v1 lines as fallback).
+    #[serde(default)]
+    pub cgroup: Vec<Glob>,
+}
+
+impl Selector {
+    pub fn is_empty(&self) -> bool {
+        self.pids.is_empty() && self.comm.is_empty() && self.exe.is_empty() && self.cgroup.is_empty()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: String,
+    /// Ports and ranges; `"*"` or an empty list means every port.
+    #[serde(default)]
+    ports: Vec<PortOrAny>,
+    budget: Dur,
+    signal: Option<Sig>,
+    target: Option<Target>,
+    mode: Option<Mode>,
+    #[serde(default, rename = "match")]
+    selector: Selector,
+    steps: Option<Vec<RawStep>>,
+    client_gone: Option<RawClientGone>,
+    breaker: Option<RawBreaker>,
+    min_workers: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortOrAny {
+    Any,
+    Range(PortRange),
+}
+
+impl<'de> Deserialize<'de> for PortOrAny {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(i64),
+            S(String),
+        }
+        let s = match Raw::deserialize(d)? {
+            Raw::N(n) => n.to_string(),
+            Raw::S(s) => s,
+        };
+        if s.trim() == "*" {
+            return Ok(PortOrAny::Any);
+        }
+        s.parse().map(PortOrAny::Range).map_err(de::Error::custom)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    after: Dur,
+    signal: Option<Sig>,
+    action: Option<String>,
+    target: Option<Target>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientGone {
+    signal: Option<Sig>,
+    target: Option<Target>,
+    grace: Option<Dur>,
+    half_close_window: Option<Dur>,
+    steps: Option<Vec<RawStep>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    max_actions: u32,
+    window: Dur,
+    cooldown: Dur,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated configuration.
+
+/// What one step of a ladder does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Signal(Sig),
+    /// Abort the request's TCP connection (SOCK_DESTROY).
+    Reset,
+    /// Only log.
+    Log,
+}
+
+impl Action {
+    /// Bounded label for metrics.
+    pub fn label(&self) -> String {
+        match self {
+            Action::Signal(s) => s.to_string(),
+            Action::Reset => "reset".into(),
+            Action::Log => "log".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// Offset from the trigger: the request start for budget ladders, the hang-up for client-gone.
+    pub after: Duration,
+    pub action: Action,
+    pub target: Target,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientGone {
+    /// Wait this long after the hang-up before the first step (the request may still finish).
+    pub grace: Duration,
+    /// A FIN this soon after the request started is a half-close (the client shut down its write
+    /// side after sending), not a hang-up. RSTs always count.
+    pub half_close_window: Duration,
+    pub steps: Vec<Step>,
+}
+
+/// Kill-rate circuit breaker: at most `max_actions` per `window`, then observe for `cooldown`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreakerConfig {
+    pub max_actions: u32,
+    pub window: Duration,
+    pub cooldown: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self { max_actions: 20, window: Duration::from_secs(60), cooldown: Duration::from_secs(300) }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    pub name: String,
+    /// Empty means every port.
+    pub ports: Vec<PortRange>,
+    pub budget: Duration,
+    /// Sorted by `after`; the first is at `budget` or later.
+    pub steps: Vec<Step>,
+    pub selector: Selector,
+    pub mode: Mode,
+    pub client_gone: Option<ClientGone>,
+    pub breaker: BreakerConfig,
+    pub min_workers: Option<u32>,
+}
+
+impl Policy {
+    pub fn covers_port(&self, port: u16) -> bool {
+        self.ports.is_empty() || self.ports.iter().any(|r| r.contains(port))
+    }
+    /// When the kernel must wake us for a request of this policy.
+    pub fn first_deadline(&self) -> Duration {
+        self.steps.first().map_or(self.budget, |s| s.after)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub mode: Mode,
+    pub metrics_addr: SocketAddr,
+    pub status_socket: PathBuf,
+    pub log_format: LogFormat,
+    pub events: Option<PathBuf>,
+    pub protect: Selector,
+    pub policies: Vec<Policy>,
+}
+
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
+pub const DEFAULT_STATUS_SOCKET: &str = "/run/watchdog/status.sock";
+
+impl Config {
+    /// The embedded default: observe every accepted TCP connection with a 30 s budget.
+    pub fn observe_everything() -> Self {
+        let budget = Duration::from_secs(30);
+        Self::with_policies(vec![Policy {
+            name: "default".into(),
+            ports: vec![],
+            budget,
+            steps: vec![Step { after: budget, action: Action::Log, target: Target::Process }],
+            selector: Selector::default(),
+            mode: Mode::Observe,
+            client_gone: None,
+            breaker: BreakerConfig::default(),
+            min_workers: None,
+        }])
+    }
+
+    fn with_policies(policies: Vec<Policy>) -> Self {
+        Self {
+            mode: Mode::Enforce,
+            metrics_addr: DEFAULT_METRICS_ADDR.parse().expect("valid default address"),
+            status_socket: DEFAULT_STATUS_SOCKET.into(),
+            log_format: LogFormat::Text,
+            events: None,
+            protect: Selector::default(),
+            policies,
+        }
+    }
+
+    /// The effective mode of a policy.
+    pub fn mode_of(&self, p: &Policy) -> Mode {
+        if self.mode == Mode::Observe { Mode::Observe } else { p.mode }
+    }
+
+    /// The one policy built from `watchdog run --port ... --budget ...` flags.
+    pub fn from_flags(f: &PolicyFlags) -> Result<Self, ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            path: "command line".into(),
+            field: field.into(),
+            reason,
+        };
+        if f.budget.0.is_zero() {
+            return Err(invalid("--budget", "must be greater than zero".into()));
+        }
+        let client_gone = f.client_gone.map(|sig| ClientGone {
+            grace: Duration::ZERO,
+            half_close_window: DEFAULT_HALF_CLOSE_WINDOW,
+            steps: vec![Step { after: Duration::ZERO, action: Action::Signal(sig), target: f.target }],
+        });
+        let mut cfg = Self::with_policies(vec![Policy {
+            name: "cli".into(),
+            ports: f.ports.clone(),
+            budget: f.budget.0,
+            steps: vec![Step { after: f.budget.0, action: Action::Signal(f.signal), target: f.target }],
+            selector: Selector { pids: f.pids.clone(), ..Selector::default() },
+            mode: if f.observe { Mode::Observe } else { Mode::Enforce },
+            client_gone,
+            breaker: BreakerConfig::default(),
+            min_workers: None,
+        }]);
+        if f.observe {
+            cfg.mode = Mode::Observe;
+        }
+        Ok(cfg)
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = read_config_file(path)?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.into(),
+            message: e.to_string().trim_end().replace('\n', "\n  "),
+        })?;
+        validate(raw, origin)
+    }
+}
+
+/// Flags of `watchdog run` that describe a single policy.
+#[derive(Clone, Debug)]
+pub struct PolicyFlags {
+    pub ports: Vec<PortRange>,
+    pub budget: Dur,
+    pub signal: Sig,
+    pub target: Target,
+    pub pids: Vec<u32>,
+    pub observe: bool,
+    pub client_gone: Option<Sig>,
+}
+
+pub const DEFAULT_HALF_CLOSE_WINDOW: Duration = Duration::from_millis(100);
+
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let read_err = |source| ConfigError::Read { path: path.into(), source };
+    let refuse = |reason: String| ConfigError::Refused { path: path.into(), reason };
+    // Follows symlinks (a Kubernetes ConfigMap is a chain of them); a loop fails here with ELOOP.
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(refuse(format!("{} bytes is over the {MAX_CONFIG_BYTES}-byte limit", meta.len())));
+    }
+    if meta.mode() & 0o002 != 0 {
+        return Err(refuse(
+            "is world-writable: it decides which processes get killed; chmod o-w it".into(),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(read_err)?;
+    String::from_utf8(bytes).map_err(|e| refuse(format!("is not UTF-8 (byte {})", e.utf8_error().valid_up_to())))
+}
+
+fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
+    let invalid = |field: String, reason: &str| ConfigError::Invalid {
+        path: origin.into(),
+        field,
+        reason: reason.into(),
+    };
+    let mut cfg = Config::with_policies(Vec::new());
+    if let Some(m) = raw.daemon.mode {
+        cfg.mode = m;
+    }
+    if let Some(a) = raw.daemon.metrics_addr {
+        cfg.metrics_addr = a;
+    }
+    if let Some(p) = raw.daemon.status_socket {
+        cfg.status_socket = p;
+    }
+    if let Some(f) = raw.daemon.log_format {
+        cfg.log_format = f;
+    }
+    cfg.events = raw.daemon.events;
+    cfg.protect = raw.protect;
+    if raw.policies.is_empty() {
+        return Err(invalid("policy".into(), "no [[policy]] defined; add at least one"));
+    }
+
+    for (i, rp) in raw.policies.into_iter().enumerate() {
+        let at = |f: &str| format!("policy[{i}] ({}).{f}", rp.name);
+        if rp.name.trim().is_empty() || rp.name.len() > 64 {
+            return Err(invalid(format!("policy[{i}].name"), "must be 1-64 characters"));
+        }
+        if cfg.policies.iter().any(|p: &Policy| p.name == rp.name) {
+            return Err(invalid(at("name"), "another policy has this name"));
+        }
+        if rp.budget.0.is_zero() {
+            return Err(invalid(at("budget"), "must be greater than zero"));
+        }
+        let target = rp.target.unwrap_or_default();
+        let ladder = match (&rp.steps, rp.signal) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(at("signal"), "give either `signal` or `steps`, not both"))
+            }
+            (Some(s), None) => steps(s, target, &at("steps"), origin)?,
+            (None, sig) => vec![Step {
+                after: rp.budget.0,
+                action: sig.map_or(Action::Log, Action::Signal),
+                target,
+            }],
+        };
+        if ladder.is_empty() {
+            return Err(invalid(at("steps"), "needs at least one step"));
+        }
+        if ladder[0].after < rp.budget.0 {
+            return Err(invalid(at("steps"), "the first step comes before the budget is spent"));
+        }
+        let client_gone = match rp.client_gone {
+            None => None,
+            Some(cg) => {
+                let t = cg.target.unwrap_or(target);
+                let steps = match (&cg.steps, cg.signal) {
+                    (Some(_), Some(_)) => {
+                        return Err(invalid(at("client_gone"), "give either `signal` or `steps`, not both"))
+                    }
+                    (Some(s), None) => steps(s, t, &at("client_gone.steps"), origin)?,
+                    (None, Some(sig)) => {
+                        vec![Step { after: Duration::ZERO, action: Action::Signal(sig), target: t }]
+                    }
+                    (None, None) => {
+                        return Err(invalid(at("client_gone"), "needs `signal` or `steps`"))
+                    }
+                };
+                Some(ClientGone {
+                    grace: cg.grace.map_or(Duration::ZERO, |d| d.0),
+                    half_close_window: cg.half_close_window.map_or(DEFAULT_HALF_CLOSE_WINDOW, |d| d.0),
+                    steps,
+                })
+            }
+        };
+        let breaker = match rp.breaker {
+            None => BreakerConfig::default(),
+            Some(b) => {
+                if b.max_actions == 0 || b.window.0.is_zero() {
+                    return Err(invalid(at("breaker"), "max_actions and window must be above zero"));
+                }
+                BreakerConfig { max_actions: b.max_actions, window: b.window.0, cooldown: b.cooldown.0 }
+            }
+        };
+        let any = rp.ports.is_empty() || rp.ports.contains(&PortOrAny::Any);
+        let ports = if any {
+            vec![]
+        } else {
+            rp.ports.iter().filter_map(|p| match p { PortOrAny::Range(r) => Some(*r), PortOrAny::Any => None }).collect()
+        };
+        let policy = Policy {
+            name: rp.name.clone(),
+            ports,
+            budget: rp.budget.0,
+            steps: ladder,
+            selector: rp.selector,
+            mode: rp.mode.unwrap_or(cfg.mode),
+            client_gone,
+            breaker,
+            min_workers: rp.min_workers,
+        };
+        // Overlap rule: policies are tried in file order and the first that matches wins, so a
+        // later policy with the same ports and the same selector could never apply: reject it.
+        if let Some(earlier) = cfg.policies.iter().find(|p| shadows(p, &policy)) {
+            return Err(ConfigError::Invalid {
+                path: origin.into(),
+                field: at("ports"),
+                reason: format!(
+                    "policy {:?} comes first with the same processes on these ports, so this one would never apply; \
+                     narrow its `match` or its ports",
+                    earlier.name
+                ),
+            });
+        }
+        cfg.policies.push(policy);
+    }
+    Ok(cfg)
+}
+
+/// `a` takes every request `b` could: same selector and `a`'s ports include all of `b`'s.
+fn shadows(a: &Policy, b: &Policy) -> bool {
+    if a.selector != b.selector {
+        return false;
+    }
+    if a.ports.is_empty() {
+        return true;
+    }
+    !b.ports.is_empty()
+        && b.ports.iter().all(|rb| (rb.first..=rb.last).all(|p| a.ports.iter().any(|ra| ra.contains(p))))
+}
+
+fn steps(raw: &[RawStep], default_target: Target, field: &str, origin: &str) -> Result<Vec<Step>, ConfigError> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, s) in raw.iter().enumerate() {
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: origin.into(),
+            field: format!("{field}[{i}]"),
+            reason,
+        };
+        let action = match (s.signal, s.action.as_deref()) {
+            (Some(sig), None) => Action::Signal(sig),
+            (None, Some("reset")) => Action::Reset,
+            (None, Some("log")) => Action::Log,
+            (None, Some(other)) => {
+                return Err(invalid(format!("unknown action {other:?}; use \"reset\" or \"log\", or give `signal`")))
+            }
+            (None, None) => return Err(invalid("needs `signal` or `action`".into())),
+            (Some(_), Some(_)) => return Err(invalid("give `signal` or `action`, not both".into())),
+        };
+        if let Some(prev) = out.last().map(|p: &Step| p.after) {
+            if s.after.0 < prev {
+                return Err(invalid("steps must be in order of `after`".into()));
+            }
+        }
+        out.push(Step { after: s.after.0, action, target: s.target.unwrap_or(default_target) });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[daemon]
+mode = "enforce"
+
+[protect]
+comm = ["postgres"]
+
+[[policy]]
+name = "api"
+ports = [8080, "9000-9010"]
+budget = "30s"
+target = "process"
+match = { pids = [1234], comm = ["gunicorn"], exe = ["/usr/bin/python3*"], cgroup = ["/kubepods/*"] }
+mode = "enforce"
+steps = [
+  { after = "30s", signal = "SIGUSR1", target = "thread" },
+  { after = "35s", signal = "SIGTERM" },
+  { after = "40s", signal = "SIGKILL" },
+  { after = "40s", action = "reset" },
+]
+client_gone = { grace = "50ms", signal = "SIGKILL" }
+breaker = { max_actions = 5, window = "10s", cooldown = "1m" }
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let cfg = Config::parse(EXAMPLE, "example").unwrap();
+        let p = &cfg.policies[0];
+        assert_eq!(p.ports, vec![PortRange { first: 8080, last: 8080 }, PortRange { first: 9000, last: 9010 }]);
+        assert_eq!(p.steps.len(), 4);
+        assert_eq!(p.steps[0].target, Target::Thread);
+        assert_eq!(p.steps[1].target, Target::Process);
+        assert_eq!(p.steps[2].action, Action::Signal(Sig(Signal::SIGKILL)));
+        assert_eq!(p.steps[3].action, Action::Reset);
+        assert_eq!(p.first_deadline(), Duration::from_secs(30));
+        assert_eq!(p.client_gone.as_ref().unwrap().grace, Duration::from_millis(50));
+        assert_eq!(p.breaker.max_actions, 5);
+        assert!(p.covers_port(9005) && !p.covers_port(9011));
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let e = Config::parse("[[policy]]\nname = \"a\"\nbudget = \"2x\"\n", "f.toml").unwrap_err().to_string();
+        assert!(e.contains("f.toml") && e.contains("line 3") && e.contains("invalid duration"), "{e}");
+        let e = Config::parse("[[policy]]\nname = \"a\"\nbudget = \"2s\"\nsignal = \"SIGFOO\"\n", "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 4") && e.contains("unknown signal"), "{e}");
+        let e = Config::parse("[[policy]]\nname = \"a\"\nbudget = \"2s\"\nbugdet = 1\n", "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field") && e.contains("bugdet"), "{e}");
+        let e = Config::parse("[[policy]]\nname = \"a\"\nbudget = \"2s\"\nports = [70000]\n", "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ports are 1-65535"), "{e}");
+        let e = Config::parse("[[policy]]\nname = \"a\"\nbudget = \"0s\"\n", "f.toml").unwrap_err().to_string();
+        assert!(e.contains("budget") && e.contains("greater than zero"), "{e}");
+    }
+
+    #[test]
+    fn rejects_shadowed_policies_and_allows_narrowed_ones() {
+        let two = |m2: &str| {
+            format!(
+                "[[policy]]\nname = \"a\"\nports = [8080]\nbudget = \"1s\"\n\
+                 [[policy]]\nname = \"b\"\nports = [8080]\nbudget = \"2s\"\n{m2}"
+            )
+        };
+        let e = Config::parse(&two(""), "f").unwrap_err().to_string();
+        assert!(e.contains("would never apply"), "{e}");
+        assert!(Config::parse(&two("match = { comm = [\"x\"] }\n"), "f").is_ok());
+    }
+
+    #[test]
+    fn signals_by_name_and_number() {
+        assert_eq!("SIGKILL".parse::<Sig>().unwrap().0, Signal::SIGKILL);
+        assert_eq!("term".parse::<Sig>().unwrap().0, Signal::SIGTERM);
+        assert_eq!("2".parse::<Sig>().unwrap().0, Signal::SIGINT);
+        assert!("SIGNOPE".parse::<Sig>().is_err());
+        assert!("0".parse::<Sig>().is_err());
+    }
+
+    #[test]
+    fn durations_and_ports() {
+        assert_eq!("250ms".parse::<Dur>().unwrap().0, Duration::from_millis(250));
+        assert_eq!("1m".parse::<Dur>().unwrap().0, Duration::from_secs(60));
+        assert!("fast".parse::<Dur>().is_err());
+        assert_eq!("9000-9010".parse::<PortRange>().unwrap(), PortRange { first: 9000, last: 9010 });
+        assert!("0".parse::<PortRange>().is_err());
+        assert!("10-5".parse::<PortRange>().is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn port_range_parse_roundtrip(a in 1u16.., b in 1u16..) {
+            let (lo, hi) = (a.min(b), a.max(b));
+            let r: PortRange = format!("{lo}-{hi}").parse().unwrap();
+            proptest::prop_assert_eq!(r, PortRange { first: lo, last: hi });
+        }
+
+        #[test]
+        fn duration_parse_never_panics(s in "\\PC{0,20}") {
+            let _ = s.parse::<Dur>();
+        }
+
+        #[test]
+        fn config_parse_never_panics(s in "\\PC{0,200}") {
+            let _ = Config::parse(&s, "fuzz");
+        }
+    }
+}

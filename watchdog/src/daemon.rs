@@ -1,0 +1,645 @@
+//! Wiring: load the kernel side, apply the config, then one event loop that turns kernel events
+//! into ladders, runs due steps, reloads config and answers status requests, until SIGTERM.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    fs::File,
+    io::Write,
+    net::Ipv6Addr,
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
+use tracing::{debug, error, info, warn};
+use watchdog_common::{ConnInfo, Event, EventKind, PortConfig, ReqState, PORT_CLIENT_GONE, PORT_WATCHED};
+
+use crate::{
+    actions::{self, Outcome},
+    api::{self, Health, StatusRequest},
+    config::{Action, Config, Mode, Policy},
+    diagnose,
+    loader::{Kernel, MAX_SLOTS},
+    metrics::{ActionLabels, Metrics, PolicyLabels, PortLabels, SlotLabel, SlotMap},
+    policy::{self, Breaker, BreakerVerdict, ProcessFacts},
+    process,
+    tracker::{Due, Key, Reason, Tracker},
+};
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn now_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// One action as remembered for `watchdog status` and written to the event stream.
+#[derive(Clone, Debug, Serialize)]
+pub struct ActionRecord {
+    pub event: &'static str,
+    pub policy: String,
+    pub reason: Reason,
+    pub step: usize,
+    pub action: String,
+    pub target: crate::config::Target,
+    pub result: &'static str,
+    pub detail: Option<String>,
+    pub port: u16,
+    pub peer: String,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub elapsed_ms: u64,
+    pub budget_ms: u64,
+    pub lateness_ms: f64,
+    pub mode: Mode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diagnosis: Option<diagnose::Diagnosis>,
+}
+
+const RECENT_ACTIONS: usize = 50;
+
+struct State {
+    kernel: Kernel,
+    cfg: Arc<Config>,
+    policies: Vec<Arc<Policy>>,
+    config_path: Option<PathBuf>,
+    config_stamp: Option<(u64, u64, i64, u64)>,
+    tracker: Tracker,
+    breakers: HashMap<String, Breaker>,
+    metrics: Metrics,
+    slots: SlotMap,
+    watched_ports: Vec<u16>,
+    events_out: Option<Box<dyn Write + Send>>,
+    recent: VecDeque<ActionRecord>,
+    own_pid: u32,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut kernel = Kernel::load()?;
+    let ring = kernel.take_events().context("event ring buffer already taken")?;
+    // SAFETY: the ring buffer owns its fd and keeps it open for as long as the AsyncFd lives.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("registering the event ring buffer with the runtime: {e}"))?;
+
+    let slots: SlotMap = Arc::new(RwLock::new(Vec::new()));
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry, Some(kernel.counters()), slots.clone());
+    let health = Arc::new(Health::default());
+    health.last_tick.store(api::mono_secs(), Ordering::Relaxed);
+
+    let http = tokio::net::TcpListener::bind(cfg.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics listener on {}", cfg.metrics_addr))?;
+    let http_task = tokio::spawn(api::serve_http(http, Arc::new(registry), health.clone()));
+    let status = api::bind_status(&cfg.status_socket)
+        .with_context(|| format!("binding the status socket {}", cfg.status_socket.display()))?;
+    let (status_tx, mut status_rx) = mpsc::channel::<StatusRequest>(8);
+    let status_task = tokio::spawn(api::serve_status(status, status_tx));
+
+    let events_out = open_events(&cfg.events)?;
+    let mut st = State {
+        kernel,
+        cfg: Arc::new(cfg.clone()),
+        policies: Vec::new(),
+        config_stamp: config_path.as_deref().and_then(stamp),
+        config_path,
+        tracker: Tracker::default(),
+        breakers: HashMap::new(),
+        metrics,
+        slots,
+        watched_ports: Vec::new(),
+        events_out,
+        recent: VecDeque::new(),
+        own_pid: std::process::id(),
+    };
+    st.apply(cfg)?;
+    health.ready.store(true, Ordering::Relaxed);
+    info!(
+        cgroup = %st.kernel.cgroup.display(),
+        thread_pidfds = actions::thread_pidfds_supported(),
+        metrics = %st.cfg.metrics_addr,
+        status = %st.cfg.status_socket.display(),
+        "watchdog running: programs attached, {} polic{} applied",
+        st.policies.len(),
+        if st.policies.len() == 1 { "y" } else { "ies" },
+    );
+
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+
+    loop {
+        let sleep = match st.tracker.next_due() {
+            Some(due) => Duration::from_nanos(due.saturating_sub(now_ns())),
+            None => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the event ring buffer")?;
+                let mut batch = Vec::new();
+                while let Some(item) = guard.get_inner_mut().next() {
+                    batch.push(Event::decode(&item));
+                }
+                guard.clear_ready();
+                for ev in batch {
+                    match ev {
+                        Some(ev) => st.on_event(ev),
+                        None => warn!("undecodable kernel event (layout mismatch?)"),
+                    }
+                }
+                st.run_due();
+            }
+            _ = tokio::time::sleep(sleep) => st.run_due(),
+            Some(reply) = status_rx.recv() => {
+                let _ = reply.send(st.status_json());
+            }
+            _ = sighup.recv() => st.reload("SIGHUP"),
+            _ = tick.tick() => {
+                health.last_tick.store(api::mono_secs(), Ordering::Relaxed);
+                st.housekeeping();
+            }
+            _ = sigterm.recv() => { info!("SIGTERM: detaching and exiting"); break; }
+            _ = sigint.recv() => { info!("SIGINT: detaching and exiting"); break; }
+        }
+    }
+    http_task.abort();
+    status_task.abort();
+    let _ = std::fs::remove_file(&st.cfg.status_socket);
+    Ok(())
+}
+
+fn open_events(path: &Option<PathBuf>) -> anyhow::Result<Option<Box<dyn Write + Send>>> {
+    Ok(match path {
+        None => None,
+        Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
+        Some(p) => Some(Box::new(
+            File::options().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display()))?,
+        )),
+    })
+}
+
+/// (dev, inode, mtime, size) of the file a path resolves to: changes when a ConfigMap swaps it.
+fn stamp(p: &std::path::Path) -> Option<(u64, u64, i64, u64)> {
+    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino(), m.mtime(), m.size()))
+}
+
+pub fn peer_of(c: &ConnInfo) -> String {
+    let ip = Ipv6Addr::from(c.remote_addr);
+    match ip.to_ipv4_mapped() {
+        Some(v4) => format!("{v4}:{}", c.remote_port),
+        None => format!("[{ip}]:{}", c.remote_port),
+    }
+}
+
+impl State {
+    /// Applies a validated config: kernel port table, metrics slots, policies.
+    fn apply(&mut self, cfg: Config) -> anyhow::Result<()> {
+        let plan = port_plan(&cfg);
+        for old in std::mem::take(&mut self.watched_ports) {
+            if !plan.iter().any(|(p, _, _)| *p == old) {
+                self.kernel.set_port(old, PortConfig::default())?;
+            }
+        }
+        let mut labels = Vec::new();
+        for (port, pc, label) in &plan {
+            self.kernel.set_port(*port, *pc)?;
+            self.watched_ports.push(*port);
+            if !labels.iter().any(|l: &SlotLabel| l.slot == pc.slot) {
+                labels.push(SlotLabel { slot: pc.slot, labels: label.clone() });
+            }
+        }
+        if let Ok(mut s) = self.slots.write() {
+            *s = labels;
+        }
+        self.policies = cfg.policies.iter().cloned().map(Arc::new).collect();
+        for p in &self.policies {
+            let mode = cfg.mode_of(p);
+            info!(
+                policy = %p.name,
+                ports = %describe_ports(p),
+                budget = %humantime::format_duration(p.budget),
+                steps = p.steps.len(),
+                client_gone = p.client_gone.is_some(),
+                mode = ?mode,
+                "policy applied"
+            );
+        }
+        self.cfg = Arc::new(cfg);
+        Ok(())
+    }
+
+    fn reload(&mut self, why: &str) {
+        let Some(path) = self.config_path.clone() else {
+            info!("{why}: no config file to reload (running from command-line flags)");
+            return;
+        };
+        self.config_stamp = stamp(&path);
+        let result = Config::load(&path).map_err(anyhow::Error::from).and_then(|c| self.apply(c));
+        match result {
+            Ok(()) => {
+                info!(file = %path.display(), "{why}: configuration reloaded");
+                self.metrics.reloads.get_or_create(&crate::metrics::ResultLabels { result: "success".into() }).inc();
+            }
+            Err(e) => {
+                error!(file = %path.display(), "{why}: new configuration refused, the previous one stays in force: {e:#}");
+                self.metrics.reloads.get_or_create(&crate::metrics::ResultLabels { result: "error".into() }).inc();
+            }
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        if let Some(path) = &self.config_path {
+            let now = stamp(path);
+            if now.is_some() && now != self.config_stamp {
+                self.reload("config file changed");
+            }
+        }
+        let now = now_ns();
+        for (name, b) in &mut self.breakers {
+            let was = self.metrics.observe_only.get_or_create(&PolicyLabels { policy: name.clone() }).get();
+            if was == 1 && !b.is_open(now) {
+                warn!(policy = %name, "circuit breaker re-armed: policy enforces again");
+                self.metrics.observe_only.get_or_create(&PolicyLabels { policy: name.clone() }).set(0);
+            }
+        }
+    }
+
+    fn policy_for(&self, port: u16, facts: &ProcessFacts) -> Option<Arc<Policy>> {
+        let p = policy::select(&self.cfg, port, facts)?;
+        self.policies.iter().find(|q| q.name == p.name).cloned()
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        self.metrics.events.inc();
+        let c = ev.conn;
+        let Some(facts) = process::facts(c.tgid, c.tid) else {
+            debug!(pid = c.tgid, tid = c.tid, "event for a process that has already exited");
+            return;
+        };
+        let Some(policy) = self.policy_for(c.local_port, &facts) else {
+            debug!(pid = c.tgid, comm = %facts.comm, port = c.local_port, "no policy selects this process; not acting");
+            return;
+        };
+        let labels = PortLabels { policy: policy.name.clone(), port: c.local_port.to_string() };
+        match EventKind::from_u32(ev.kind) {
+            Some(EventKind::Deadline) => {
+                let key = Key { cookie: c.cookie, gen: c.gen, reason: Reason::Budget };
+                let steps = policy.steps.clone();
+                if self.tracker.admit(key, c, policy, steps, c.start_ns) {
+                    self.metrics.budget_exceeded.get_or_create(&labels).inc();
+                }
+            }
+            Some(kind @ (EventKind::PeerFin | EventKind::PeerReset)) => {
+                let Some(cg) = policy.client_gone.clone() else { return };
+                let since_start = Duration::from_nanos(ev.ts_ns.saturating_sub(c.start_ns));
+                if kind == EventKind::PeerFin && since_start < cg.half_close_window {
+                    debug!(port = c.local_port, peer = %peer_of(&c), "FIN right after the request: a half-close, not a hang-up");
+                    return;
+                }
+                let key = Key { cookie: c.cookie, gen: c.gen, reason: Reason::ClientGone };
+                let base = ev.ts_ns.saturating_add(policy::nanos(cg.grace));
+                if self.tracker.admit(key, c, policy, cg.steps, base) {
+                    self.metrics.client_gone.get_or_create(&labels).inc();
+                    info!(
+                        policy = %labels.policy, port = c.local_port, peer = %peer_of(&c), pid = c.tgid, tid = c.tid,
+                        how = if kind == EventKind::PeerFin { "FIN" } else { "RST" },
+                        elapsed_ms = since_start.as_millis() as u64,
+                        "client gone while its request is in flight"
+                    );
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn run_due(&mut self) {
+        for due in self.tracker.pop_due(now_ns()) {
+            let outcome = self.run_step(&due);
+            if matches!(outcome, Outcome::Ended | Outcome::TargetGone | Outcome::Refused(_)) {
+                self.tracker.finish(due.key);
+            }
+        }
+    }
+
+    /// Is the request this ladder is about still what it was, in the kernel, right now?
+    fn still_valid(kernel: &Kernel, key: Key, c: &ConnInfo) -> bool {
+        let Some(task) = kernel.task(c.tid) else { return false };
+        if task.life != c.owner_life {
+            return false;
+        }
+        match kernel.conn(c.cookie) {
+            Some(now) => now.state == ReqState::InFlight as u32 && now.gen == c.gen,
+            // The connection is gone (the peer reset it): act only if its owner has not moved on.
+            None => key.reason == Reason::ClientGone && task.cur_cookie == c.cookie && task.cur_gen == c.gen,
+        }
+    }
+
+    fn run_step(&mut self, due: &Due) -> Outcome {
+        let c = due.conn;
+        let policy = &due.policy;
+        let now = now_ns();
+        let kernel = &self.kernel;
+        let valid = || Self::still_valid(kernel, due.key, &c);
+        let facts = process::facts(c.tgid, c.tid).unwrap_or(ProcessFacts { pid: c.tgid, tid: c.tid, ..Default::default() });
+        let diagnosis = (due.index == 0 && valid()).then(|| diagnose::capture(c.tgid, c.tid));
+        let mode = self.cfg.mode_of(policy);
+        let enforcing = !matches!(due.step.action, Action::Log) && mode == Mode::Enforce;
+
+        let outcome = if !valid() {
+            Outcome::Ended
+        } else if let Err(r) = policy::guard(&facts, &self.cfg.protect, self.own_pid) {
+            Outcome::Refused(r.label())
+        } else if enforcing && policy.min_workers.is_some_and(|k| count_selected(&policy.selector) <= k as usize) {
+            Outcome::Refused(policy::Refusal::WorkerFloor.label())
+        } else if !enforcing {
+            if matches!(due.step.action, Action::Log) { Outcome::Delivered } else { Outcome::Observed }
+        } else {
+            let breaker = self.breakers.entry(policy.name.clone()).or_default();
+            match breaker.check(&policy.breaker, now) {
+                BreakerVerdict::Allow => match due.step.action {
+                    Action::Signal(sig) => actions::signal(due.step.target, c.tgid, c.tid, sig.0, valid),
+                    Action::Reset => actions::reset(&c, valid),
+                    Action::Log => Outcome::Delivered,
+                },
+                BreakerVerdict::Trip => {
+                    error!(
+                        policy = %policy.name,
+                        max_actions = policy.breaker.max_actions,
+                        window = %humantime::format_duration(policy.breaker.window),
+                        cooldown = %humantime::format_duration(policy.breaker.cooldown),
+                        "CIRCUIT BREAKER OPEN: too many actions; policy drops to observe-only for the cool-down"
+                    );
+                    let l = PolicyLabels { policy: policy.name.clone() };
+                    self.metrics.breaker_trips.get_or_create(&l).inc();
+                    self.metrics.observe_only.get_or_create(&l).set(1);
+                    Outcome::Observed
+                }
+                BreakerVerdict::Open => Outcome::Observed,
+            }
+        };
+        let done = now_ns();
+        let lateness = done.saturating_sub(due.due_ns);
+        if outcome == Outcome::Delivered {
+            self.metrics.lateness.observe(lateness as f64 / 1e9);
+        }
+        let action = if matches!(due.step.action, Action::Log) { "log".to_string() } else { due.step.action.label() };
+        self.metrics
+            .actions
+            .get_or_create(&ActionLabels {
+                policy: policy.name.clone(),
+                action: action.clone(),
+                result: outcome.label().into(),
+                reason: due.key.reason.label().into(),
+            })
+            .inc();
+        let detail = match &outcome {
+            Outcome::Refused(r) => Some((*r).to_string()),
+            Outcome::Failed(e) => Some(e.clone()),
+            _ => None,
+        };
+        let record = ActionRecord {
+            event: "action",
+            policy: policy.name.clone(),
+            reason: due.key.reason,
+            step: due.index,
+            action,
+            target: due.step.target,
+            result: outcome.label(),
+            detail,
+            port: c.local_port,
+            peer: peer_of(&c),
+            pid: c.tgid,
+            tid: c.tid,
+            comm: facts.comm.clone(),
+            elapsed_ms: done.saturating_sub(c.start_ns) / 1_000_000,
+            budget_ms: policy.budget.as_millis() as u64,
+            lateness_ms: lateness as f64 / 1e6,
+            mode,
+            diagnosis,
+        };
+        self.log_action(&record);
+        if let Some(out) = &mut self.events_out {
+            if let Ok(line) = serde_json::to_string(&record) {
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            }
+        }
+        if self.recent.len() == RECENT_ACTIONS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(ActionRecord { diagnosis: None, ..record });
+        outcome
+    }
+
+    fn log_action(&self, r: &ActionRecord) {
+        let d = r.diagnosis.as_ref();
+        let msg = match r.reason {
+            Reason::Budget => "request over budget",
+            Reason::ClientGone => "request abandoned by its client",
+        };
+        macro_rules! emit {
+            ($lvl:ident) => {
+                $lvl!(
+                    policy = %r.policy, reason = r.reason.label(), port = r.port, peer = %r.peer, pid = r.pid, tid = r.tid,
+                    comm = %r.comm, elapsed_ms = r.elapsed_ms, budget_ms = r.budget_ms, step = r.step,
+                    action = %r.action, target = ?r.target, result = r.result, detail = r.detail.as_deref().unwrap_or(""),
+                    lateness_ms = r.lateness_ms, mode = ?r.mode,
+                    thread_state = d.map_or("", |d| d.thread_state.as_str()),
+                    syscall = d.map_or("", |d| d.syscall.as_str()),
+                    waiting_on = d.and_then(|d| d.waiting_on.as_deref()).unwrap_or(""),
+                    wchan = d.map_or("", |d| d.wchan.as_str()),
+                    cgroup = d.map_or("", |d| d.cgroup.as_str()),
+                    container_id = d.and_then(|d| d.container_id.as_deref()).unwrap_or(""),
+                    cmdline = d.map_or("", |d| d.cmdline.as_str()),
+                    connections = ?d.map(|d| &d.connections),
+                    kernel_stack = ?d.map(|d| &d.kernel_stack),
+                    "{msg}"
+                )
+            };
+        }
+        match r.result {
+            "refused" | "failed" => emit!(warn),
+            "ended" => emit!(debug),
+            _ => emit!(warn),
+        }
+    }
+
+    fn status_json(&self) -> String {
+        #[derive(Serialize)]
+        struct InFlight {
+            port: u16,
+            peer: String,
+            pid: u32,
+            tid: u32,
+            comm: String,
+            age_ms: u64,
+            policy: Option<String>,
+            budget_ms: Option<u64>,
+        }
+        #[derive(Serialize)]
+        struct PolicyView {
+            name: String,
+            ports: String,
+            budget_ms: u64,
+            mode: Mode,
+            observe_only_breaker: bool,
+            steps: Vec<String>,
+            client_gone: bool,
+        }
+        #[derive(Serialize)]
+        struct Status<'a> {
+            version: &'static str,
+            in_flight: Vec<InFlight>,
+            policies: Vec<PolicyView>,
+            ladders_active: usize,
+            recent_actions: Vec<&'a ActionRecord>,
+        }
+        let now = now_ns();
+        let in_flight = self
+            .kernel
+            .conns()
+            .into_iter()
+            .filter(|c| c.state == ReqState::InFlight as u32)
+            .map(|c| {
+                let facts = process::facts(c.tgid, c.tid);
+                let policy = facts.as_ref().and_then(|f| self.policy_for(c.local_port, f));
+                InFlight {
+                    port: c.local_port,
+                    peer: peer_of(&c),
+                    pid: c.tgid,
+                    tid: c.tid,
+                    comm: facts.map(|f| f.comm).unwrap_or_default(),
+                    age_ms: now.saturating_sub(c.start_ns) / 1_000_000,
+                    budget_ms: policy.as_ref().map(|p| p.budget.as_millis() as u64),
+                    policy: policy.map(|p| p.name.clone()),
+                }
+            })
+            .collect();
+        let policies = self
+            .policies
+            .iter()
+            .map(|p| PolicyView {
+                name: p.name.clone(),
+                ports: describe_ports(p),
+                budget_ms: p.budget.as_millis() as u64,
+                mode: self.cfg.mode_of(p),
+                observe_only_breaker: self.breakers.get(&p.name).is_some_and(|b| b.clone().is_open(now)),
+                steps: p
+                    .steps
+                    .iter()
+                    .map(|s| format!("{} {} ({:?})", humantime::format_duration(s.after), s.action.label(), s.target))
+                    .collect(),
+                client_gone: p.client_gone.is_some(),
+            })
+            .collect();
+        let doc = Status {
+            version: env!("CARGO_PKG_VERSION"),
+            in_flight,
+            policies,
+            ladders_active: self.tracker.len(),
+            recent_actions: self.recent.iter().collect(),
+        };
+        serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+    }
+}
+
+fn describe_ports(p: &Policy) -> String {
+    if p.ports.is_empty() {
+        return "*".into();
+    }
+    p.ports
+        .iter()
+        .map(|r| if r.first == r.last { r.first.to_string() } else { format!("{}-{}", r.first, r.last) })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// What the kernel's port table should hold: (index, config, metrics labels). Index 0 is the
+/// wildcard entry used by every port without its own. A port's deadline is the earliest first
+/// step of any policy that could apply there; the daemon times later steps itself.
+pub fn port_plan(cfg: &Config) -> Vec<(u16, PortConfig, PortLabels)> {
+    let flags_of = |ps: &[&Policy]| {
+        PORT_WATCHED | if ps.iter().any(|p| p.client_gone.is_some()) { PORT_CLIENT_GONE } else { 0 }
+    };
+    let deadline_of = |ps: &[&Policy]| ps.iter().map(|p| policy::nanos(p.first_deadline())).min().unwrap_or(u64::MAX);
+    let names = |ps: &[&Policy]| ps.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(",");
+    let wild: Vec<&Policy> = cfg.policies.iter().filter(|p| p.ports.is_empty()).collect();
+    let mut out = Vec::new();
+    if !wild.is_empty() {
+        let pc = PortConfig { deadline_ns: deadline_of(&wild), slot: 0, flags: flags_of(&wild) };
+        out.push((0, pc, PortLabels { policy: names(&wild), port: "any".into() }));
+    }
+    let mut ports: Vec<u16> = cfg
+        .policies
+        .iter()
+        .flat_map(|p| p.ports.iter().flat_map(|r| r.first..=r.last))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let mut next_slot = 1;
+    for port in ports {
+        let ps: Vec<&Policy> = cfg.policies.iter().filter(|p| p.covers_port(port)).collect();
+        let slot = if next_slot < MAX_SLOTS { next_slot } else { 0 };
+        next_slot += 1;
+        let label = if slot == 0 {
+            PortLabels { policy: "*".into(), port: "other".into() }
+        } else {
+            PortLabels { policy: names(&ps), port: port.to_string() }
+        };
+        out.push((port, PortConfig { deadline_ns: deadline_of(&ps), slot, flags: flags_of(&ps) }, label));
+    }
+    out
+}
+
+/// Live processes the selector covers (for the `min_workers` floor).
+fn count_selected(sel: &crate::config::Selector) -> usize {
+    let Ok(all) = procfs::process::all_processes() else { return 0 };
+    all.filter_map(Result::ok)
+        .filter_map(|p| process::facts(p.pid as u32, p.pid as u32))
+        .filter(|f| !f.kernel_thread && policy::selects(sel, f))
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_plan_takes_the_earliest_deadline_and_keeps_the_wildcard_apart() {
+        let cfg = Config::parse(
+            r#"
+[[policy]]
+name = "fast"
+ports = [8080]
+budget = "1s"
+match = { comm = ["a"] }
+[[policy]]
+name = "slow"
+ports = ["8080-8081"]
+budget = "5s"
+client_gone = { signal = "SIGKILL" }
+[[policy]]
+name = "rest"
+budget = "30s"
+match = { comm = ["zzz"] }
+"#,
+            "t",
+        )
+        .unwrap();
+        let plan = port_plan(&cfg);
+        let get = |p: u16| plan.iter().find(|(q, _, _)| *q == p).unwrap();
+        assert_eq!(get(0).1.deadline_ns, 30_000_000_000);
+        assert_eq!(get(8080).1.deadline_ns, 1_000_000_000, "earliest policy on the port");
+        assert_eq!(get(8080).2.policy, "fast,slow");
+        assert_eq!(get(8081).1.deadline_ns, 5_000_000_000);
+        assert_ne!(get(8080).1.flags & PORT_CLIENT_GONE, 0);
+        assert_ne!(get(8080).1.slot, get(8081).1.slot);
+    }
+}

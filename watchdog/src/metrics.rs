@@ -1,0 +1,198 @@
+//! Prometheus metrics. Request counts, durations and in-flight gauges are read straight from the
+//! kernel's per-CPU counters at scrape time (no per-request work in userspace); enforcement
+//! metrics are counted by the daemon as it acts. Labels are bounded: policy, port, action, result,
+//! reason; never pids or peers.
+
+use std::sync::{Arc, RwLock};
+
+use prometheus_client::{
+    encoding::{DescriptorEncoder, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, MetricType},
+    registry::Registry,
+};
+use watchdog_common::DURATION_BUCKETS_MS;
+
+use crate::loader::Counters;
+
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabels {
+    pub policy: String,
+    pub port: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub policy: String,
+    pub action: String,
+    pub result: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SetLabels {
+    pub set: String,
+}
+
+/// Which metrics slot stands for which port and policies (replaced on reload).
+#[derive(Clone, Debug, Default)]
+pub struct SlotLabel {
+    pub slot: u32,
+    pub labels: PortLabels,
+}
+
+pub type SlotMap = Arc<RwLock<Vec<SlotLabel>>>;
+
+/// Metrics the daemon updates itself.
+pub struct Metrics {
+    pub budget_exceeded: Family<PortLabels, Counter>,
+    pub client_gone: Family<PortLabels, Counter>,
+    pub actions: Family<ActionLabels, Counter>,
+    pub lateness: Histogram,
+    pub reloads: Family<ResultLabels, Counter>,
+    pub breaker_trips: Family<PolicyLabels, Counter>,
+    pub observe_only: Family<PolicyLabels, Gauge>,
+    pub events: Counter,
+}
+
+impl Metrics {
+    /// Registers every metric, the kernel collector included.
+    pub fn register(registry: &mut Registry, counters: Option<Arc<Counters>>, slots: SlotMap) -> Self {
+        let m = Self {
+            budget_exceeded: Family::default(),
+            client_gone: Family::default(),
+            actions: Family::default(),
+            // 0.1 ms .. ~3.3 s.
+            lateness: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16)),
+            reloads: Family::default(),
+            breaker_trips: Family::default(),
+            observe_only: Family::default(),
+            events: Counter::default(),
+        };
+        registry.register("watchdog_budget_exceeded", "Requests still in flight when their budget ran out", m.budget_exceeded.clone());
+        registry.register("watchdog_client_gone", "Requests whose caller hung up while they were in flight", m.client_gone.clone());
+        registry.register("watchdog_actions", "Enforcement steps taken, by action and result", m.actions.clone());
+        registry.register(
+            "watchdog_enforcement_lateness_seconds",
+            "Time from a step's due time to its action",
+            m.lateness.clone(),
+        );
+        registry.register("watchdog_config_reloads", "Configuration reloads by result", m.reloads.clone());
+        registry.register("watchdog_breaker_trips", "Times a policy's kill-rate breaker opened", m.breaker_trips.clone());
+        registry.register(
+            "watchdog_policy_observe_only",
+            "1 while a policy's breaker holds it in observe-only mode",
+            m.observe_only.clone(),
+        );
+        registry.register("watchdog_kernel_events", "Events received from the kernel", m.events.clone());
+        let build: Family<VersionLabels, Gauge> = Family::default();
+        build.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
+        registry.register("watchdog_build_info", "Build information", build);
+        let probes: Family<SetLabels, Gauge> = Family::default();
+        probes.get_or_create(&SetLabels { set: "sock".into() }).set(1);
+        registry.register("watchdog_probe_set", "The kernel probe set in use", probes);
+        if let Some(counters) = counters {
+            registry.register_collector(Box::new(KernelCollector { counters, slots }));
+        }
+        m
+    }
+}
+
+/// Encodes the kernel's counters at scrape time.
+#[derive(Debug)]
+struct KernelCollector {
+    counters: Arc<Counters>,
+    slots: SlotMap,
+}
+
+impl prometheus_client::collector::Collector for KernelCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let slots = self.slots.read().map(|s| s.clone()).unwrap_or_default();
+        let stats: Vec<_> = slots.iter().map(|s| (s, self.counters.slot_stats(s.slot))).collect();
+
+        let mut e = enc.encode_descriptor("watchdog_requests", "Requests started on watched ports", None, MetricType::Counter)?;
+        for (s, st) in &stats {
+            e.encode_family(&s.labels)?.encode_counter::<PortLabels, u64, f64>(&st.started, None)?;
+        }
+        let mut e = enc.encode_descriptor(
+            "watchdog_request_duration_seconds",
+            "Time from a request's first byte in to its first byte out",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (s, st) in &stats {
+            let buckets: Vec<(f64, u64)> = DURATION_BUCKETS_MS
+                .iter()
+                .map(|ms| *ms as f64 / 1000.0)
+                .chain(std::iter::once(f64::MAX))
+                .zip(st.buckets.iter().copied())
+                .collect();
+            e.encode_family(&s.labels)?.encode_histogram::<PortLabels>(
+                st.duration_sum_ns as f64 / 1e9,
+                st.responded(),
+                &buckets,
+                None,
+            )?;
+        }
+        let mut e = enc.encode_descriptor("watchdog_requests_in_flight", "Requests in flight now", None, MetricType::Gauge)?;
+        for (s, st) in &stats {
+            e.encode_family(&s.labels)?.encode_gauge(&(st.in_flight() as i64))?;
+        }
+        let mut e = enc.encode_descriptor(
+            "watchdog_requests_closed_in_flight",
+            "Requests that ended because the connection closed before any response byte",
+            None,
+            MetricType::Counter,
+        )?;
+        for (s, st) in &stats {
+            e.encode_family(&s.labels)?.encode_counter::<PortLabels, u64, f64>(&st.closed_in_flight, None)?;
+        }
+
+        let k = self.counters.stats();
+        let tracked = k.conns_opened.saturating_sub(k.conns_closed) as i64;
+        enc.encode_descriptor("watchdog_tracked_connections", "Connections on watched ports being tracked", None, MetricType::Gauge)?
+            .encode_gauge(&tracked)?;
+        enc.encode_descriptor(
+            "watchdog_events_lost",
+            "Kernel events dropped because the ring buffer was full",
+            None,
+            MetricType::Counter,
+        )?
+        .encode_counter::<PortLabels, u64, f64>(&k.events_lost, None)?;
+        let mut e = enc.encode_descriptor(
+            "watchdog_map_evictions",
+            "Entries refused because a kernel table was full (existing entries are never evicted)",
+            None,
+            MetricType::Counter,
+        )?;
+        e.encode_family(&[("table", "connections")])?.encode_counter::<PortLabels, u64, f64>(&k.conns_table_full, None)?;
+        e.encode_family(&[("table", "tasks")])?.encode_counter::<PortLabels, u64, f64>(&k.tasks_table_full, None)?;
+        let mut e = enc.encode_descriptor("watchdog_kernel_deadlines", "Kernel deadline timers that fired", None, MetricType::Counter)?;
+        e.encode_family(&[("result", "in_flight")])?.encode_counter::<PortLabels, u64, f64>(&k.deadlines_fired, None)?;
+        e.encode_family(&[("result", "already_ended")])?.encode_counter::<PortLabels, u64, f64>(&k.deadlines_stale, None)?;
+        Ok(())
+    }
+}
+
+/// Renders the registry in the Prometheus text format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
+        out.clear();
+    }
+    out
+}

@@ -1,0 +1,231 @@
+//! Policy decisions, as plain functions of facts: which policy a request falls under, whether a
+//! process may be acted on at all, and whether a policy's circuit breaker lets an action through.
+//! Nothing here touches the kernel or /proc; `process.rs` gathers the facts.
+
+use std::{collections::VecDeque, time::Duration};
+
+use crate::config::{BreakerConfig, Config, Policy, Selector};
+
+/// What is known about the process that owns a request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessFacts {
+    pub pid: u32,
+    /// Thread that owns the request.
+    pub tid: u32,
+    pub comm: String,
+    /// Executable path; empty for kernel threads.
+    pub exe: String,
+    /// cgroup v2 path (or the first v1 path when there is no v2 line).
+    pub cgroup: String,
+    /// The process, its parent, grandparent ... up to pid 1.
+    pub lineage: Vec<u32>,
+    /// A kernel thread (PF_KTHREAD).
+    pub kernel_thread: bool,
+}
+
+/// Does `sel` cover this process? Every non-empty list must match (AND), any entry of a list
+/// may match (OR). An empty selector covers every process.
+pub fn selects(sel: &Selector, p: &ProcessFacts) -> bool {
+    (sel.pids.is_empty() || p.lineage.iter().any(|pid| sel.pids.contains(pid)))
+        && (sel.comm.is_empty() || sel.comm.iter().any(|g| g.0.matches(&p.comm)))
+        && (sel.exe.is_empty() || sel.exe.iter().any(|g| g.0.matches(&p.exe)))
+        && (sel.cgroup.is_empty() || sel.cgroup.iter().any(|g| g.0.matches(&p.cgroup)))
+}
+
+/// The policy for a request on `port` owned by `p`: the first, in file order, whose ports and
+/// selector both match.
+pub fn select<'a>(cfg: &'a Config, port: u16, p: &ProcessFacts) -> Option<&'a Policy> {
+    cfg.policies.iter().find(|pol| pol.covers_port(port) && selects(&pol.selector, p))
+}
+
+/// Why an action was refused by a rule that no policy can override.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Init (pid 1) holds the system together.
+    #[error("refused: pid 1 is never acted on")]
+    Init,
+    /// The daemon never signals itself.
+    #[error("refused: the target is the watchdog itself")]
+    SelfTarget,
+    /// Kernel threads cannot own user requests and must not be signalled.
+    #[error("refused: the target is a kernel thread")]
+    KernelThread,
+    /// Listed in `[protect]`.
+    #[error("refused: the target is protected by the [protect] list")]
+    Protected,
+    /// Acting would leave fewer live workers than the policy's `min_workers`.
+    #[error("refused: fewer than min_workers workers would remain")]
+    WorkerFloor,
+}
+
+impl Refusal {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::Init => "refused_init",
+            Refusal::SelfTarget => "refused_self",
+            Refusal::KernelThread => "refused_kernel_thread",
+            Refusal::Protected => "refused_protected",
+            Refusal::WorkerFloor => "refused_worker_floor",
+        }
+    }
+}
+
+/// The safety rules, applied before every action.
+pub fn guard(p: &ProcessFacts, protect: &Selector, own_pid: u32) -> Result<(), Refusal> {
+    if p.pid <= 1 || p.tid <= 1 {
+        return Err(Refusal::Init);
+    }
+    if p.pid == own_pid {
+        return Err(Refusal::SelfTarget);
+    }
+    if p.kernel_thread || p.exe.is_empty() {
+        return Err(Refusal::KernelThread);
+    }
+    if !protect.is_empty() && selects(protect, p) {
+        return Err(Refusal::Protected);
+    }
+    Ok(())
+}
+
+/// A policy's kill-rate circuit breaker. Times are monotonic nanoseconds.
+#[derive(Clone, Debug, Default)]
+pub struct Breaker {
+    recent: VecDeque<u64>,
+    open_until: Option<u64>,
+    pub trips: u64,
+}
+
+/// What the breaker says about one action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakerVerdict {
+    Allow,
+    /// This action would exceed the limit: the breaker opens now.
+    Trip,
+    /// Open (observe-only) until the cool-down ends.
+    Open,
+}
+
+impl Breaker {
+    /// Is the breaker open at `now`? Re-arms itself once the cool-down is over.
+    pub fn is_open(&mut self, now: u64) -> bool {
+        match self.open_until {
+            Some(t) if now < t => true,
+            Some(_) => {
+                self.open_until = None;
+                self.recent.clear();
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Asks to take one action at `now`; records it when allowed.
+    pub fn check(&mut self, cfg: &BreakerConfig, now: u64) -> BreakerVerdict {
+        if self.is_open(now) {
+            return BreakerVerdict::Open;
+        }
+        let window = nanos(cfg.window);
+        while self.recent.front().is_some_and(|&t| now.saturating_sub(t) >= window) {
+            self.recent.pop_front();
+        }
+        if self.recent.len() as u64 >= u64::from(cfg.max_actions) {
+            self.open_until = Some(now + nanos(cfg.cooldown));
+            self.trips += 1;
+            return BreakerVerdict::Trip;
+        }
+        self.recent.push_back(now);
+        BreakerVerdict::Allow
+    }
+}
+
+pub fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Glob;
+
+    fn facts() -> ProcessFacts {
+        ProcessFacts {
+            pid: 200,
+            tid: 201,
+            comm: "gunicorn".into(),
+            exe: "/usr/bin/python3.11".into(),
+            cgroup: "/kubepods/pod1/abc".into(),
+            lineage: vec![200, 100, 1],
+            kernel_thread: false,
+        }
+    }
+
+    fn glob(s: &str) -> Glob {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn selectors_and_together_or_within() {
+        let p = facts();
+        assert!(selects(&Selector::default(), &p));
+        assert!(selects(&Selector { pids: vec![100], ..Default::default() }, &p), "descendant of 100");
+        assert!(!selects(&Selector { pids: vec![300], ..Default::default() }, &p));
+        assert!(selects(&Selector { comm: vec![glob("nginx"), glob("guni*")], ..Default::default() }, &p));
+        assert!(selects(&Selector { exe: vec![glob("/usr/bin/python3*")], ..Default::default() }, &p));
+        assert!(selects(&Selector { cgroup: vec![glob("/kubepods/*")], ..Default::default() }, &p));
+        assert!(!selects(
+            &Selector { comm: vec![glob("gunicorn")], cgroup: vec![glob("/system.slice/*")], ..Default::default() },
+            &p
+        ));
+    }
+
+    #[test]
+    fn guard_refuses_what_no_policy_may_touch() {
+        let p = facts();
+        assert_eq!(guard(&p, &Selector::default(), 999), Ok(()));
+        assert_eq!(guard(&ProcessFacts { pid: 1, ..p.clone() }, &Selector::default(), 999), Err(Refusal::Init));
+        assert_eq!(guard(&p, &Selector::default(), 200), Err(Refusal::SelfTarget));
+        assert_eq!(
+            guard(&ProcessFacts { kernel_thread: true, ..p.clone() }, &Selector::default(), 999),
+            Err(Refusal::KernelThread)
+        );
+        let protect = Selector { comm: vec![glob("gunicorn")], ..Default::default() };
+        assert_eq!(guard(&p, &protect, 999), Err(Refusal::Protected));
+    }
+
+    #[test]
+    fn breaker_trips_at_the_limit_and_rearms_after_cooldown() {
+        let cfg = BreakerConfig {
+            max_actions: 2,
+            window: Duration::from_secs(10),
+            cooldown: Duration::from_secs(5),
+        };
+        let s = 1_000_000_000;
+        let mut b = Breaker::default();
+        assert_eq!(b.check(&cfg, s), BreakerVerdict::Allow);
+        assert_eq!(b.check(&cfg, 2 * s), BreakerVerdict::Allow);
+        assert_eq!(b.check(&cfg, 3 * s), BreakerVerdict::Trip);
+        assert_eq!(b.check(&cfg, 4 * s), BreakerVerdict::Open);
+        assert!(b.is_open(7 * s));
+        assert_eq!(b.check(&cfg, 8 * s), BreakerVerdict::Allow, "cool-down over");
+        assert_eq!(b.trips, 1);
+    }
+
+    proptest::proptest! {
+        /// Never more than max_actions allowed within any window.
+        #[test]
+        fn breaker_never_exceeds_its_rate(gaps in proptest::collection::vec(0u64..3_000_000_000, 1..200)) {
+            let cfg = BreakerConfig { max_actions: 3, window: Duration::from_secs(5), cooldown: Duration::from_secs(2) };
+            let mut b = Breaker::default();
+            let mut now = 0;
+            let mut allowed = Vec::new();
+            for g in gaps {
+                now += g;
+                if b.check(&cfg, now) == BreakerVerdict::Allow { allowed.push(now); }
+            }
+            for (i, &t) in allowed.iter().enumerate() {
+                let in_window = allowed[i..].iter().take_while(|&&u| u - t < 5_000_000_000).count();
+                proptest::prop_assert!(in_window <= 3);
+            }
+        }
+    }
+}
