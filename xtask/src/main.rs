@@ -1,1 +1,87 @@
-fn main() {}
+//! Project automation: `cargo xtask build | run | test | setup`.
+//!
+//! Every command first makes sure this machine has what it needs (nightly rust-src, bpf-linker,
+//! and, for tests as root, the Debian packages the real-server tests use), so a fresh machine
+//! needs nothing but `cargo xtask test`.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "watchdog project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain pieces (and, as root, the test packages) this machine lacks.
+    Setup,
+    /// Build a self-contained target/release/watchdog.
+    Build,
+    /// Build and run the daemon as root: `cargo xtask run -- run --port 8080 --budget 2s`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit and property tests, then the privileged end-to-end tests.
+    Test,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => {
+            setup::toolchain()?;
+            setup::test_packages()
+        }
+        Cmd::Build => {
+            setup::toolchain()?;
+            cargo(&["build", "--release", "-p", "watchdog"])
+        }
+        Cmd::Run { args } => {
+            setup::toolchain()?;
+            cargo(&["build", "--release", "-p", "watchdog"])?;
+            let args = if args.is_empty() { vec!["run".to_string()] } else { args };
+            run(Command::new(root().join("target/release/watchdog")).args(&args))
+        }
+        Cmd::Test => {
+            setup::toolchain()?;
+            setup::test_packages()?;
+            cargo(&["build", "--release", "-p", "watchdog"])?;
+            // Unit and property tests: no root needed, run in parallel.
+            cargo(&["test", "--workspace", "--bins", "--lib"])?;
+            // End-to-end tests share the kernel (one cgroup attach point, real ports): one at a time.
+            let mut cmd = cargo_cmd(&["test", "-p", "watchdog", "--test", "*", "--", "--test-threads=1"]);
+            cmd.env("RUST_BACKTRACE", "1");
+            run(&mut cmd)
+        }
+    }
+}
+
+pub fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn cargo_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args(args).current_dir(root());
+    c.env("PATH", setup::path_with_cargo_bin());
+    c
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    run(&mut cargo_cmd(args))
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}

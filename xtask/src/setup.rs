@@ -1,0 +1,99 @@
+//! Installs what a fresh machine lacks. Each step checks first and does nothing when satisfied.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+use crate::run;
+
+/// Debian packages the end-to-end tests drive for real.
+const TEST_PACKAGES: &[&str] = &["nginx", "postgresql", "curl", "iproute2"];
+
+fn home() -> PathBuf {
+    PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+}
+
+pub fn path_with_cargo_bin() -> String {
+    let bin = home().join(".cargo/bin");
+    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Nightly rust-src (the eBPF crate builds core itself) and bpf-linker linked against the LLVM
+/// that ships inside the nightly toolchain (a plain `cargo install bpf-linker` wants a system
+/// LLVM this machine does not have).
+pub fn toolchain() -> Result<()> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("the nightly toolchain is required for the eBPF crate (rustup toolchain install nightly)")?;
+    let sysroot = PathBuf::from(sysroot);
+    if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
+        eprintln!("xtask: installing rust-src for nightly");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let linker = home().join(".cargo/bin/bpf-linker");
+    if !linker.exists() && Command::new("bpf-linker").arg("--version").output().is_err() {
+        let llvm_major = output(Command::new("rustc").args(["+nightly", "-vV"]))?
+            .lines()
+            .find_map(|l| l.strip_prefix("LLVM version: "))
+            .and_then(|v| v.split('.').next().map(str::to_string))
+            .context("reading nightly's LLVM version")?;
+        let prefix = home().join(".local/bpf-llvm");
+        std::fs::create_dir_all(prefix.join("lib"))?;
+        let lib = std::fs::read_dir(sysroot.join("lib"))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so")))
+            .context("no libLLVM.so in the nightly toolchain")?;
+        let link = prefix.join("lib/libLLVM.so");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link)?;
+        eprintln!("xtask: building bpf-linker against nightly's LLVM {llvm_major} (about a minute)");
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--no-default-features", "--features"])
+            .arg(format!("llvm-{llvm_major}"))
+            .env("LLVM_PREFIX", &prefix))?;
+    }
+    Ok(())
+}
+
+/// The Debian packages of the end-to-end tests (only as root, only when missing).
+pub fn test_packages() -> Result<()> {
+    let missing: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !nix_is_root() {
+        bail!("the end-to-end tests need root and these packages: {}", missing.join(" "));
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    // Debian starts the services it installs; the tests run their own instances.
+    for svc in ["nginx", "postgresql"] {
+        let _ = Command::new("service").args([svc, "stop"]).output();
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
