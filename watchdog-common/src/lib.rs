@@ -35,8 +35,8 @@ pub mod limits {
 /// Request-duration histogram kept in the kernel, per metrics slot: upper bounds in
 /// milliseconds. One more bucket (`+Inf`) follows the last bound.
 pub const DURATION_BUCKETS_MS: [u64; 17] = [
-    1, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 120_000,
-    300_000, 600_000,
+    1, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000,
+    600_000,
 ];
 
 /// Per-slot counters in the `PORT_STATS` per-CPU array: `slot * PORT_STAT_STRIDE + index`.

@@ -33,8 +33,9 @@ pub struct ConnEntry {
     pub info: ConnInfo,
 }
 
-const _: () =
-    assert!(core::mem::size_of::<ConnEntry>() == core::mem::size_of::<watchdog_common::ConnRecord>());
+const _: () = assert!(
+    core::mem::size_of::<ConnEntry>() == core::mem::size_of::<watchdog_common::ConnRecord>()
+);
 
 /// The peer sent FIN: a later RST is the answer to our own write, not a new hang-up.
 pub const SOCK_PEER_FIN: u32 = 1;
@@ -103,7 +104,12 @@ pub fn task_life(tid: u32, now: u64, cookie: u64, gen: u32) -> u64 {
             return (*t).life;
         }
     }
-    let fresh = TaskInfo { life: now, cur_cookie: cookie, cur_gen: gen, _pad: 0 };
+    let fresh = TaskInfo {
+        life: now,
+        cur_cookie: cookie,
+        cur_gen: gen,
+        _pad: 0,
+    };
     if TASKS.insert(tid, fresh, BPF_NOEXIST.into()).is_err() {
         count(stat::TASKS_TABLE_FULL);
         return 0;

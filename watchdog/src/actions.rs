@@ -5,7 +5,10 @@
 //! to nothing, and the check proves the owner is still the live task on the same request. This
 //! closes the PID-reuse race.
 
-use std::{io, os::fd::{AsRawFd, FromRawFd, OwnedFd}};
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
 
 use nix::sys::signal::Signal;
 
@@ -58,24 +61,55 @@ fn pidfd_open(pid: u32, flags: libc::c_uint) -> io::Result<OwnedFd> {
 fn pidfd_send_signal(fd: &OwnedFd, sig: Signal) -> io::Result<()> {
     // SAFETY: plain syscall on a descriptor we own; no siginfo.
     let r = unsafe {
-        libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), sig as libc::c_int, std::ptr::null::<u8>(), 0)
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            sig as libc::c_int,
+            std::ptr::null::<u8>(),
+            0,
+        )
     };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn tgkill(tgid: u32, tid: u32, sig: Signal) -> io::Result<()> {
     // SAFETY: plain syscall.
-    let r = unsafe { libc::syscall(libc::SYS_tgkill, tgid as libc::pid_t, tid as libc::pid_t, sig as libc::c_int) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            tgid as libc::pid_t,
+            tid as libc::pid_t,
+            sig as libc::c_int,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn gone_or_failed(e: io::Error) -> Outcome {
-    if e.raw_os_error() == Some(libc::ESRCH) { Outcome::TargetGone } else { Outcome::Failed(e.to_string()) }
+    if e.raw_os_error() == Some(libc::ESRCH) {
+        Outcome::TargetGone
+    } else {
+        Outcome::Failed(e.to_string())
+    }
 }
 
 /// Sends `sig` to the owner's thread or process, if `still_valid()` holds once the target is
 /// pinned.
-pub fn signal(target: Target, tgid: u32, tid: u32, sig: Signal, still_valid: impl FnOnce() -> bool) -> Outcome {
+pub fn signal(
+    target: Target,
+    tgid: u32,
+    tid: u32,
+    sig: Signal,
+    still_valid: impl FnOnce() -> bool,
+) -> Outcome {
     match target {
         Target::Process => {
             let fd = match pidfd_open(tgid, 0) {
@@ -159,7 +193,11 @@ fn sock_destroy(conn: &ConnInfo) -> io::Result<()> {
     let v4 = conn.family == libc::AF_INET as u16;
     let addr = |a: &[u8; 16]| -> [u8; 16] {
         let mut out = [0u8; 16];
-        if v4 { out[..4].copy_from_slice(&a[12..16]) } else { out = *a }
+        if v4 {
+            out[..4].copy_from_slice(&a[12..16])
+        } else {
+            out = *a
+        }
         out
     };
     let req = DestroyRequest {
@@ -181,7 +219,13 @@ fn sock_destroy(conn: &ConnInfo) -> io::Result<()> {
         cookie: [conn.cookie as u32, (conn.cookie >> 32) as u32],
     };
     // SAFETY: socket(2) returns a new descriptor or -1.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -189,7 +233,12 @@ fn sock_destroy(conn: &ConnInfo) -> io::Result<()> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: sending a fully initialised #[repr(C)] struct of the stated length.
     let sent = unsafe {
-        libc::send(fd.as_raw_fd(), std::ptr::addr_of!(req).cast(), std::mem::size_of_val(&req), 0)
+        libc::send(
+            fd.as_raw_fd(),
+            std::ptr::addr_of!(req).cast(),
+            std::mem::size_of_val(&req),
+            0,
+        )
     };
     if sent < 0 {
         return Err(io::Error::last_os_error());

@@ -40,7 +40,9 @@ pub fn mono_secs() -> u64 {
 /// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
 pub async fn serve_http(listener: TcpListener, registry: Arc<Registry>, health: Arc<Health>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
         let registry = registry.clone();
         let health = health.clone();
         tokio::spawn(async move {
@@ -66,17 +68,29 @@ pub async fn serve_http(listener: TcpListener, registry: Arc<Registry>, health: 
                     if age <= LIVENESS_LIMIT_SECS {
                         ("200 OK", "text/plain", "ok\n".to_string())
                     } else {
-                        ("503 Service Unavailable", "text/plain", format!("event loop stalled for {age}s\n"))
+                        (
+                            "503 Service Unavailable",
+                            "text/plain",
+                            format!("event loop stalled for {age}s\n"),
+                        )
                     }
                 }
                 "/readyz" => {
                     if health.ready.load(Ordering::Relaxed) {
                         ("200 OK", "text/plain", "ready\n".to_string())
                     } else {
-                        ("503 Service Unavailable", "text/plain", "not ready\n".to_string())
+                        (
+                            "503 Service Unavailable",
+                            "text/plain",
+                            "not ready\n".to_string(),
+                        )
                     }
                 }
-                _ => ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".to_string()),
+                _ => (
+                    "404 Not Found",
+                    "text/plain",
+                    "try /metrics, /healthz or /readyz\n".to_string(),
+                ),
             };
             let head = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -108,12 +122,16 @@ pub fn bind_status(path: &Path) -> std::io::Result<UnixListener> {
 /// Answers each connection on the status socket with one JSON document from the event loop.
 pub async fn serve_status(listener: UnixListener, tx: mpsc::Sender<StatusRequest>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
         // Only root may ask (the socket mode already says so; this also covers a chmod).
         match stream.peer_cred() {
             Ok(c) if c.uid() == 0 => {}
             _ => {
-                let _ = stream.write_all(b"{\"error\":\"only root may read the status\"}\n").await;
+                let _ = stream
+                    .write_all(b"{\"error\":\"only root may read the status\"}\n")
+                    .await;
                 continue;
             }
         }

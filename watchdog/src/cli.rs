@@ -67,7 +67,10 @@ pub struct RunArgs {
 impl RunArgs {
     /// Were any single-policy flags given?
     pub fn has_policy_flags(&self) -> bool {
-        !self.ports.is_empty() || self.budget.is_some() || !self.pids.is_empty() || self.client_gone.is_some()
+        !self.ports.is_empty()
+            || self.budget.is_some()
+            || !self.pids.is_empty()
+            || self.client_gone.is_some()
     }
 }
 

@@ -15,8 +15,6 @@ use std::{
 use nix::sys::signal::Signal;
 use serde::{de, Deserialize, Deserializer};
 
-/// Default location of the config file (systemd unit, container image).
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/watchdog/watchdog.toml";
 /// Largest config file accepted: it decides what gets killed, it has no reason to be large.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -25,7 +23,11 @@ pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 pub enum ConfigError {
     /// The file could not be read.
     #[error("{path}: {source}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The file is not acceptable as a config file (size, encoding, permissions).
     #[error("{path}: {reason}")]
     Refused { path: PathBuf, reason: String },
@@ -34,7 +36,11 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     /// The file parsed but does not make sense.
     #[error("{path}: {field}: {reason}")]
-    Invalid { path: String, field: String, reason: String },
+    Invalid {
+        path: String,
+        field: String,
+        reason: String,
+    },
 }
 
 /// Enforce, or only log what would be done.
@@ -47,7 +53,9 @@ pub enum Mode {
 }
 
 /// Who receives a signal.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Target {
     /// The whole process (thread group) that owns the request.
@@ -90,7 +98,11 @@ impl FromStr for Sig {
             Signal::try_from(n).ok()
         } else {
             let upper = t.to_ascii_uppercase();
-            let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+            let name = if upper.starts_with("SIG") {
+                upper
+            } else {
+                format!("SIG{upper}")
+            };
             Signal::from_str(&name).ok()
         };
         parsed.map(Sig).ok_or_else(|| {
@@ -128,14 +140,19 @@ impl FromStr for PortRange {
             }
         };
         let r = match s.split_once('-') {
-            Some((a, b)) => PortRange { first: port(a)?, last: port(b)? },
+            Some((a, b)) => PortRange {
+                first: port(a)?,
+                last: port(b)?,
+            },
             None => {
                 let p = port(s)?;
                 PortRange { first: p, last: p }
             }
         };
         if r.first > r.last {
-            return Err(format!("invalid port range {s:?}: first port is above the last"));
+            return Err(format!(
+                "invalid port range {s:?}: first port is above the last"
+            ));
         }
         Ok(r)
     }
@@ -148,7 +165,9 @@ pub struct Glob(pub glob::Pattern);
 impl FromStr for Glob {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        glob::Pattern::new(s).map(Glob).map_err(|e| format!("invalid pattern {s:?}: {e}"))
+        glob::Pattern::new(s)
+            .map(Glob)
+            .map_err(|e| format!("invalid pattern {s:?}: {e}"))
     }
 }
 
@@ -244,7 +263,10 @@ pub struct Selector {
 
 impl Selector {
     pub fn is_empty(&self) -> bool {
-        self.pids.is_empty() && self.comm.is_empty() && self.exe.is_empty() && self.cgroup.is_empty()
+        self.pids.is_empty()
+            && self.comm.is_empty()
+            && self.exe.is_empty()
+            && self.cgroup.is_empty()
     }
 }
 
@@ -371,7 +393,11 @@ pub struct BreakerConfig {
 
 impl Default for BreakerConfig {
     fn default() -> Self {
-        Self { max_actions: 20, window: Duration::from_secs(60), cooldown: Duration::from_secs(300) }
+        Self {
+            max_actions: 20,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(300),
+        }
     }
 }
 
@@ -422,7 +448,11 @@ impl Config {
             name: "default".into(),
             ports: vec![],
             budget,
-            steps: vec![Step { after: budget, action: Action::Log, target: Target::Process }],
+            steps: vec![Step {
+                after: budget,
+                action: Action::Log,
+                target: Target::Process,
+            }],
             selector: Selector::default(),
             mode: Mode::Observe,
             client_gone: None,
@@ -445,7 +475,11 @@ impl Config {
 
     /// The effective mode of a policy.
     pub fn mode_of(&self, p: &Policy) -> Mode {
-        if self.mode == Mode::Observe { Mode::Observe } else { p.mode }
+        if self.mode == Mode::Observe {
+            Mode::Observe
+        } else {
+            p.mode
+        }
     }
 
     /// The one policy built from `watchdog run --port ... --budget ...` flags.
@@ -461,15 +495,30 @@ impl Config {
         let client_gone = f.client_gone.map(|sig| ClientGone {
             grace: Duration::ZERO,
             half_close_window: DEFAULT_HALF_CLOSE_WINDOW,
-            steps: vec![Step { after: Duration::ZERO, action: Action::Signal(sig), target: f.target }],
+            steps: vec![Step {
+                after: Duration::ZERO,
+                action: Action::Signal(sig),
+                target: f.target,
+            }],
         });
         let mut cfg = Self::with_policies(vec![Policy {
             name: "cli".into(),
             ports: f.ports.clone(),
             budget: f.budget.0,
-            steps: vec![Step { after: f.budget.0, action: Action::Signal(f.signal), target: f.target }],
-            selector: Selector { pids: f.pids.clone(), ..Selector::default() },
-            mode: if f.observe { Mode::Observe } else { Mode::Enforce },
+            steps: vec![Step {
+                after: f.budget.0,
+                action: Action::Signal(f.signal),
+                target: f.target,
+            }],
+            selector: Selector {
+                pids: f.pids.clone(),
+                ..Selector::default()
+            },
+            mode: if f.observe {
+                Mode::Observe
+            } else {
+                Mode::Enforce
+            },
             client_gone,
             breaker: BreakerConfig::default(),
             min_workers: None,
@@ -512,15 +561,24 @@ pub const DEFAULT_HALF_CLOSE_WINDOW: Duration = Duration::from_millis(100);
 
 fn read_config_file(path: &Path) -> Result<String, ConfigError> {
     use std::os::unix::fs::MetadataExt;
-    let read_err = |source| ConfigError::Read { path: path.into(), source };
-    let refuse = |reason: String| ConfigError::Refused { path: path.into(), reason };
+    let read_err = |source| ConfigError::Read {
+        path: path.into(),
+        source,
+    };
+    let refuse = |reason: String| ConfigError::Refused {
+        path: path.into(),
+        reason,
+    };
     // Follows symlinks (a Kubernetes ConfigMap is a chain of them); a loop fails here with ELOOP.
     let meta = std::fs::metadata(path).map_err(read_err)?;
     if !meta.is_file() {
         return Err(refuse("not a regular file".into()));
     }
     if meta.len() > MAX_CONFIG_BYTES {
-        return Err(refuse(format!("{} bytes is over the {MAX_CONFIG_BYTES}-byte limit", meta.len())));
+        return Err(refuse(format!(
+            "{} bytes is over the {MAX_CONFIG_BYTES}-byte limit",
+            meta.len()
+        )));
     }
     if meta.mode() & 0o002 != 0 {
         return Err(refuse(
@@ -528,7 +586,12 @@ fn read_config_file(path: &Path) -> Result<String, ConfigError> {
         ));
     }
     let bytes = std::fs::read(path).map_err(read_err)?;
-    String::from_utf8(bytes).map_err(|e| refuse(format!("is not UTF-8 (byte {})", e.utf8_error().valid_up_to())))
+    String::from_utf8(bytes).map_err(|e| {
+        refuse(format!(
+            "is not UTF-8 (byte {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })
 }
 
 fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
@@ -553,13 +616,19 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     cfg.events = raw.daemon.events;
     cfg.protect = raw.protect;
     if raw.policies.is_empty() {
-        return Err(invalid("policy".into(), "no [[policy]] defined; add at least one"));
+        return Err(invalid(
+            "policy".into(),
+            "no [[policy]] defined; add at least one",
+        ));
     }
 
     for (i, rp) in raw.policies.into_iter().enumerate() {
         let at = |f: &str| format!("policy[{i}] ({}).{f}", rp.name);
         if rp.name.trim().is_empty() || rp.name.len() > 64 {
-            return Err(invalid(format!("policy[{i}].name"), "must be 1-64 characters"));
+            return Err(invalid(
+                format!("policy[{i}].name"),
+                "must be 1-64 characters",
+            ));
         }
         if cfg.policies.iter().any(|p: &Policy| p.name == rp.name) {
             return Err(invalid(at("name"), "another policy has this name"));
@@ -570,7 +639,10 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         let target = rp.target.unwrap_or_default();
         let ladder = match (&rp.steps, rp.signal) {
             (Some(_), Some(_)) => {
-                return Err(invalid(at("signal"), "give either `signal` or `steps`, not both"))
+                return Err(invalid(
+                    at("signal"),
+                    "give either `signal` or `steps`, not both",
+                ))
             }
             (Some(s), None) => steps(s, target, &at("steps"), origin)?,
             (None, sig) => vec![Step {
@@ -583,7 +655,10 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             return Err(invalid(at("steps"), "needs at least one step"));
         }
         if ladder[0].after < rp.budget.0 {
-            return Err(invalid(at("steps"), "the first step comes before the budget is spent"));
+            return Err(invalid(
+                at("steps"),
+                "the first step comes before the budget is spent",
+            ));
         }
         let client_gone = match rp.client_gone {
             None => None,
@@ -591,11 +666,18 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
                 let t = cg.target.unwrap_or(target);
                 let steps = match (&cg.steps, cg.signal) {
                     (Some(_), Some(_)) => {
-                        return Err(invalid(at("client_gone"), "give either `signal` or `steps`, not both"))
+                        return Err(invalid(
+                            at("client_gone"),
+                            "give either `signal` or `steps`, not both",
+                        ))
                     }
                     (Some(s), None) => steps(s, t, &at("client_gone.steps"), origin)?,
                     (None, Some(sig)) => {
-                        vec![Step { after: Duration::ZERO, action: Action::Signal(sig), target: t }]
+                        vec![Step {
+                            after: Duration::ZERO,
+                            action: Action::Signal(sig),
+                            target: t,
+                        }]
                     }
                     (None, None) => {
                         return Err(invalid(at("client_gone"), "needs `signal` or `steps`"))
@@ -603,7 +685,9 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
                 };
                 Some(ClientGone {
                     grace: cg.grace.map_or(Duration::ZERO, |d| d.0),
-                    half_close_window: cg.half_close_window.map_or(DEFAULT_HALF_CLOSE_WINDOW, |d| d.0),
+                    half_close_window: cg
+                        .half_close_window
+                        .map_or(DEFAULT_HALF_CLOSE_WINDOW, |d| d.0),
                     steps,
                 })
             }
@@ -612,16 +696,29 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             None => BreakerConfig::default(),
             Some(b) => {
                 if b.max_actions == 0 || b.window.0.is_zero() {
-                    return Err(invalid(at("breaker"), "max_actions and window must be above zero"));
+                    return Err(invalid(
+                        at("breaker"),
+                        "max_actions and window must be above zero",
+                    ));
                 }
-                BreakerConfig { max_actions: b.max_actions, window: b.window.0, cooldown: b.cooldown.0 }
+                BreakerConfig {
+                    max_actions: b.max_actions,
+                    window: b.window.0,
+                    cooldown: b.cooldown.0,
+                }
             }
         };
         let any = rp.ports.is_empty() || rp.ports.contains(&PortOrAny::Any);
         let ports = if any {
             vec![]
         } else {
-            rp.ports.iter().filter_map(|p| match p { PortOrAny::Range(r) => Some(*r), PortOrAny::Any => None }).collect()
+            rp.ports
+                .iter()
+                .filter_map(|p| match p {
+                    PortOrAny::Range(r) => Some(*r),
+                    PortOrAny::Any => None,
+                })
+                .collect()
         };
         let policy = Policy {
             name: rp.name.clone(),
@@ -661,10 +758,17 @@ fn shadows(a: &Policy, b: &Policy) -> bool {
         return true;
     }
     !b.ports.is_empty()
-        && b.ports.iter().all(|rb| (rb.first..=rb.last).all(|p| a.ports.iter().any(|ra| ra.contains(p))))
+        && b.ports
+            .iter()
+            .all(|rb| (rb.first..=rb.last).all(|p| a.ports.iter().any(|ra| ra.contains(p))))
 }
 
-fn steps(raw: &[RawStep], default_target: Target, field: &str, origin: &str) -> Result<Vec<Step>, ConfigError> {
+fn steps(
+    raw: &[RawStep],
+    default_target: Target,
+    field: &str,
+    origin: &str,
+) -> Result<Vec<Step>, ConfigError> {
     let mut out = Vec::with_capacity(raw.len());
     for (i, s) in raw.iter().enumerate() {
         let invalid = |reason: String| ConfigError::Invalid {
@@ -677,17 +781,25 @@ fn steps(raw: &[RawStep], default_target: Target, field: &str, origin: &str) -> 
             (None, Some("reset")) => Action::Reset,
             (None, Some("log")) => Action::Log,
             (None, Some(other)) => {
-                return Err(invalid(format!("unknown action {other:?}; use \"reset\" or \"log\", or give `signal`")))
+                return Err(invalid(format!(
+                    "unknown action {other:?}; use \"reset\" or \"log\", or give `signal`"
+                )))
             }
             (None, None) => return Err(invalid("needs `signal` or `action`".into())),
-            (Some(_), Some(_)) => return Err(invalid("give `signal` or `action`, not both".into())),
+            (Some(_), Some(_)) => {
+                return Err(invalid("give `signal` or `action`, not both".into()))
+            }
         };
         if let Some(prev) = out.last().map(|p: &Step| p.after) {
             if s.after.0 < prev {
                 return Err(invalid("steps must be in order of `after`".into()));
             }
         }
-        out.push(Step { after: s.after.0, action, target: s.target.unwrap_or(default_target) });
+        out.push(Step {
+            after: s.after.0,
+            action,
+            target: s.target.unwrap_or(default_target),
+        });
     }
     Ok(out)
 }
@@ -724,36 +836,70 @@ breaker = { max_actions = 5, window = "10s", cooldown = "1m" }
     fn parses_the_documented_example() {
         let cfg = Config::parse(EXAMPLE, "example").unwrap();
         let p = &cfg.policies[0];
-        assert_eq!(p.ports, vec![PortRange { first: 8080, last: 8080 }, PortRange { first: 9000, last: 9010 }]);
+        assert_eq!(
+            p.ports,
+            vec![
+                PortRange {
+                    first: 8080,
+                    last: 8080
+                },
+                PortRange {
+                    first: 9000,
+                    last: 9010
+                }
+            ]
+        );
         assert_eq!(p.steps.len(), 4);
         assert_eq!(p.steps[0].target, Target::Thread);
         assert_eq!(p.steps[1].target, Target::Process);
         assert_eq!(p.steps[2].action, Action::Signal(Sig(Signal::SIGKILL)));
         assert_eq!(p.steps[3].action, Action::Reset);
         assert_eq!(p.first_deadline(), Duration::from_secs(30));
-        assert_eq!(p.client_gone.as_ref().unwrap().grace, Duration::from_millis(50));
+        assert_eq!(
+            p.client_gone.as_ref().unwrap().grace,
+            Duration::from_millis(50)
+        );
         assert_eq!(p.breaker.max_actions, 5);
         assert!(p.covers_port(9005) && !p.covers_port(9011));
     }
 
     #[test]
     fn errors_name_line_and_field() {
-        let e = Config::parse("[[policy]]\nname = \"a\"\nbudget = \"2x\"\n", "f.toml").unwrap_err().to_string();
-        assert!(e.contains("f.toml") && e.contains("line 3") && e.contains("invalid duration"), "{e}");
-        let e = Config::parse("[[policy]]\nname = \"a\"\nbudget = \"2s\"\nsignal = \"SIGFOO\"\n", "f.toml")
+        let e = Config::parse("[[policy]]\nname = \"a\"\nbudget = \"2x\"\n", "f.toml")
             .unwrap_err()
             .to_string();
+        assert!(
+            e.contains("f.toml") && e.contains("line 3") && e.contains("invalid duration"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "[[policy]]\nname = \"a\"\nbudget = \"2s\"\nsignal = \"SIGFOO\"\n",
+            "f.toml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("line 4") && e.contains("unknown signal"), "{e}");
-        let e = Config::parse("[[policy]]\nname = \"a\"\nbudget = \"2s\"\nbugdet = 1\n", "f.toml")
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse(
+            "[[policy]]\nname = \"a\"\nbudget = \"2s\"\nbugdet = 1\n",
+            "f.toml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("unknown field") && e.contains("bugdet"), "{e}");
-        let e = Config::parse("[[policy]]\nname = \"a\"\nbudget = \"2s\"\nports = [70000]\n", "f.toml")
+        let e = Config::parse(
+            "[[policy]]\nname = \"a\"\nbudget = \"2s\"\nports = [70000]\n",
+            "f.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ports are 1-65535"), "{e}");
+        let e = Config::parse("[[policy]]\nname = \"a\"\nbudget = \"0s\"\n", "f.toml")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("ports are 1-65535"), "{e}");
-        let e = Config::parse("[[policy]]\nname = \"a\"\nbudget = \"0s\"\n", "f.toml").unwrap_err().to_string();
-        assert!(e.contains("budget") && e.contains("greater than zero"), "{e}");
+        assert!(
+            e.contains("budget") && e.contains("greater than zero"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -780,10 +926,19 @@ breaker = { max_actions = 5, window = "10s", cooldown = "1m" }
 
     #[test]
     fn durations_and_ports() {
-        assert_eq!("250ms".parse::<Dur>().unwrap().0, Duration::from_millis(250));
+        assert_eq!(
+            "250ms".parse::<Dur>().unwrap().0,
+            Duration::from_millis(250)
+        );
         assert_eq!("1m".parse::<Dur>().unwrap().0, Duration::from_secs(60));
         assert!("fast".parse::<Dur>().is_err());
-        assert_eq!("9000-9010".parse::<PortRange>().unwrap(), PortRange { first: 9000, last: 9010 });
+        assert_eq!(
+            "9000-9010".parse::<PortRange>().unwrap(),
+            PortRange {
+                first: 9000,
+                last: 9010
+            }
+        );
         assert!("0".parse::<PortRange>().is_err());
         assert!("10-5".parse::<PortRange>().is_err());
     }

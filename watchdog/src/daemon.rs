@@ -17,7 +17,9 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
 use tracing::{debug, error, info, warn};
-use watchdog_common::{ConnInfo, Event, EventKind, PortConfig, ReqState, PORT_CLIENT_GONE, PORT_WATCHED};
+use watchdog_common::{
+    ConnInfo, Event, EventKind, PortConfig, ReqState, PORT_CLIENT_GONE, PORT_WATCHED,
+};
 
 use crate::{
     actions::{self, Outcome},
@@ -33,7 +35,8 @@ use crate::{
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
 pub fn now_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
@@ -82,7 +85,9 @@ struct State {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let mut kernel = Kernel::load()?;
-    let ring = kernel.take_events().context("event ring buffer already taken")?;
+    let ring = kernel
+        .take_events()
+        .context("event ring buffer already taken")?;
     // SAFETY: the ring buffer owns its fd and keeps it open for as long as the AsyncFd lives.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("registering the event ring buffer with the runtime: {e}"))?;
@@ -180,14 +185,20 @@ fn open_events(path: &Option<PathBuf>) -> anyhow::Result<Option<Box<dyn Write + 
         None => None,
         Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
         Some(p) => Some(Box::new(
-            File::options().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display()))?,
+            File::options()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))?,
         )),
     })
 }
 
 /// (dev, inode, mtime, size) of the file a path resolves to: changes when a ConfigMap swaps it.
 fn stamp(p: &std::path::Path) -> Option<(u64, u64, i64, u64)> {
-    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino(), m.mtime(), m.size()))
+    std::fs::metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.mtime(), m.size()))
 }
 
 pub fn peer_of(c: &ConnInfo) -> String {
@@ -212,7 +223,10 @@ impl State {
             self.kernel.set_port(*port, *pc)?;
             self.watched_ports.push(*port);
             if !labels.iter().any(|l: &SlotLabel| l.slot == pc.slot) {
-                labels.push(SlotLabel { slot: pc.slot, labels: label.clone() });
+                labels.push(SlotLabel {
+                    slot: pc.slot,
+                    labels: label.clone(),
+                });
             }
         }
         if let Ok(mut s) = self.slots.write() {
@@ -241,15 +255,27 @@ impl State {
             return;
         };
         self.config_stamp = stamp(&path);
-        let result = Config::load(&path).map_err(anyhow::Error::from).and_then(|c| self.apply(c));
+        let result = Config::load(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| self.apply(c));
         match result {
             Ok(()) => {
                 info!(file = %path.display(), "{why}: configuration reloaded");
-                self.metrics.reloads.get_or_create(&crate::metrics::ResultLabels { result: "success".into() }).inc();
+                self.metrics
+                    .reloads
+                    .get_or_create(&crate::metrics::ResultLabels {
+                        result: "success".into(),
+                    })
+                    .inc();
             }
             Err(e) => {
                 error!(file = %path.display(), "{why}: new configuration refused, the previous one stays in force: {e:#}");
-                self.metrics.reloads.get_or_create(&crate::metrics::ResultLabels { result: "error".into() }).inc();
+                self.metrics
+                    .reloads
+                    .get_or_create(&crate::metrics::ResultLabels {
+                        result: "error".into(),
+                    })
+                    .inc();
             }
         }
     }
@@ -263,10 +289,21 @@ impl State {
         }
         let now = now_ns();
         for (name, b) in &mut self.breakers {
-            let was = self.metrics.observe_only.get_or_create(&PolicyLabels { policy: name.clone() }).get();
+            let was = self
+                .metrics
+                .observe_only
+                .get_or_create(&PolicyLabels {
+                    policy: name.clone(),
+                })
+                .get();
             if was == 1 && !b.is_open(now) {
                 warn!(policy = %name, "circuit breaker re-armed: policy enforces again");
-                self.metrics.observe_only.get_or_create(&PolicyLabels { policy: name.clone() }).set(0);
+                self.metrics
+                    .observe_only
+                    .get_or_create(&PolicyLabels {
+                        policy: name.clone(),
+                    })
+                    .set(0);
             }
         }
     }
@@ -280,30 +317,47 @@ impl State {
         self.metrics.events.inc();
         let c = ev.conn;
         let Some(facts) = process::facts(c.tgid, c.tid) else {
-            debug!(pid = c.tgid, tid = c.tid, "event for a process that has already exited");
+            debug!(
+                pid = c.tgid,
+                tid = c.tid,
+                "event for a process that has already exited"
+            );
             return;
         };
         let Some(policy) = self.policy_for(c.local_port, &facts) else {
             debug!(pid = c.tgid, comm = %facts.comm, port = c.local_port, "no policy selects this process; not acting");
             return;
         };
-        let labels = PortLabels { policy: policy.name.clone(), port: c.local_port.to_string() };
+        let labels = PortLabels {
+            policy: policy.name.clone(),
+            port: c.local_port.to_string(),
+        };
         match EventKind::from_u32(ev.kind) {
             Some(EventKind::Deadline) => {
-                let key = Key { cookie: c.cookie, gen: c.gen, reason: Reason::Budget };
+                let key = Key {
+                    cookie: c.cookie,
+                    gen: c.gen,
+                    reason: Reason::Budget,
+                };
                 let steps = policy.steps.clone();
                 if self.tracker.admit(key, c, policy, steps, c.start_ns) {
                     self.metrics.budget_exceeded.get_or_create(&labels).inc();
                 }
             }
             Some(kind @ (EventKind::PeerFin | EventKind::PeerReset)) => {
-                let Some(cg) = policy.client_gone.clone() else { return };
+                let Some(cg) = policy.client_gone.clone() else {
+                    return;
+                };
                 let since_start = Duration::from_nanos(ev.ts_ns.saturating_sub(c.start_ns));
                 if kind == EventKind::PeerFin && since_start < cg.half_close_window {
                     debug!(port = c.local_port, peer = %peer_of(&c), "FIN right after the request: a half-close, not a hang-up");
                     return;
                 }
-                let key = Key { cookie: c.cookie, gen: c.gen, reason: Reason::ClientGone };
+                let key = Key {
+                    cookie: c.cookie,
+                    gen: c.gen,
+                    reason: Reason::ClientGone,
+                };
                 let base = ev.ts_ns.saturating_add(policy::nanos(cg.grace));
                 if self.tracker.admit(key, c, policy, cg.steps, base) {
                     self.metrics.client_gone.get_or_create(&labels).inc();
@@ -322,7 +376,10 @@ impl State {
     fn run_due(&mut self) {
         for due in self.tracker.pop_due(now_ns()) {
             let outcome = self.run_step(&due);
-            if matches!(outcome, Outcome::Ended | Outcome::TargetGone | Outcome::Refused(_)) {
+            if matches!(
+                outcome,
+                Outcome::Ended | Outcome::TargetGone | Outcome::Refused(_)
+            ) {
                 self.tracker.finish(due.key);
             }
         }
@@ -330,14 +387,20 @@ impl State {
 
     /// Is the request this ladder is about still what it was, in the kernel, right now?
     fn still_valid(kernel: &Kernel, key: Key, c: &ConnInfo) -> bool {
-        let Some(task) = kernel.task(c.tid) else { return false };
+        let Some(task) = kernel.task(c.tid) else {
+            return false;
+        };
         if task.life != c.owner_life {
             return false;
         }
         match kernel.conn(c.cookie) {
             Some(now) => now.state == ReqState::InFlight as u32 && now.gen == c.gen,
             // The connection is gone (the peer reset it): act only if its owner has not moved on.
-            None => key.reason == Reason::ClientGone && task.cur_cookie == c.cookie && task.cur_gen == c.gen,
+            None => {
+                key.reason == Reason::ClientGone
+                    && task.cur_cookie == c.cookie
+                    && task.cur_gen == c.gen
+            }
         }
     }
 
@@ -347,7 +410,11 @@ impl State {
         let now = now_ns();
         let kernel = &self.kernel;
         let valid = || Self::still_valid(kernel, due.key, &c);
-        let facts = process::facts(c.tgid, c.tid).unwrap_or(ProcessFacts { pid: c.tgid, tid: c.tid, ..Default::default() });
+        let facts = process::facts(c.tgid, c.tid).unwrap_or(ProcessFacts {
+            pid: c.tgid,
+            tid: c.tid,
+            ..Default::default()
+        });
         let diagnosis = (due.index == 0 && valid()).then(|| diagnose::capture(c.tgid, c.tid));
         let mode = self.cfg.mode_of(policy);
         let enforcing = !matches!(due.step.action, Action::Log) && mode == Mode::Enforce;
@@ -356,15 +423,25 @@ impl State {
             Outcome::Ended
         } else if let Err(r) = policy::guard(&facts, &self.cfg.protect, self.own_pid) {
             Outcome::Refused(r.label())
-        } else if enforcing && policy.min_workers.is_some_and(|k| count_selected(&policy.selector) <= k as usize) {
+        } else if enforcing
+            && policy
+                .min_workers
+                .is_some_and(|k| count_selected(&policy.selector) <= k as usize)
+        {
             Outcome::Refused(policy::Refusal::WorkerFloor.label())
         } else if !enforcing {
-            if matches!(due.step.action, Action::Log) { Outcome::Delivered } else { Outcome::Observed }
+            if matches!(due.step.action, Action::Log) {
+                Outcome::Delivered
+            } else {
+                Outcome::Observed
+            }
         } else {
             let breaker = self.breakers.entry(policy.name.clone()).or_default();
             match breaker.check(&policy.breaker, now) {
                 BreakerVerdict::Allow => match due.step.action {
-                    Action::Signal(sig) => actions::signal(due.step.target, c.tgid, c.tid, sig.0, valid),
+                    Action::Signal(sig) => {
+                        actions::signal(due.step.target, c.tgid, c.tid, sig.0, valid)
+                    }
                     Action::Reset => actions::reset(&c, valid),
                     Action::Log => Outcome::Delivered,
                 },
@@ -376,7 +453,9 @@ impl State {
                         cooldown = %humantime::format_duration(policy.breaker.cooldown),
                         "CIRCUIT BREAKER OPEN: too many actions; policy drops to observe-only for the cool-down"
                     );
-                    let l = PolicyLabels { policy: policy.name.clone() };
+                    let l = PolicyLabels {
+                        policy: policy.name.clone(),
+                    };
                     self.metrics.breaker_trips.get_or_create(&l).inc();
                     self.metrics.observe_only.get_or_create(&l).set(1);
                     Outcome::Observed
@@ -389,7 +468,11 @@ impl State {
         if outcome == Outcome::Delivered {
             self.metrics.lateness.observe(lateness as f64 / 1e9);
         }
-        let action = if matches!(due.step.action, Action::Log) { "log".to_string() } else { due.step.action.label() };
+        let action = if matches!(due.step.action, Action::Log) {
+            "log".to_string()
+        } else {
+            due.step.action.label()
+        };
         self.metrics
             .actions
             .get_or_create(&ActionLabels {
@@ -434,7 +517,10 @@ impl State {
         if self.recent.len() == RECENT_ACTIONS {
             self.recent.pop_front();
         }
-        self.recent.push_back(ActionRecord { diagnosis: None, ..record });
+        self.recent.push_back(ActionRecord {
+            diagnosis: None,
+            ..record
+        });
         outcome
     }
 
@@ -509,7 +595,9 @@ impl State {
             .filter(|c| c.state == ReqState::InFlight as u32)
             .map(|c| {
                 let facts = process::facts(c.tgid, c.tid);
-                let policy = facts.as_ref().and_then(|f| self.policy_for(c.local_port, f));
+                let policy = facts
+                    .as_ref()
+                    .and_then(|f| self.policy_for(c.local_port, f));
                 InFlight {
                     port: c.local_port,
                     peer: peer_of(&c),
@@ -530,11 +618,21 @@ impl State {
                 ports: describe_ports(p),
                 budget_ms: p.budget.as_millis() as u64,
                 mode: self.cfg.mode_of(p),
-                observe_only_breaker: self.breakers.get(&p.name).is_some_and(|b| b.clone().is_open(now)),
+                observe_only_breaker: self
+                    .breakers
+                    .get(&p.name)
+                    .is_some_and(|b| b.clone().is_open(now)),
                 steps: p
                     .steps
                     .iter()
-                    .map(|s| format!("{} {} ({:?})", humantime::format_duration(s.after), s.action.label(), s.target))
+                    .map(|s| {
+                        format!(
+                            "{} {} ({:?})",
+                            humantime::format_duration(s.after),
+                            s.action.label(),
+                            s.target
+                        )
+                    })
                     .collect(),
                 client_gone: p.client_gone.is_some(),
             })
@@ -556,7 +654,13 @@ fn describe_ports(p: &Policy) -> String {
     }
     p.ports
         .iter()
-        .map(|r| if r.first == r.last { r.first.to_string() } else { format!("{}-{}", r.first, r.last) })
+        .map(|r| {
+            if r.first == r.last {
+                r.first.to_string()
+            } else {
+                format!("{}-{}", r.first, r.last)
+            }
+        })
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -566,15 +670,41 @@ fn describe_ports(p: &Policy) -> String {
 /// step of any policy that could apply there; the daemon times later steps itself.
 pub fn port_plan(cfg: &Config) -> Vec<(u16, PortConfig, PortLabels)> {
     let flags_of = |ps: &[&Policy]| {
-        PORT_WATCHED | if ps.iter().any(|p| p.client_gone.is_some()) { PORT_CLIENT_GONE } else { 0 }
+        PORT_WATCHED
+            | if ps.iter().any(|p| p.client_gone.is_some()) {
+                PORT_CLIENT_GONE
+            } else {
+                0
+            }
     };
-    let deadline_of = |ps: &[&Policy]| ps.iter().map(|p| policy::nanos(p.first_deadline())).min().unwrap_or(u64::MAX);
-    let names = |ps: &[&Policy]| ps.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(",");
+    let deadline_of = |ps: &[&Policy]| {
+        ps.iter()
+            .map(|p| policy::nanos(p.first_deadline()))
+            .min()
+            .unwrap_or(u64::MAX)
+    };
+    let names = |ps: &[&Policy]| {
+        ps.iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let wild: Vec<&Policy> = cfg.policies.iter().filter(|p| p.ports.is_empty()).collect();
     let mut out = Vec::new();
     if !wild.is_empty() {
-        let pc = PortConfig { deadline_ns: deadline_of(&wild), slot: 0, flags: flags_of(&wild) };
-        out.push((0, pc, PortLabels { policy: names(&wild), port: "any".into() }));
+        let pc = PortConfig {
+            deadline_ns: deadline_of(&wild),
+            slot: 0,
+            flags: flags_of(&wild),
+        };
+        out.push((
+            0,
+            pc,
+            PortLabels {
+                policy: names(&wild),
+                port: "any".into(),
+            },
+        ));
     }
     let mut ports: Vec<u16> = cfg
         .policies
@@ -583,24 +713,42 @@ pub fn port_plan(cfg: &Config) -> Vec<(u16, PortConfig, PortLabels)> {
         .collect();
     ports.sort_unstable();
     ports.dedup();
-    let mut next_slot = 1;
-    for port in ports {
-        let ps: Vec<&Policy> = cfg.policies.iter().filter(|p| p.covers_port(port)).collect();
+    for (next_slot, port) in (1..).zip(ports) {
+        let ps: Vec<&Policy> = cfg
+            .policies
+            .iter()
+            .filter(|p| p.covers_port(port))
+            .collect();
         let slot = if next_slot < MAX_SLOTS { next_slot } else { 0 };
-        next_slot += 1;
         let label = if slot == 0 {
-            PortLabels { policy: "*".into(), port: "other".into() }
+            PortLabels {
+                policy: "*".into(),
+                port: "other".into(),
+            }
         } else {
-            PortLabels { policy: names(&ps), port: port.to_string() }
+            PortLabels {
+                policy: names(&ps),
+                port: port.to_string(),
+            }
         };
-        out.push((port, PortConfig { deadline_ns: deadline_of(&ps), slot, flags: flags_of(&ps) }, label));
+        out.push((
+            port,
+            PortConfig {
+                deadline_ns: deadline_of(&ps),
+                slot,
+                flags: flags_of(&ps),
+            },
+            label,
+        ));
     }
     out
 }
 
 /// Live processes the selector covers (for the `min_workers` floor).
 fn count_selected(sel: &crate::config::Selector) -> usize {
-    let Ok(all) = procfs::process::all_processes() else { return 0 };
+    let Ok(all) = procfs::process::all_processes() else {
+        return 0;
+    };
     all.filter_map(Result::ok)
         .filter_map(|p| process::facts(p.pid as u32, p.pid as u32))
         .filter(|f| !f.kernel_thread && policy::selects(sel, f))
@@ -636,7 +784,11 @@ match = { comm = ["zzz"] }
         let plan = port_plan(&cfg);
         let get = |p: u16| plan.iter().find(|(q, _, _)| *q == p).unwrap();
         assert_eq!(get(0).1.deadline_ns, 30_000_000_000);
-        assert_eq!(get(8080).1.deadline_ns, 1_000_000_000, "earliest policy on the port");
+        assert_eq!(
+            get(8080).1.deadline_ns,
+            1_000_000_000,
+            "earliest policy on the port"
+        );
         assert_eq!(get(8080).2.policy, "fast,slow");
         assert_eq!(get(8081).1.deadline_ns, 5_000_000_000);
         assert_ne!(get(8080).1.flags & PORT_CLIENT_GONE, 0);

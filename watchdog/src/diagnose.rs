@@ -44,7 +44,11 @@ pub fn capture(pid: u32, tid: u32) -> Diagnosis {
         let link = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
         let inode = socket_inode(&link.to_string_lossy())?;
         let s = sockets.get(&inode)?;
-        let verb = if is_read_syscall(&syscall) { "reading from" } else { "waiting on" };
+        let verb = if is_read_syscall(&syscall) {
+            "reading from"
+        } else {
+            "waiting on"
+        };
         Some(format!("{verb} {} (fd {fd}, local {})", s.remote, s.local))
     });
     let mut connections: Vec<String> = own_sockets(pid)
@@ -64,7 +68,10 @@ pub fn capture(pid: u32, tid: u32) -> Diagnosis {
             .map(|l| l.split_once(' ').map_or(l, |(_, f)| f).to_string())
             .take(16)
             .collect(),
-        cmdline: read(&format!("/proc/{pid}/cmdline")).replace('\0', " ").trim().to_string(),
+        cmdline: read(&format!("/proc/{pid}/cmdline"))
+            .replace('\0', " ")
+            .trim()
+            .to_string(),
         cgroup,
         pod_uid,
         container_id,
@@ -74,27 +81,66 @@ pub fn capture(pid: u32, tid: u32) -> Diagnosis {
 }
 
 fn is_read_syscall(s: &str) -> bool {
-    ["read(", "readv(", "recvfrom(", "recvmsg(", "recvmmsg(", "pread64("].iter().any(|p| s.starts_with(p))
+    [
+        "read(",
+        "readv(",
+        "recvfrom(",
+        "recvmsg(",
+        "recvmmsg(",
+        "pread64(",
+    ]
+    .iter()
+    .any(|p| s.starts_with(p))
 }
 
 /// `/proc/.../syscall` is `NR arg0 arg1 ... sp pc`, `running`, or `-1 sp pc` (not in a syscall).
 fn describe_syscall(raw: &str) -> (String, Option<u64>) {
     let mut it = raw.split_whitespace();
-    let Some(nr) = it.next() else { return (String::new(), None) };
-    let Ok(nr) = nr.parse::<i64>() else { return (raw.to_string(), None) };
+    let Some(nr) = it.next() else {
+        return (String::new(), None);
+    };
+    let Ok(nr) = nr.parse::<i64>() else {
+        return (raw.to_string(), None);
+    };
     if nr < 0 {
         return ("none (between system calls)".into(), None);
     }
-    let args: Vec<u64> = it.take(6).filter_map(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok()).collect();
+    let args: Vec<u64> = it
+        .take(6)
+        .filter_map(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
+        .collect();
     let name = syscall_name(nr).map_or_else(|| format!("syscall_{nr}"), str::to_string);
     let fd_first = matches!(
         name.as_str(),
-        "read" | "write" | "readv" | "writev" | "recvfrom" | "sendto" | "recvmsg" | "sendmsg" | "pread64" | "accept" | "accept4" | "connect" | "recvmmsg"
+        "read"
+            | "write"
+            | "readv"
+            | "writev"
+            | "recvfrom"
+            | "sendto"
+            | "recvmsg"
+            | "sendmsg"
+            | "pread64"
+            | "accept"
+            | "accept4"
+            | "connect"
+            | "recvmmsg"
     );
     let shown = args.iter().take(4).enumerate().map(|(i, a)| {
-        if i == 0 && fd_first { format!("fd={a}") } else { format!("{a:#x}") }
+        if i == 0 && fd_first {
+            format!("fd={a}")
+        } else {
+            format!("{a:#x}")
+        }
     });
-    (format!("{name}({}, ...)", shown.collect::<Vec<_>>().join(", ")), if fd_first { args.first().copied() } else { None })
+    (
+        format!("{name}({}, ...)", shown.collect::<Vec<_>>().join(", ")),
+        if fd_first {
+            args.first().copied()
+        } else {
+            None
+        },
+    )
 }
 
 /// x86_64 numbers of the system calls a stuck worker is usually in.
@@ -135,11 +181,16 @@ struct Sock {
 }
 
 fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 fn own_sockets(pid: u32) -> Vec<u64> {
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else { return vec![] };
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return vec![];
+    };
     dir.filter_map(Result::ok)
         .filter_map(|e| fs::read_link(e.path()).ok())
         .filter_map(|l| socket_inode(&l.to_string_lossy()))
@@ -149,10 +200,23 @@ fn own_sockets(pid: u32) -> Vec<u64> {
 /// TCP sockets in the process's network namespace, by inode.
 fn socket_table(pid: u32) -> HashMap<u64, Sock> {
     let mut out = HashMap::new();
-    let Ok(p) = procfs::process::Process::new(pid as i32) else { return out };
-    let entries = p.tcp().unwrap_or_default().into_iter().chain(p.tcp6().unwrap_or_default());
+    let Ok(p) = procfs::process::Process::new(pid as i32) else {
+        return out;
+    };
+    let entries = p
+        .tcp()
+        .unwrap_or_default()
+        .into_iter()
+        .chain(p.tcp6().unwrap_or_default());
     for e in entries {
-        out.insert(e.inode, Sock { local: e.local_address, remote: e.remote_address, state: format!("{:?}", e.state).to_uppercase() });
+        out.insert(
+            e.inode,
+            Sock {
+                local: e.local_address,
+                remote: e.remote_address,
+                state: format!("{:?}", e.state).to_uppercase(),
+            },
+        );
     }
     out
 }
@@ -164,11 +228,18 @@ mod tests {
     #[test]
     fn syscall_lines() {
         assert_eq!(describe_syscall("running"), ("running".into(), None));
-        assert_eq!(describe_syscall("-1 0x7ffd 0x7f00").0, "none (between system calls)");
+        assert_eq!(
+            describe_syscall("-1 0x7ffd 0x7f00").0,
+            "none (between system calls)"
+        );
         let (s, fd) = describe_syscall("45 0x5 0x7f0000 0x2000 0x0 0x0 0x0 0x7ffd 0x7f00");
         assert_eq!(s, "recvfrom(fd=5, 0x7f0000, 0x2000, 0x0, ...)");
         assert_eq!(fd, Some(5));
-        assert!(describe_syscall("230 0x1 0x0 0x7ffd 0x0 0x0 0x0 0x7ffd 0x7f00").0.starts_with("clock_nanosleep("));
+        assert!(
+            describe_syscall("230 0x1 0x0 0x7ffd 0x0 0x0 0x0 0x7ffd 0x7f00")
+                .0
+                .starts_with("clock_nanosleep(")
+        );
     }
 
     #[test]
@@ -182,6 +253,12 @@ mod tests {
         assert!(d.thread_state.starts_with('R'), "{}", d.thread_state);
         assert!(!d.cmdline.is_empty());
         let port = listener.local_addr().unwrap().port();
-        assert!(d.connections.iter().any(|c| c.contains(&format!(":{port}"))), "{:?}", d.connections);
+        assert!(
+            d.connections
+                .iter()
+                .any(|c| c.contains(&format!(":{port}"))),
+            "{:?}",
+            d.connections
+        );
     }
 }

@@ -5,8 +5,8 @@
 
 use std::{
     fs,
-    sync::Arc,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
@@ -14,9 +14,7 @@ use aya::{
     programs::{links::CgroupAttachMode, BtfTracePoint, SockOps},
     Btf, Ebpf, EbpfLoader,
 };
-use watchdog_common::{
-    limits, names, port_stat, stat, ConnInfo, ConnRecord, PortConfig, TaskInfo,
-};
+use watchdog_common::{limits, names, port_stat, stat, ConnInfo, ConnRecord, PortConfig, TaskInfo};
 
 /// Errors of loading and attaching. Each says what is missing and how to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -25,17 +23,28 @@ pub enum LoadError {
     #[error("loading eBPF programs needs root (or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_RESOURCE); running as uid {uid}")]
     NotPrivileged { uid: u32 },
     /// The kernel does not expose its BTF.
-    #[error("the kernel has no BTF at /sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF=y is required)")]
+    #[error(
+        "the kernel has no BTF at /sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF=y is required)"
+    )]
     NoBtf(#[source] aya::BtfError),
     /// No cgroup v2 hierarchy could be found or mounted.
     #[error("no cgroup v2 hierarchy is mounted and mounting one at {path} failed: {source}")]
-    NoCgroup2 { path: PathBuf, #[source] source: std::io::Error },
+    NoCgroup2 {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The object could not be loaded (maps created).
     #[error("loading the eBPF object failed")]
     Object(#[source] aya::EbpfError),
     /// The verifier refused a program, or the tracepoint does not exist on this kernel.
     #[error("program {program} could not be loaded or attached (is tracepoint {hook} present on this kernel?)")]
-    Program { program: &'static str, hook: &'static str, #[source] source: aya::programs::ProgramError },
+    Program {
+        program: &'static str,
+        hook: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     /// A map is missing or has an unexpected type.
     #[error("map {0} is missing from the eBPF object or has the wrong type")]
     Map(&'static str, #[source] aya::maps::MapError),
@@ -88,7 +97,8 @@ impl SlotStats {
     }
     /// Requests started and not yet ended.
     pub fn in_flight(&self) -> u64 {
-        self.started.saturating_sub(self.responded() + self.closed_in_flight)
+        self.started
+            .saturating_sub(self.responded() + self.closed_in_flight)
     }
 }
 
@@ -102,14 +112,27 @@ impl Kernel {
         raise_memlock_limit();
         let btf = Btf::from_sys_fs().map_err(LoadError::NoBtf)?;
         let cgroup = cgroup2_root()?;
-        let mut ebpf = EbpfLoader::new().btf(Some(&btf)).load(OBJECT).map_err(LoadError::Object)?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .load(OBJECT)
+            .map_err(LoadError::Object)?;
 
-        let prog = |name| move |source| LoadError::Program { program: name, hook: "sock_ops", source };
+        let prog = |name| {
+            move |source| LoadError::Program {
+                program: name,
+                hook: "sock_ops",
+                source,
+            }
+        };
         let sock_ops: &mut SockOps = program(&mut ebpf, names::PROG_SOCK_OPS)?;
         sock_ops.load().map_err(prog(names::PROG_SOCK_OPS))?;
-        let cg = fs::File::open(&cgroup)
-            .map_err(|source| LoadError::NoCgroup2 { path: cgroup.clone(), source })?;
-        sock_ops.attach(cg, CgroupAttachMode::Single).map_err(prog(names::PROG_SOCK_OPS))?;
+        let cg = fs::File::open(&cgroup).map_err(|source| LoadError::NoCgroup2 {
+            path: cgroup.clone(),
+            source,
+        })?;
+        sock_ops
+            .attach(cg, CgroupAttachMode::Single)
+            .map_err(prog(names::PROG_SOCK_OPS))?;
 
         for (name, hook) in [
             (names::PROG_TASK_EXIT, names::TP_TASK_EXIT),
@@ -117,7 +140,11 @@ impl Kernel {
             (names::PROG_SEND, names::TP_SEND),
             (names::PROG_RESET, names::TP_RESET),
         ] {
-            let err = |source| LoadError::Program { program: name, hook, source };
+            let err = |source| LoadError::Program {
+                program: name,
+                hook,
+                source,
+            };
             let tp: &mut BtfTracePoint = program(&mut ebpf, name)?;
             tp.load(hook, &btf).map_err(err)?;
             tp.attach().map_err(err)?;
@@ -151,7 +178,9 @@ impl Kernel {
 
     /// Sets what the kernel does for connections on `port` (0 = every port without its own entry).
     pub fn set_port(&mut self, port: u16, cfg: PortConfig) -> Result<(), LoadError> {
-        self.ports.set(u32::from(port), cfg, 0).map_err(|e| LoadError::MapOp(names::MAP_PORTS, e))
+        self.ports
+            .set(u32::from(port), cfg, 0)
+            .map_err(|e| LoadError::MapOp(names::MAP_PORTS, e))
     }
 
     /// The tracked connection with this cookie, as the kernel has it now.
@@ -166,7 +195,11 @@ impl Kernel {
 
     /// Every tracked connection (one syscall per entry: for status and recovery, not hot paths).
     pub fn conns(&self) -> Vec<ConnInfo> {
-        self.conns.iter().filter_map(Result::ok).map(|(_, r)| r.info).collect()
+        self.conns
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, r)| r.info)
+            .collect()
     }
 
     /// The kernel's counters, shareable with the metrics collector.
@@ -190,7 +223,10 @@ impl std::fmt::Debug for Counters {
 impl Counters {
     pub fn stats(&self) -> KernelStats {
         let get = |i: u32| -> u64 {
-            self.stats.get(&i, 0).map(|v| v.iter().copied().sum()).unwrap_or(0)
+            self.stats
+                .get(&i, 0)
+                .map(|v| v.iter().copied().sum())
+                .unwrap_or(0)
         };
         KernelStats {
             conns_opened: get(stat::CONNS_OPENED),
@@ -208,7 +244,10 @@ impl Counters {
     pub fn slot_stats(&self, slot: u32) -> SlotStats {
         let base = slot * port_stat::STRIDE;
         let get = |i: u32| -> u64 {
-            self.port_stats.get(&(base + i), 0).map(|v| v.iter().copied().sum()).unwrap_or(0)
+            self.port_stats
+                .get(&(base + i), 0)
+                .map(|v| v.iter().copied().sum())
+                .unwrap_or(0)
         };
         SlotStats {
             buckets: (0..=watchdog_common::DURATION_BUCKETS_MS.len() as u32)
@@ -234,19 +273,28 @@ where
         hook,
         source: aya::programs::ProgramError::UnexpectedProgramType,
     })?;
-    p.try_into().map_err(|source| LoadError::Program { program: name, hook, source })
+    p.try_into().map_err(|source| LoadError::Program {
+        program: name,
+        hook,
+        source,
+    })
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, LoadError> {
     ebpf.take_map(name).ok_or(LoadError::Map(
         name,
-        aya::maps::MapError::InvalidName { name: name.to_string() },
+        aya::maps::MapError::InvalidName {
+            name: name.to_string(),
+        },
     ))
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid pointer.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }
@@ -259,7 +307,10 @@ pub fn cgroup2_root() -> Result<PathBuf, LoadError> {
     let path = PathBuf::from("/run/watchdog/cgroup2");
     fs::create_dir_all(&path)
         .and_then(|()| mount("cgroup2", &path, "cgroup2"))
-        .map_err(|source| LoadError::NoCgroup2 { path: path.clone(), source })?;
+        .map_err(|source| LoadError::NoCgroup2 {
+            path: path.clone(),
+            source,
+        })?;
     Ok(path)
 }
 
@@ -275,6 +326,12 @@ pub fn find_mount(fstype: &str) -> Option<PathBuf> {
 
 /// `mount -t fstype fstype path`.
 pub fn mount(fstype: &str, path: &Path, source: &str) -> std::io::Result<()> {
-    nix::mount::mount(Some(source), path, Some(fstype), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(std::io::Error::from)
+    nix::mount::mount(
+        Some(source),
+        path,
+        Some(fstype),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(std::io::Error::from)
 }

@@ -54,7 +54,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(a) => {
             init_logging(cli.log_format.unwrap_or_default());
             let ok = check::run(a.config.as_deref(), a.config_only);
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
         Command::Status(a) => {
             status::run(&a.status_socket, a.json)?;
@@ -62,10 +66,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run(a) => {
             let mut cfg = match (&a.config, a.has_policy_flags()) {
-                (Some(_), true) => anyhow::bail!("give either --config or policy flags (--port, --budget, ...), not both"),
+                (Some(_), true) => anyhow::bail!(
+                    "give either --config or policy flags (--port, --budget, ...), not both"
+                ),
                 (Some(path), false) => Config::load(path)?,
                 (None, true) => {
-                    let budget = a.budget.ok_or_else(|| anyhow::anyhow!("--budget is required with --port"))?;
+                    let budget = a
+                        .budget
+                        .ok_or_else(|| anyhow::anyhow!("--budget is required with --port"))?;
                     for &pid in &a.pids {
                         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
                             anyhow::bail!("--pid {pid}: no such process");
@@ -96,7 +104,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cfg.mode = config::Mode::Observe;
             }
             init_logging(cli.log_format.unwrap_or(cfg.log_format));
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(daemon::run(cfg, a.config.clone()))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -106,7 +116,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WATCHDOG_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().flatten_event(true).with_current_span(false).init(),

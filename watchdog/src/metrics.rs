@@ -71,39 +71,75 @@ pub struct Metrics {
 
 impl Metrics {
     /// Registers every metric, the kernel collector included.
-    pub fn register(registry: &mut Registry, counters: Option<Arc<Counters>>, slots: SlotMap) -> Self {
+    pub fn register(
+        registry: &mut Registry,
+        counters: Option<Arc<Counters>>,
+        slots: SlotMap,
+    ) -> Self {
         let m = Self {
             budget_exceeded: Family::default(),
             client_gone: Family::default(),
             actions: Family::default(),
             // 0.1 ms .. ~3.3 s.
-            lateness: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16)),
+            lateness: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.0001, 2.0, 16,
+            )),
             reloads: Family::default(),
             breaker_trips: Family::default(),
             observe_only: Family::default(),
             events: Counter::default(),
         };
-        registry.register("watchdog_budget_exceeded", "Requests still in flight when their budget ran out", m.budget_exceeded.clone());
-        registry.register("watchdog_client_gone", "Requests whose caller hung up while they were in flight", m.client_gone.clone());
-        registry.register("watchdog_actions", "Enforcement steps taken, by action and result", m.actions.clone());
+        registry.register(
+            "watchdog_budget_exceeded",
+            "Requests still in flight when their budget ran out",
+            m.budget_exceeded.clone(),
+        );
+        registry.register(
+            "watchdog_client_gone",
+            "Requests whose caller hung up while they were in flight",
+            m.client_gone.clone(),
+        );
+        registry.register(
+            "watchdog_actions",
+            "Enforcement steps taken, by action and result",
+            m.actions.clone(),
+        );
         registry.register(
             "watchdog_enforcement_lateness_seconds",
             "Time from a step's due time to its action",
             m.lateness.clone(),
         );
-        registry.register("watchdog_config_reloads", "Configuration reloads by result", m.reloads.clone());
-        registry.register("watchdog_breaker_trips", "Times a policy's kill-rate breaker opened", m.breaker_trips.clone());
+        registry.register(
+            "watchdog_config_reloads",
+            "Configuration reloads by result",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "watchdog_breaker_trips",
+            "Times a policy's kill-rate breaker opened",
+            m.breaker_trips.clone(),
+        );
         registry.register(
             "watchdog_policy_observe_only",
             "1 while a policy's breaker holds it in observe-only mode",
             m.observe_only.clone(),
         );
-        registry.register("watchdog_kernel_events", "Events received from the kernel", m.events.clone());
+        registry.register(
+            "watchdog_kernel_events",
+            "Events received from the kernel",
+            m.events.clone(),
+        );
         let build: Family<VersionLabels, Gauge> = Family::default();
-        build.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
+        build
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
         registry.register("watchdog_build_info", "Build information", build);
         let probes: Family<SetLabels, Gauge> = Family::default();
-        probes.get_or_create(&SetLabels { set: "sock".into() }).set(1);
+        probes
+            .get_or_create(&SetLabels { set: "sock".into() })
+            .set(1);
         registry.register("watchdog_probe_set", "The kernel probe set in use", probes);
         if let Some(counters) = counters {
             registry.register_collector(Box::new(KernelCollector { counters, slots }));
@@ -122,11 +158,20 @@ struct KernelCollector {
 impl prometheus_client::collector::Collector for KernelCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let slots = self.slots.read().map(|s| s.clone()).unwrap_or_default();
-        let stats: Vec<_> = slots.iter().map(|s| (s, self.counters.slot_stats(s.slot))).collect();
+        let stats: Vec<_> = slots
+            .iter()
+            .map(|s| (s, self.counters.slot_stats(s.slot)))
+            .collect();
 
-        let mut e = enc.encode_descriptor("watchdog_requests", "Requests started on watched ports", None, MetricType::Counter)?;
+        let mut e = enc.encode_descriptor(
+            "watchdog_requests",
+            "Requests started on watched ports",
+            None,
+            MetricType::Counter,
+        )?;
         for (s, st) in &stats {
-            e.encode_family(&s.labels)?.encode_counter::<PortLabels, u64, f64>(&st.started, None)?;
+            e.encode_family(&s.labels)?
+                .encode_counter::<PortLabels, u64, f64>(&st.started, None)?;
         }
         let mut e = enc.encode_descriptor(
             "watchdog_request_duration_seconds",
@@ -148,9 +193,15 @@ impl prometheus_client::collector::Collector for KernelCollector {
                 None,
             )?;
         }
-        let mut e = enc.encode_descriptor("watchdog_requests_in_flight", "Requests in flight now", None, MetricType::Gauge)?;
+        let mut e = enc.encode_descriptor(
+            "watchdog_requests_in_flight",
+            "Requests in flight now",
+            None,
+            MetricType::Gauge,
+        )?;
         for (s, st) in &stats {
-            e.encode_family(&s.labels)?.encode_gauge(&(st.in_flight() as i64))?;
+            e.encode_family(&s.labels)?
+                .encode_gauge(&(st.in_flight() as i64))?;
         }
         let mut e = enc.encode_descriptor(
             "watchdog_requests_closed_in_flight",
@@ -159,13 +210,19 @@ impl prometheus_client::collector::Collector for KernelCollector {
             MetricType::Counter,
         )?;
         for (s, st) in &stats {
-            e.encode_family(&s.labels)?.encode_counter::<PortLabels, u64, f64>(&st.closed_in_flight, None)?;
+            e.encode_family(&s.labels)?
+                .encode_counter::<PortLabels, u64, f64>(&st.closed_in_flight, None)?;
         }
 
         let k = self.counters.stats();
         let tracked = k.conns_opened.saturating_sub(k.conns_closed) as i64;
-        enc.encode_descriptor("watchdog_tracked_connections", "Connections on watched ports being tracked", None, MetricType::Gauge)?
-            .encode_gauge(&tracked)?;
+        enc.encode_descriptor(
+            "watchdog_tracked_connections",
+            "Connections on watched ports being tracked",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&tracked)?;
         enc.encode_descriptor(
             "watchdog_events_lost",
             "Kernel events dropped because the ring buffer was full",
@@ -179,11 +236,20 @@ impl prometheus_client::collector::Collector for KernelCollector {
             None,
             MetricType::Counter,
         )?;
-        e.encode_family(&[("table", "connections")])?.encode_counter::<PortLabels, u64, f64>(&k.conns_table_full, None)?;
-        e.encode_family(&[("table", "tasks")])?.encode_counter::<PortLabels, u64, f64>(&k.tasks_table_full, None)?;
-        let mut e = enc.encode_descriptor("watchdog_kernel_deadlines", "Kernel deadline timers that fired", None, MetricType::Counter)?;
-        e.encode_family(&[("result", "in_flight")])?.encode_counter::<PortLabels, u64, f64>(&k.deadlines_fired, None)?;
-        e.encode_family(&[("result", "already_ended")])?.encode_counter::<PortLabels, u64, f64>(&k.deadlines_stale, None)?;
+        e.encode_family(&[("table", "connections")])?
+            .encode_counter::<PortLabels, u64, f64>(&k.conns_table_full, None)?;
+        e.encode_family(&[("table", "tasks")])?
+            .encode_counter::<PortLabels, u64, f64>(&k.tasks_table_full, None)?;
+        let mut e = enc.encode_descriptor(
+            "watchdog_kernel_deadlines",
+            "Kernel deadline timers that fired",
+            None,
+            MetricType::Counter,
+        )?;
+        e.encode_family(&[("result", "in_flight")])?
+            .encode_counter::<PortLabels, u64, f64>(&k.deadlines_fired, None)?;
+        e.encode_family(&[("result", "already_ended")])?
+            .encode_counter::<PortLabels, u64, f64>(&k.deadlines_stale, None)?;
         Ok(())
     }
 }

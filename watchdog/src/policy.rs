@@ -35,7 +35,9 @@ pub fn selects(sel: &Selector, p: &ProcessFacts) -> bool {
 /// The policy for a request on `port` owned by `p`: the first, in file order, whose ports and
 /// selector both match.
 pub fn select<'a>(cfg: &'a Config, port: u16, p: &ProcessFacts) -> Option<&'a Policy> {
-    cfg.policies.iter().find(|pol| pol.covers_port(port) && selects(&pol.selector, p))
+    cfg.policies
+        .iter()
+        .find(|pol| pol.covers_port(port) && selects(&pol.selector, p))
 }
 
 /// Why an action was refused by a rule that no policy can override.
@@ -125,7 +127,11 @@ impl Breaker {
             return BreakerVerdict::Open;
         }
         let window = nanos(cfg.window);
-        while self.recent.front().is_some_and(|&t| now.saturating_sub(t) >= window) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|&t| now.saturating_sub(t) >= window)
+        {
             self.recent.pop_front();
         }
         if self.recent.len() as u64 >= u64::from(cfg.max_actions) {
@@ -167,13 +173,50 @@ mod tests {
     fn selectors_and_together_or_within() {
         let p = facts();
         assert!(selects(&Selector::default(), &p));
-        assert!(selects(&Selector { pids: vec![100], ..Default::default() }, &p), "descendant of 100");
-        assert!(!selects(&Selector { pids: vec![300], ..Default::default() }, &p));
-        assert!(selects(&Selector { comm: vec![glob("nginx"), glob("guni*")], ..Default::default() }, &p));
-        assert!(selects(&Selector { exe: vec![glob("/usr/bin/python3*")], ..Default::default() }, &p));
-        assert!(selects(&Selector { cgroup: vec![glob("/kubepods/*")], ..Default::default() }, &p));
+        assert!(
+            selects(
+                &Selector {
+                    pids: vec![100],
+                    ..Default::default()
+                },
+                &p
+            ),
+            "descendant of 100"
+        );
         assert!(!selects(
-            &Selector { comm: vec![glob("gunicorn")], cgroup: vec![glob("/system.slice/*")], ..Default::default() },
+            &Selector {
+                pids: vec![300],
+                ..Default::default()
+            },
+            &p
+        ));
+        assert!(selects(
+            &Selector {
+                comm: vec![glob("nginx"), glob("guni*")],
+                ..Default::default()
+            },
+            &p
+        ));
+        assert!(selects(
+            &Selector {
+                exe: vec![glob("/usr/bin/python3*")],
+                ..Default::default()
+            },
+            &p
+        ));
+        assert!(selects(
+            &Selector {
+                cgroup: vec![glob("/kubepods/*")],
+                ..Default::default()
+            },
+            &p
+        ));
+        assert!(!selects(
+            &Selector {
+                comm: vec![glob("gunicorn")],
+                cgroup: vec![glob("/system.slice/*")],
+                ..Default::default()
+            },
             &p
         ));
     }
@@ -182,13 +225,36 @@ mod tests {
     fn guard_refuses_what_no_policy_may_touch() {
         let p = facts();
         assert_eq!(guard(&p, &Selector::default(), 999), Ok(()));
-        assert_eq!(guard(&ProcessFacts { pid: 1, ..p.clone() }, &Selector::default(), 999), Err(Refusal::Init));
-        assert_eq!(guard(&p, &Selector::default(), 200), Err(Refusal::SelfTarget));
         assert_eq!(
-            guard(&ProcessFacts { kernel_thread: true, ..p.clone() }, &Selector::default(), 999),
+            guard(
+                &ProcessFacts {
+                    pid: 1,
+                    ..p.clone()
+                },
+                &Selector::default(),
+                999
+            ),
+            Err(Refusal::Init)
+        );
+        assert_eq!(
+            guard(&p, &Selector::default(), 200),
+            Err(Refusal::SelfTarget)
+        );
+        assert_eq!(
+            guard(
+                &ProcessFacts {
+                    kernel_thread: true,
+                    ..p.clone()
+                },
+                &Selector::default(),
+                999
+            ),
             Err(Refusal::KernelThread)
         );
-        let protect = Selector { comm: vec![glob("gunicorn")], ..Default::default() };
+        let protect = Selector {
+            comm: vec![glob("gunicorn")],
+            ..Default::default()
+        };
         assert_eq!(guard(&p, &protect, 999), Err(Refusal::Protected));
     }
 
@@ -206,7 +272,11 @@ mod tests {
         assert_eq!(b.check(&cfg, 3 * s), BreakerVerdict::Trip);
         assert_eq!(b.check(&cfg, 4 * s), BreakerVerdict::Open);
         assert!(b.is_open(7 * s));
-        assert_eq!(b.check(&cfg, 8 * s), BreakerVerdict::Allow, "cool-down over");
+        assert_eq!(
+            b.check(&cfg, 8 * s),
+            BreakerVerdict::Allow,
+            "cool-down over"
+        );
         assert_eq!(b.trips, 1);
     }
 

@@ -10,7 +10,9 @@ const PF_KTHREAD: u32 = 0x0020_0000;
 pub fn facts(pid: u32, tid: u32) -> Option<ProcessFacts> {
     let proc = procfs::process::Process::new(pid as i32).ok()?;
     let stat = proc.stat().ok()?;
-    let exe = fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.display().to_string()).unwrap_or_default();
+    let exe = fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     Some(ProcessFacts {
         pid,
         tid,
@@ -61,10 +63,17 @@ pub fn container_of(cgroup: &str) -> (Option<String>, Option<String>) {
     let mut pod = None;
     let mut container = None;
     for seg in cgroup.split('/') {
-        let seg = seg.strip_suffix(".slice").or_else(|| seg.strip_suffix(".scope")).unwrap_or(seg);
+        let seg = seg
+            .strip_suffix(".slice")
+            .or_else(|| seg.strip_suffix(".scope"))
+            .unwrap_or(seg);
         if let Some(i) = seg.find("pod") {
             let uid = &seg[i + 3..];
-            if uid.len() == 36 && uid.chars().all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_') {
+            if uid.len() == 36
+                && uid
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_')
+            {
                 pod = Some(uid.replace('_', "-"));
                 continue;
             }
@@ -86,8 +95,14 @@ mod tests {
 
     #[test]
     fn cgroup_v2_line_wins() {
-        assert_eq!(parse_cgroup("12:pids:/a\n0::/system.slice/x.service\n").as_deref(), Some("/system.slice/x.service"));
-        assert_eq!(parse_cgroup("12:pids:/kubepods/x\n1:cpu:/\n").as_deref(), Some("/kubepods/x"));
+        assert_eq!(
+            parse_cgroup("12:pids:/a\n0::/system.slice/x.service\n").as_deref(),
+            Some("/system.slice/x.service")
+        );
+        assert_eq!(
+            parse_cgroup("12:pids:/kubepods/x\n1:cpu:/\n").as_deref(),
+            Some("/kubepods/x")
+        );
     }
 
     #[test]
@@ -100,7 +115,11 @@ mod tests {
             format!("/kubepods/besteffort/pod{POD}/docker-{CID}.scope"),
         ];
         for c in cases {
-            assert_eq!(container_of(&c), (Some(POD.to_string()), Some(CID.to_string())), "{c}");
+            assert_eq!(
+                container_of(&c),
+                (Some(POD.to_string()), Some(CID.to_string())),
+                "{c}"
+            );
         }
         assert_eq!(container_of("/system.slice/nginx.service"), (None, None));
     }

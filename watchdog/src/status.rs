@@ -5,40 +5,75 @@ use std::{io::Read, os::unix::net::UnixStream, path::Path};
 use anyhow::Context as _;
 
 pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
-    let mut s = UnixStream::connect(socket)
-        .with_context(|| format!("cannot reach the daemon at {} (is it running? are you root?)", socket.display()))?;
+    let mut s = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the daemon at {} (is it running? are you root?)",
+            socket.display()
+        )
+    })?;
     let mut doc = String::new();
     s.read_to_string(&mut doc).context("reading the status")?;
     if json {
         print!("{doc}");
         return Ok(());
     }
-    let v: serde_json::Value = serde_json::from_str(&doc).context("the daemon sent something that is not JSON")?;
+    let v: serde_json::Value =
+        serde_json::from_str(&doc).context("the daemon sent something that is not JSON")?;
     if let Some(e) = v.get("error") {
         anyhow::bail!("daemon: {e}");
     }
-    let s = |v: &serde_json::Value, k: &str| v.get(k).map(|x| x.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    let s = |v: &serde_json::Value, k: &str| {
+        v.get(k)
+            .map(|x| x.to_string().trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
     println!("POLICIES");
     for p in v["policies"].as_array().into_iter().flatten() {
         println!(
             "  {:<16} ports {:<14} budget {:>7}ms  mode {:<8} steps {}",
-            s(p, "name"), s(p, "ports"), s(p, "budget_ms"), s(p, "mode"),
-            p["steps"].as_array().map(|a| a.iter().map(|x| x.as_str().unwrap_or("")).collect::<Vec<_>>().join(" → ")).unwrap_or_default()
+            s(p, "name"),
+            s(p, "ports"),
+            s(p, "budget_ms"),
+            s(p, "mode"),
+            p["steps"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .map(|x| x.as_str().unwrap_or(""))
+                    .collect::<Vec<_>>()
+                    .join(" → "))
+                .unwrap_or_default()
         );
     }
     println!("IN FLIGHT");
-    println!("  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  POLICY", "PORT", "PID", "TID", "COMM", "PEER", "AGE_MS", "BUDGET_MS");
+    println!(
+        "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  POLICY",
+        "PORT", "PID", "TID", "COMM", "PEER", "AGE_MS", "BUDGET_MS"
+    );
     for r in v["in_flight"].as_array().into_iter().flatten() {
         println!(
             "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  {}",
-            s(r, "port"), s(r, "pid"), s(r, "tid"), s(r, "comm"), s(r, "peer"), s(r, "age_ms"), s(r, "budget_ms"), s(r, "policy")
+            s(r, "port"),
+            s(r, "pid"),
+            s(r, "tid"),
+            s(r, "comm"),
+            s(r, "peer"),
+            s(r, "age_ms"),
+            s(r, "budget_ms"),
+            s(r, "policy")
         );
     }
     println!("RECENT ACTIONS");
     for a in v["recent_actions"].as_array().into_iter().flatten() {
         println!(
             "  {:<12} {:<10} pid {:<8} tid {:<8} {:<10} {:<11} after {}ms (lateness {:.2}ms)",
-            s(a, "policy"), s(a, "action"), s(a, "pid"), s(a, "tid"), s(a, "result"), s(a, "reason"), s(a, "elapsed_ms"),
+            s(a, "policy"),
+            s(a, "action"),
+            s(a, "pid"),
+            s(a, "tid"),
+            s(a, "result"),
+            s(a, "reason"),
+            s(a, "elapsed_ms"),
             a["lateness_ms"].as_f64().unwrap_or(0.0)
         );
     }

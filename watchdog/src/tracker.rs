@@ -88,11 +88,24 @@ pub struct Tracker {
 
 impl Tracker {
     /// Starts a ladder; false if this request already has (or had) one for this reason.
-    pub fn admit(&mut self, key: Key, conn: ConnInfo, policy: Arc<Policy>, steps: Vec<Step>, base_ns: u64) -> bool {
+    pub fn admit(
+        &mut self,
+        key: Key,
+        conn: ConnInfo,
+        policy: Arc<Policy>,
+        steps: Vec<Step>,
+        base_ns: u64,
+    ) -> bool {
         if steps.is_empty() || self.ladders.contains_key(&key) || self.finished.contains(&key) {
             return false;
         }
-        let ladder = Ladder { conn, policy, steps, base_ns, next: 0 };
+        let ladder = Ladder {
+            conn,
+            policy,
+            steps,
+            base_ns,
+            next: 0,
+        };
         self.queue.insert((ladder.due_at(0), key));
         self.ladders.insert(key, ladder);
         true
@@ -112,9 +125,18 @@ impl Tracker {
                 break;
             }
             self.queue.pop_first();
-            let Some(l) = self.ladders.get_mut(&key) else { continue };
+            let Some(l) = self.ladders.get_mut(&key) else {
+                continue;
+            };
             let index = l.next;
-            out.push(Due { key, step: l.steps[index], index, due_ns: t, conn: l.conn, policy: l.policy.clone() });
+            out.push(Due {
+                key,
+                step: l.steps[index],
+                index,
+                due_ns: t,
+                conn: l.conn,
+                policy: l.policy.clone(),
+            });
             l.next += 1;
             if l.next < l.steps.len() {
                 let at = l.due_at(l.next);
@@ -143,10 +165,6 @@ impl Tracker {
         }
     }
 
-    pub fn active(&self) -> impl Iterator<Item = (&Key, &Ladder)> {
-        self.ladders.iter()
-    }
-
     pub fn len(&self) -> usize {
         self.ladders.len()
     }
@@ -164,12 +182,20 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     fn policy() -> Arc<Policy> {
-        let step = |ms, sig| Step { after: Duration::from_millis(ms), action: Action::Signal(Sig(sig)), target: Target::Process };
+        let step = |ms, sig| Step {
+            after: Duration::from_millis(ms),
+            action: Action::Signal(Sig(sig)),
+            target: Target::Process,
+        };
         Arc::new(Policy {
             name: "p".into(),
             ports: vec![],
             budget: Duration::from_millis(100),
-            steps: vec![step(100, Signal::SIGUSR1), step(200, Signal::SIGTERM), step(200, Signal::SIGKILL)],
+            steps: vec![
+                step(100, Signal::SIGUSR1),
+                step(200, Signal::SIGTERM),
+                step(200, Signal::SIGKILL),
+            ],
             selector: Selector::default(),
             mode: Mode::Enforce,
             client_gone: None,
@@ -179,14 +205,24 @@ mod tests {
     }
 
     fn key(cookie: u64, gen: u32) -> Key {
-        Key { cookie, gen, reason: Reason::Budget }
+        Key {
+            cookie,
+            gen,
+            reason: Reason::Budget,
+        }
     }
 
     #[test]
     fn steps_come_out_at_their_offsets_in_order() {
         let mut t = Tracker::default();
         let p = policy();
-        assert!(t.admit(key(1, 1), ConnInfo::default(), p.clone(), p.steps.clone(), 1000 * MS));
+        assert!(t.admit(
+            key(1, 1),
+            ConnInfo::default(),
+            p.clone(),
+            p.steps.clone(),
+            1000 * MS
+        ));
         assert_eq!(t.next_due(), Some(1100 * MS));
         assert!(t.pop_due(1099 * MS).is_empty());
         let d = t.pop_due(1100 * MS);
@@ -195,15 +231,39 @@ mod tests {
         let d = t.pop_due(1250 * MS);
         assert_eq!(d.iter().map(|d| d.index).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(t.len(), 0);
-        assert!(!t.admit(key(1, 1), ConnInfo::default(), p.clone(), p.steps.clone(), 0), "never twice");
-        assert!(t.admit(key(1, 2), ConnInfo::default(), p.clone(), p.steps.clone(), 0), "next request is new");
+        assert!(
+            !t.admit(
+                key(1, 1),
+                ConnInfo::default(),
+                p.clone(),
+                p.steps.clone(),
+                0
+            ),
+            "never twice"
+        );
+        assert!(
+            t.admit(
+                key(1, 2),
+                ConnInfo::default(),
+                p.clone(),
+                p.steps.clone(),
+                0
+            ),
+            "next request is new"
+        );
     }
 
     #[test]
     fn finish_cancels_remaining_steps() {
         let mut t = Tracker::default();
         let p = policy();
-        t.admit(key(1, 1), ConnInfo::default(), p.clone(), p.steps.clone(), 0);
+        t.admit(
+            key(1, 1),
+            ConnInfo::default(),
+            p.clone(),
+            p.steps.clone(),
+            0,
+        );
         t.pop_due(100 * MS);
         t.finish(key(1, 1));
         assert_eq!(t.next_due(), None);

@@ -11,18 +11,51 @@ const KILLED: &[(&str, &str)] = &[("action", "SIGKILL"), ("result", "delivered")
 fn kill_at_budget(path: &'static str) {
     let port = free_port();
     let _app = app(port, 2, &[]);
-    let d = Daemon::start(&["--port", &port.to_string(), "--budget", "1s", "--signal", "SIGKILL", "--target", "process"]);
+    let d = Daemon::start(&[
+        "--port",
+        &port.to_string(),
+        "--budget",
+        "1s",
+        "--signal",
+        "SIGKILL",
+        "--target",
+        "process",
+    ]);
     let slow = timed(move || http_get(&local(port), path, Duration::from_secs(10)));
     std::thread::sleep(Duration::from_millis(300));
     // A fast request during the slow one is untouched.
-    assert!(http_get(&local(port), "/fast", Duration::from_secs(2)).unwrap().starts_with("fast"));
+    assert!(http_get(&local(port), "/fast", Duration::from_secs(2))
+        .unwrap()
+        .starts_with("fast"));
     let (took, result) = slow.join().unwrap();
-    assert!(result.is_err(), "the slow request should have been cut off: {result:?}");
-    assert!(took >= Duration::from_millis(1000) && took < Duration::from_millis(1500), "killed after {took:?}");
+    assert!(
+        result.is_err(),
+        "the slow request should have been cut off: {result:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_millis(1500),
+        "killed after {took:?}"
+    );
     // The parent keeps serving.
-    assert!(http_get(&local(port), "/fast", Duration::from_secs(2)).unwrap().starts_with("fast"));
-    assert_eq!(d.wait_metric("watchdog_actions_total", KILLED, 1.0, Duration::from_secs(2)), 1.0);
-    assert_eq!(d.metric("watchdog_budget_exceeded_total", &[("port", &port.to_string())]), 1.0);
+    assert!(http_get(&local(port), "/fast", Duration::from_secs(2))
+        .unwrap()
+        .starts_with("fast"));
+    assert_eq!(
+        d.wait_metric(
+            "watchdog_actions_total",
+            KILLED,
+            1.0,
+            Duration::from_secs(2)
+        ),
+        1.0
+    );
+    assert_eq!(
+        d.metric(
+            "watchdog_budget_exceeded_total",
+            &[("port", &port.to_string())]
+        ),
+        1.0
+    );
     let line = &d.log_events("request over budget")[0];
     assert_eq!(line["result"], "delivered");
     assert_eq!(line["port"], port);
@@ -44,20 +77,45 @@ fn sleeping_worker_is_killed_at_its_budget() {
 fn thread_target_signals_only_the_owning_thread() {
     let port = free_port();
     let _app = threaded(port);
-    let d = Daemon::start(&["--port", &port.to_string(), "--budget", "1s", "--signal", "SIGUSR1", "--target", "thread"]);
+    let d = Daemon::start(&[
+        "--port",
+        &port.to_string(),
+        "--budget",
+        "1s",
+        "--signal",
+        "SIGUSR1",
+        "--target",
+        "thread",
+    ]);
     // Another connection, another thread, idle during the slow request.
     let mut other = TcpStream::connect(local(port)).unwrap();
     let other_tid = request(&mut other, "/tid").unwrap().trim().to_string();
     let mut conn = TcpStream::connect(local(port)).unwrap();
     let tid = request(&mut conn, "/tid").unwrap().trim().to_string();
     assert_ne!(tid, other_tid);
-    conn.set_read_timeout(Some(Duration::from_millis(1800))).unwrap();
-    assert!(request(&mut conn, "/slow").is_err(), "SIGUSR1 is blocked: the request keeps running");
-    assert_eq!(d.wait_metric("watchdog_actions_total", &[("action", "SIGUSR1"), ("result", "delivered")], 1.0, Duration::from_secs(2)), 1.0);
+    conn.set_read_timeout(Some(Duration::from_millis(1800)))
+        .unwrap();
+    assert!(
+        request(&mut conn, "/slow").is_err(),
+        "SIGUSR1 is blocked: the request keeps running"
+    );
+    assert_eq!(
+        d.wait_metric(
+            "watchdog_actions_total",
+            &[("action", "SIGUSR1"), ("result", "delivered")],
+            1.0,
+            Duration::from_secs(2)
+        ),
+        1.0
+    );
     let pending = http_get(&local(port), "/signals", Duration::from_secs(2)).unwrap();
     // SIGUSR1 is signal 10: bit 9 of the pending mask, on that thread only, nothing process-wide.
     let lines: Vec<&str> = pending.lines().collect();
-    assert_eq!(lines, vec![format!("{tid} 0000000000000200").as_str()], "pending signals: {pending}");
+    assert_eq!(
+        lines,
+        vec![format!("{tid} 0000000000000200").as_str()],
+        "pending signals: {pending}"
+    );
 }
 
 #[test]
@@ -72,8 +130,14 @@ fn keep_alive_connection_with_many_fast_requests_is_untouched() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(700));
-    assert!(request(&mut conn, "/fast").unwrap().starts_with("fast"), "same connection still served");
-    assert_eq!(d.metric("watchdog_requests_total", &[("port", &port.to_string())]), 31.0);
+    assert!(
+        request(&mut conn, "/fast").unwrap().starts_with("fast"),
+        "same connection still served"
+    );
+    assert_eq!(
+        d.metric("watchdog_requests_total", &[("port", &port.to_string())]),
+        31.0
+    );
     assert_eq!(d.metric("watchdog_actions_total", &[]), 0.0);
     assert_eq!(d.metric("watchdog_budget_exceeded_total", &[]), 0.0);
 }
@@ -96,9 +160,19 @@ fn pid_filter_leaves_other_processes_alone() {
     let port = free_port();
     let _app = app(port, 1, &[]);
     let mut other = Command::new("sleep").arg("60").spawn().unwrap();
-    let d = Daemon::start(&["--port", &port.to_string(), "--budget", "500ms", "--pid", &other.id().to_string()]);
+    let d = Daemon::start(&[
+        "--port",
+        &port.to_string(),
+        "--budget",
+        "500ms",
+        "--pid",
+        &other.id().to_string(),
+    ]);
     let r = http_get(&local(port), "/slow", Duration::from_millis(1500));
-    assert!(r.is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock), "still running at 1.5 s, not killed");
+    assert!(
+        r.is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "still running at 1.5 s, not killed"
+    );
     assert_eq!(d.metric("watchdog_actions_total", &[]), 0.0);
     let _ = other.kill();
     let _ = other.wait();
@@ -108,11 +182,31 @@ fn pid_filter_leaves_other_processes_alone() {
 fn observe_mode_logs_and_does_not_touch() {
     let port = free_port();
     let _app = app(port, 1, &[]);
-    let d = Daemon::start(&["--port", &port.to_string(), "--budget", "500ms", "--observe"]);
+    let d = Daemon::start(&[
+        "--port",
+        &port.to_string(),
+        "--budget",
+        "500ms",
+        "--observe",
+    ]);
     let r = http_get(&local(port), "/slow", Duration::from_millis(1500));
-    assert!(r.is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock), "still running at 1.5 s");
-    assert_eq!(d.wait_metric("watchdog_actions_total", &[("result", "observed")], 1.0, Duration::from_secs(2)), 1.0);
-    assert_eq!(d.metric("watchdog_actions_total", &[("result", "delivered")]), 0.0);
+    assert!(
+        r.is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "still running at 1.5 s"
+    );
+    assert_eq!(
+        d.wait_metric(
+            "watchdog_actions_total",
+            &[("result", "observed")],
+            1.0,
+            Duration::from_secs(2)
+        ),
+        1.0
+    );
+    assert_eq!(
+        d.metric("watchdog_actions_total", &[("result", "delivered")]),
+        0.0
+    );
     let line = &d.log_events("request over budget")[0];
     assert_eq!(line["result"], "observed");
     assert_eq!(line["mode"], "Observe");
@@ -124,7 +218,12 @@ fn status_lists_an_in_flight_request_with_its_owner() {
     let _app = app(port, 1, &[]);
     let d = Daemon::start(&["--port", &port.to_string(), "--budget", "30s"]);
     let mut conn = TcpStream::connect(local(port)).unwrap();
-    let pid = request(&mut conn, "/pid").unwrap().split_whitespace().nth(1).unwrap().to_string();
+    let pid = request(&mut conn, "/pid")
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
     std::io::Write::write_all(&mut conn, b"GET /sleep HTTP/1.1\r\n\r\n").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let st = d.status_json();
@@ -142,17 +241,42 @@ fn bad_input_gets_one_clear_error() {
         let out = Command::new(BIN).args(args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         assert!(!out.status.success(), "{args:?} should fail");
-        assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("backtrace"),
+            "{err}"
+        );
         err
     };
     assert!(run(&["run", "--port", "8080", "--budget", "0s"]).contains("greater than zero"));
     assert!(run(&["run", "--port", "8080", "--budget", "2x"]).contains("invalid duration"));
     assert!(run(&["run", "--port", "70000", "--budget", "1s"]).contains("1-65535"));
-    assert!(run(&["run", "--port", "8080", "--budget", "1s", "--signal", "SIGFOO"]).contains("unknown signal"));
-    assert!(run(&["run", "--port", "8080", "--budget", "1s", "--pid", "999999999"]).contains("no such process"));
+    assert!(
+        run(&["run", "--port", "8080", "--budget", "1s", "--signal", "SIGFOO"])
+            .contains("unknown signal")
+    );
+    assert!(run(&[
+        "run",
+        "--port",
+        "8080",
+        "--budget",
+        "1s",
+        "--pid",
+        "999999999"
+    ])
+    .contains("no such process"));
     // Not root: drop to nobody with setpriv (util-linux).
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN, "run", "--port", "8080", "--budget", "1s"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            BIN,
+            "run",
+            "--port",
+            "8080",
+            "--budget",
+            "1s",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

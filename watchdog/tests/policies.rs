@@ -33,10 +33,24 @@ fn postgres() -> Postgres {
         .unwrap();
     let port = free_port();
     let dir = tmpdir(&format!("pg{port}"));
-    Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().unwrap();
+    Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&dir)
+        .status()
+        .unwrap();
     let data = dir.join("data");
-    let as_pg = |cmd: String| Command::new("runuser").args(["-u", "postgres", "--", "sh", "-c", &cmd]).status().unwrap();
-    assert!(as_pg(format!("{}/initdb -A trust -U postgres -D {} >/dev/null", bin.display(), data.display())).success());
+    let as_pg = |cmd: String| {
+        Command::new("runuser")
+            .args(["-u", "postgres", "--", "sh", "-c", &cmd])
+            .status()
+            .unwrap()
+    };
+    assert!(as_pg(format!(
+        "{}/initdb -A trust -U postgres -D {} >/dev/null",
+        bin.display(),
+        data.display()
+    ))
+    .success());
     let mut cmd = Command::new("runuser");
     cmd.args(["-u", "postgres", "--", "sh", "-c"]).arg(format!(
         "{}/postgres -D {} -p {port} -k {} -c listen_addresses=127.0.0.1 & \
@@ -46,13 +60,25 @@ fn postgres() -> Postgres {
         dir.display(),
         bin.display()
     ));
-    Postgres { _proc: spawn_ready("postgres", &mut cmd), port, bin }
+    Postgres {
+        _proc: spawn_ready("postgres", &mut cmd),
+        port,
+        bin,
+    }
 }
 
 impl Postgres {
     fn psql(&self, args: &[&str]) -> std::process::Output {
         Command::new(self.bin.join("psql"))
-            .args(["-X", "-h", "127.0.0.1", "-U", "postgres", "-p", &self.port.to_string()])
+            .args([
+                "-X",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-p",
+                &self.port.to_string(),
+            ])
             .args(args)
             .output()
             .unwrap()
@@ -77,11 +103,29 @@ fn postgres_query_is_cancelled_at_its_budget_and_the_session_goes_on() {
     let took = t.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stderr.contains("canceling statement due to user request"), "{stderr}");
-    assert!(stdout.contains("42"), "the same session runs the next query: {stdout}");
-    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(3), "{took:?}");
-    assert!(pg.psql(&["-c", "SELECT 1"]).status.success(), "server still up");
-    assert_eq!(d.metric("watchdog_actions_total", &[("action", "SIGINT"), ("result", "delivered")]), 1.0);
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("42"),
+        "the same session runs the next query: {stdout}"
+    );
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(
+        pg.psql(&["-c", "SELECT 1"]).status.success(),
+        "server still up"
+    );
+    assert_eq!(
+        d.metric(
+            "watchdog_actions_total",
+            &[("action", "SIGINT"), ("result", "delivered")]
+        ),
+        1.0
+    );
 }
 
 #[test]
@@ -89,13 +133,35 @@ fn diagnosis_names_the_database_peer_the_worker_is_blocked_on() {
     let pg = postgres();
     let port = free_port();
     let _app = app(port, 1, &[]);
-    let d = Daemon::start(&["--port", &port.to_string(), "--budget", "700ms", "--observe"]);
-    let _ = http_get(&local(port), &format!("/pg?port={}", pg.port), Duration::from_millis(1500));
+    let d = Daemon::start(&[
+        "--port",
+        &port.to_string(),
+        "--budget",
+        "700ms",
+        "--observe",
+    ]);
+    let _ = http_get(
+        &local(port),
+        &format!("/pg?port={}", pg.port),
+        Duration::from_millis(1500),
+    );
     let line = &d.log_events("request over budget")[0];
-    assert!(line["syscall"].as_str().unwrap().starts_with("recvfrom("), "{line}");
+    assert!(
+        line["syscall"].as_str().unwrap().starts_with("recvfrom("),
+        "{line}"
+    );
     let waiting = line["waiting_on"].as_str().unwrap();
-    assert!(waiting.contains(&format!("reading from 127.0.0.1:{}", pg.port)), "{waiting}");
-    assert!(line["connections"].as_str().unwrap().contains(&format!("127.0.0.1:{}", pg.port)), "{line}");
+    assert!(
+        waiting.contains(&format!("reading from 127.0.0.1:{}", pg.port)),
+        "{waiting}"
+    );
+    assert!(
+        line["connections"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("127.0.0.1:{}", pg.port)),
+        "{line}"
+    );
 }
 
 #[test]
@@ -103,7 +169,11 @@ fn ladder_steps_land_at_their_offsets_and_the_last_one_kills() {
     let port = free_port();
     let dir = tmpdir("ladder");
     let log = dir.join("app.log");
-    let _app = app(port, 1, &[("IGNORE_TERM", "1"), ("APP_LOG", log.to_str().unwrap())]);
+    let _app = app(
+        port,
+        1,
+        &[("IGNORE_TERM", "1"), ("APP_LOG", log.to_str().unwrap())],
+    );
     let cfg = write_config(
         &dir,
         &format!(
@@ -116,16 +186,34 @@ fn ladder_steps_land_at_their_offsets_and_the_last_one_kills() {
     let slow = timed(move || http_get(&local(port), "/slow", Duration::from_secs(5)));
     let (took, r) = slow.join().unwrap();
     assert!(r.is_err());
-    assert!(took >= Duration::from_millis(1500) && took < Duration::from_millis(2000), "SIGTERM ignored, SIGKILL at 1.5 s: {took:?}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_millis(2000),
+        "SIGTERM ignored, SIGKILL at 1.5 s: {took:?}"
+    );
     let lines = d.log_events("request over budget");
     let steps: Vec<(String, String, u64)> = lines
         .iter()
-        .map(|l| (l["action"].as_str().unwrap().into(), l["result"].as_str().unwrap().into(), l["elapsed_ms"].as_u64().unwrap()))
+        .map(|l| {
+            (
+                l["action"].as_str().unwrap().into(),
+                l["result"].as_str().unwrap().into(),
+                l["elapsed_ms"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(steps.len(), 3, "{steps:?}");
-    assert_eq!((steps[0].0.as_str(), steps[0].1.as_str()), ("log", "delivered"));
-    assert_eq!((steps[1].0.as_str(), steps[1].1.as_str()), ("SIGTERM", "delivered"));
-    assert_eq!((steps[2].0.as_str(), steps[2].1.as_str()), ("SIGKILL", "delivered"));
+    assert_eq!(
+        (steps[0].0.as_str(), steps[0].1.as_str()),
+        ("log", "delivered")
+    );
+    assert_eq!(
+        (steps[1].0.as_str(), steps[1].1.as_str()),
+        ("SIGTERM", "delivered")
+    );
+    assert_eq!(
+        (steps[2].0.as_str(), steps[2].1.as_str()),
+        ("SIGKILL", "delivered")
+    );
     for (s, at) in steps.iter().zip([500, 1000, 1500]) {
         assert!(s.2 >= at && s.2 < at + 100, "{s:?} should land at {at} ms");
     }
@@ -142,14 +230,28 @@ fn reset_releases_the_client_and_fails_the_workers_next_write() {
         &format!("[[policy]]\nname = \"reset\"\nports = [{port}]\nbudget = \"1s\"\nsteps = [{{ after = \"1s\", action = \"reset\" }}]\n"),
     );
     let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
-    let (took, r) = timed(move || http_get(&local(port), "/slow-write", Duration::from_secs(5))).join().unwrap();
+    let (took, r) = timed(move || http_get(&local(port), "/slow-write", Duration::from_secs(5)))
+        .join()
+        .unwrap();
     let e = r.unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
-    assert!(took >= Duration::from_millis(1000) && took < Duration::from_millis(1400), "{took:?}");
-    assert_eq!(d.metric("watchdog_actions_total", &[("action", "reset"), ("result", "delivered")]), 1.0);
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_millis(1400),
+        "{took:?}"
+    );
+    assert_eq!(
+        d.metric(
+            "watchdog_actions_total",
+            &[("action", "reset"), ("result", "delivered")]
+        ),
+        1.0
+    );
     std::thread::sleep(Duration::from_millis(1500));
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("write failed"), "the worker kept running and its write failed: {text}");
+    assert!(
+        text.contains("write failed"),
+        "the worker kept running and its write failed: {text}"
+    );
 }
 
 #[test]
@@ -157,22 +259,50 @@ fn reload_applies_to_new_requests_and_a_broken_file_is_refused() {
     let port = free_port();
     let dir = tmpdir("reload");
     let _app = app(port, 3, &[]);
-    let policy = |budget: &str| format!("[[policy]]\nname = \"api\"\nports = [{port}]\nbudget = \"{budget}\"\nsignal = \"SIGKILL\"\n");
+    let policy = |budget: &str| {
+        format!("[[policy]]\nname = \"api\"\nports = [{port}]\nbudget = \"{budget}\"\nsignal = \"SIGKILL\"\n")
+    };
     let cfg = write_config(&dir, &policy("3s"));
     let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
     let old = timed(move || http_get(&local(port), "/slow", Duration::from_secs(10)));
     std::thread::sleep(Duration::from_millis(200));
     write_config(&dir, &policy("1s"));
-    assert_eq!(d.wait_metric("watchdog_config_reloads_total", &[("result", "success")], 1.0, Duration::from_secs(3)), 1.0);
-    let (took_new, r) = timed(move || http_get(&local(port), "/slow", Duration::from_secs(10))).join().unwrap();
-    assert!(r.is_err() && took_new < Duration::from_millis(1500), "new request follows the new budget: {took_new:?}");
+    assert_eq!(
+        d.wait_metric(
+            "watchdog_config_reloads_total",
+            &[("result", "success")],
+            1.0,
+            Duration::from_secs(3)
+        ),
+        1.0
+    );
+    let (took_new, r) = timed(move || http_get(&local(port), "/slow", Duration::from_secs(10)))
+        .join()
+        .unwrap();
+    assert!(
+        r.is_err() && took_new < Duration::from_millis(1500),
+        "new request follows the new budget: {took_new:?}"
+    );
     let (took_old, r) = old.join().unwrap();
-    assert!(r.is_err() && took_old >= Duration::from_secs(3), "in-flight request kept its budget: {took_old:?}");
+    assert!(
+        r.is_err() && took_old >= Duration::from_secs(3),
+        "in-flight request kept its budget: {took_old:?}"
+    );
     // A broken file is refused with its reason; the 1 s policy keeps enforcing.
     write_config(&dir, "[[policy]]\nname = \"api\"\nbudget = \"soon\"\n");
-    assert_eq!(d.wait_metric("watchdog_config_reloads_total", &[("result", "error")], 1.0, Duration::from_secs(3)), 1.0);
+    assert_eq!(
+        d.wait_metric(
+            "watchdog_config_reloads_total",
+            &[("result", "error")],
+            1.0,
+            Duration::from_secs(3)
+        ),
+        1.0
+    );
     assert!(d.log_text().contains("invalid duration"));
-    let (took, r) = timed(move || http_get(&local(port), "/slow", Duration::from_secs(10))).join().unwrap();
+    let (took, r) = timed(move || http_get(&local(port), "/slow", Duration::from_secs(10)))
+        .join()
+        .unwrap();
     assert!(r.is_err() && took < Duration::from_millis(1500), "{took:?}");
 }
 
@@ -189,7 +319,8 @@ fn selectors_pick_processes_and_protected_ones_are_never_signalled() {
         ),
     );
     let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
-    assert!(http_get(&local(port), "/slow", Duration::from_millis(1200)).is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock));
+    assert!(http_get(&local(port), "/slow", Duration::from_millis(1200))
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock));
     assert_eq!(d.metric("watchdog_actions_total", &[]), 0.0);
     drop(d);
     // Matching exe and cgroup globs, but comm protected: refused, and said why.
@@ -201,24 +332,55 @@ fn selectors_pick_processes_and_protected_ones_are_never_signalled() {
         ),
     );
     let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
-    assert!(http_get(&local(port), "/slow", Duration::from_millis(1200)).is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock));
-    assert_eq!(d.wait_metric("watchdog_actions_total", &[("result", "refused")], 1.0, Duration::from_secs(2)), 1.0);
-    assert_eq!(d.log_events("request over budget")[0]["detail"], "refused_protected");
+    assert!(http_get(&local(port), "/slow", Duration::from_millis(1200))
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock));
+    assert_eq!(
+        d.wait_metric(
+            "watchdog_actions_total",
+            &[("result", "refused")],
+            1.0,
+            Duration::from_secs(2)
+        ),
+        1.0
+    );
+    assert_eq!(
+        d.log_events("request over budget")[0]["detail"],
+        "refused_protected"
+    );
 }
 
 #[test]
 fn check_reports_on_this_machine() {
     require_root();
     let dir = tmpdir("check");
-    let cfg = write_config(&dir, "[[policy]]\nname = \"a\"\nports = [8080]\nbudget = \"2s\"\nsignal = \"SIGTERM\"\n");
-    let out = Command::new(BIN).args(["check", "--config"]).arg(&cfg).output().unwrap();
+    let cfg = write_config(
+        &dir,
+        "[[policy]]\nname = \"a\"\nports = [8080]\nbudget = \"2s\"\nsignal = \"SIGTERM\"\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    for line in ["tracepoint sock_recv_length", "connection reset", "eBPF programs", "watchdog can run here"] {
+    for line in [
+        "tracepoint sock_recv_length",
+        "connection reset",
+        "eBPF programs",
+        "watchdog can run here",
+    ] {
         assert!(text.contains(line), "{line} missing:\n{text}");
     }
-    let bad = write_config(&dir, "[[policy]]\nname = \"a\"\nbudget = \"2s\"\nsignal = \"SIGNOPE\"\n");
-    let out = Command::new(BIN).args(["check", "--config-only", "--config"]).arg(&bad).output().unwrap();
+    let bad = write_config(
+        &dir,
+        "[[policy]]\nname = \"a\"\nbudget = \"2s\"\nsignal = \"SIGNOPE\"\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config-only", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stdout).contains("unknown signal"));
 }

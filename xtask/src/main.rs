@@ -46,7 +46,11 @@ fn main() -> Result<()> {
         Cmd::Run { args } => {
             setup::toolchain()?;
             cargo(&["build", "--release", "-p", "watchdog"])?;
-            let args = if args.is_empty() { vec!["run".to_string()] } else { args };
+            let args = if args.is_empty() {
+                vec!["run".to_string()]
+            } else {
+                args
+            };
             run(Command::new(root().join("target/release/watchdog")).args(&args))
         }
         Cmd::Test => {
@@ -56,7 +60,15 @@ fn main() -> Result<()> {
             // Unit and property tests: no root needed, run in parallel.
             cargo(&["test", "--workspace", "--bins", "--lib"])?;
             // End-to-end tests share the kernel (one cgroup attach point, real ports): one at a time.
-            let mut cmd = cargo_cmd(&["test", "-p", "watchdog", "--test", "*", "--", "--test-threads=1"]);
+            let mut cmd = cargo_cmd(&[
+                "test",
+                "-p",
+                "watchdog",
+                "--test",
+                "*",
+                "--",
+                "--test-threads=1",
+            ]);
             cmd.env("RUST_BACKTRACE", "1");
             run(&mut cmd)
         }
@@ -64,7 +76,10 @@ fn main() -> Result<()> {
 }
 
 pub fn root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn cargo_cmd(args: &[&str]) -> Command {

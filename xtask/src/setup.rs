@@ -15,7 +15,11 @@ fn home() -> PathBuf {
 
 pub fn path_with_cargo_bin() -> String {
     let bin = home().join(".cargo/bin");
-    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default())
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
@@ -30,15 +34,27 @@ fn output(cmd: &mut Command) -> Result<String> {
 /// that ships inside the nightly toolchain (a plain `cargo install bpf-linker` wants a system
 /// LLVM this machine does not have).
 pub fn toolchain() -> Result<()> {
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
-        .context("the nightly toolchain is required for the eBPF crate (rustup toolchain install nightly)")?;
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
+        "the nightly toolchain is required for the eBPF crate (rustup toolchain install nightly)",
+    )?;
     let sysroot = PathBuf::from(sysroot);
     if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
         eprintln!("xtask: installing rust-src for nightly");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     let linker = home().join(".cargo/bin/bpf-linker");
-    if !linker.exists() && Command::new("bpf-linker").arg("--version").output().is_err() {
+    if !linker.exists()
+        && Command::new("bpf-linker")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
         let llvm_major = output(Command::new("rustc").args(["+nightly", "-vV"]))?
             .lines()
             .find_map(|l| l.strip_prefix("LLVM version: "))
@@ -49,14 +65,24 @@ pub fn toolchain() -> Result<()> {
         let lib = std::fs::read_dir(sysroot.join("lib"))?
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so")))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so"))
+            })
             .context("no libLLVM.so in the nightly toolchain")?;
         let link = prefix.join("lib/libLLVM.so");
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&lib, &link)?;
-        eprintln!("xtask: building bpf-linker against nightly's LLVM {llvm_major} (about a minute)");
+        eprintln!(
+            "xtask: building bpf-linker against nightly's LLVM {llvm_major} (about a minute)"
+        );
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--no-default-features", "--features"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+            ])
             .arg(format!("llvm-{llvm_major}"))
             .env("LLVM_PREFIX", &prefix))?;
     }
@@ -79,7 +105,10 @@ pub fn test_packages() -> Result<()> {
         return Ok(());
     }
     if !nix_is_root() {
-        bail!("the end-to-end tests need root and these packages: {}", missing.join(" "));
+        bail!(
+            "the end-to-end tests need root and these packages: {}",
+            missing.join(" ")
+        );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     run(Command::new("apt-get").arg("update").arg("-q"))?;
@@ -95,5 +124,8 @@ pub fn test_packages() -> Result<()> {
 }
 
 fn nix_is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

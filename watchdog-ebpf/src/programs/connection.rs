@@ -20,8 +20,7 @@ use watchdog_common::{
 };
 
 use crate::maps::{
-    count, emit, port_config, port_count, ConnEntry, SockState, CONNS, SOCKS, SOCK_PEER_FIN,
-    TASKS,
+    count, emit, port_config, port_count, ConnEntry, SockState, CONNS, SOCKS, SOCK_PEER_FIN, TASKS,
 };
 
 const AF_INET: u32 = 2;
@@ -61,7 +60,9 @@ fn addr(family: u32, v4: u32, v6: [u32; 4]) -> [u8; 16] {
 /// A connection was accepted: track it if its local port is watched.
 fn on_accept(ctx: &SockOpsContext) {
     let local_port = ctx.local_port();
-    let Some(cfg) = port_config(local_port) else { return };
+    let Some(cfg) = port_config(local_port) else {
+        return;
+    };
     let sk = sk_of(ctx);
     if sk.is_null() {
         return;
@@ -101,19 +102,30 @@ fn on_accept(ctx: &SockOpsContext) {
         family: family as u16,
         ..ConnInfo::default()
     };
-    let entry = ConnEntry { timer: unsafe { core::mem::zeroed() }, info };
+    let entry = ConnEntry {
+        timer: unsafe { core::mem::zeroed() },
+        info,
+    };
     if CONNS.insert(cookie, entry, BPF_NOEXIST.into()).is_err() {
         count(stat::CONNS_TABLE_FULL);
         return;
     }
-    let Some(e) = CONNS.get_ptr_mut(cookie) else { return };
+    let Some(e) = CONNS.get_ptr_mut(cookie) else {
+        return;
+    };
     // SAFETY: `e` points into CONNS; the timer belongs to that map.
     unsafe {
         let map = ptr::addr_of!(CONNS) as *mut c_void;
         bpf_timer_init(ptr::addr_of_mut!((*e).timer), map, CLOCK_MONOTONIC);
         bpf_timer_set_callback(ptr::addr_of_mut!((*e).timer), on_deadline as *mut c_void);
     }
-    let init = SockState { cookie, gen: 0, state: ReqState::Idle as u32, slot: cfg.slot, flags: 0 };
+    let init = SockState {
+        cookie,
+        gen: 0,
+        state: ReqState::Idle as u32,
+        slot: cfg.slot,
+        flags: 0,
+    };
     // SAFETY: `sk` is the non-null socket of this context; SOCKS is socket-local storage.
     let st = unsafe {
         bpf_sk_storage_get(
@@ -144,7 +156,12 @@ fn on_state(ctx: &SockOpsContext) {
     }
     // SAFETY: lookup without create on this context's socket.
     let st = unsafe {
-        bpf_sk_storage_get(ptr::addr_of!(SOCKS) as *mut c_void, sk.cast(), ptr::null_mut(), 0)
+        bpf_sk_storage_get(
+            ptr::addr_of!(SOCKS) as *mut c_void,
+            sk.cast(),
+            ptr::null_mut(),
+            0,
+        )
     } as *mut SockState;
     if st.is_null() {
         return;
@@ -172,16 +189,25 @@ fn on_state(ctx: &SockOpsContext) {
 /// The peer hung up on a request in flight: tell userspace if the port asks for it.
 #[inline(always)]
 fn peer_gone(cookie: u64, kind: EventKind) {
-    let Some(e) = CONNS.get_ptr(cookie) else { return };
+    let Some(e) = CONNS.get_ptr(cookie) else {
+        return;
+    };
     // SAFETY: map value pointer from a successful lookup.
     let info = unsafe { (*e).info };
-    let Some(cfg) = port_config(info.local_port as u32) else { return };
+    let Some(cfg) = port_config(info.local_port as u32) else {
+        return;
+    };
     if cfg.flags & PORT_CLIENT_GONE == 0 || info.state != ReqState::InFlight as u32 {
         return;
     }
     // SAFETY: helper without arguments.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
-    emit(&Event { kind: kind as u32, version: LAYOUT_VERSION, ts_ns, conn: info });
+    emit(&Event {
+        kind: kind as u32,
+        version: LAYOUT_VERSION,
+        ts_ns,
+        conn: info,
+    });
 }
 
 /// `tcp_receive_reset(struct sock *sk)`: the peer sent RST.
@@ -189,9 +215,9 @@ fn peer_gone(cookie: u64, kind: EventKind) {
 pub fn conn_enter_receive_reset(ctx: BtfTracePointContext) -> u32 {
     let sk: *mut c_void = ctx.arg(0);
     // SAFETY: `sk` is the tracepoint's typed socket pointer.
-    let st = unsafe {
-        bpf_sk_storage_get(ptr::addr_of!(SOCKS) as *mut c_void, sk, ptr::null_mut(), 0)
-    } as *const SockState;
+    let st =
+        unsafe { bpf_sk_storage_get(ptr::addr_of!(SOCKS) as *mut c_void, sk, ptr::null_mut(), 0) }
+            as *const SockState;
     if !st.is_null() {
         // SAFETY: non-null storage pointer.
         let st = unsafe { &*st };
@@ -225,6 +251,11 @@ unsafe extern "C" fn on_deadline(_map: *mut c_void, _key: *mut u64, e: *mut Conn
     count(stat::DEADLINES_FIRED);
     // SAFETY: helper without arguments.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
-    emit(&Event { kind: EventKind::Deadline as u32, version: LAYOUT_VERSION, ts_ns, conn: info });
+    emit(&Event {
+        kind: EventKind::Deadline as u32,
+        version: LAYOUT_VERSION,
+        ts_ns,
+        conn: info,
+    });
     0
 }

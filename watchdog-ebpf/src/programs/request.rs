@@ -47,14 +47,18 @@ fn start_request(st: &mut SockState) {
     st.state = ReqState::InFlight as u32;
     st.gen = st.gen.wrapping_add(1);
     port_count(st.slot, port_stat::STARTED, 1);
-    let Some(e) = CONNS.get_ptr_mut(st.cookie) else { return };
+    let Some(e) = CONNS.get_ptr_mut(st.cookie) else {
+        return;
+    };
     // SAFETY: helpers without arguments.
     let (now, pid_tgid) = unsafe { (bpf_ktime_get_ns(), bpf_get_current_pid_tgid()) };
     let tid = pid_tgid as u32;
     let life = task_life(tid, now, st.cookie, st.gen);
     // SAFETY: `e` points into CONNS.
     let info = unsafe { &mut (*e).info };
-    let Some(cfg) = port_config(info.local_port as u32) else { return };
+    let Some(cfg) = port_config(info.local_port as u32) else {
+        return;
+    };
     info.start_ns = now;
     info.gen = st.gen;
     info.tid = tid;
@@ -85,7 +89,9 @@ pub fn request_exit_send(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     st.state = ReqState::Idle as u32;
-    let Some(e) = CONNS.get_ptr_mut(st.cookie) else { return 0 };
+    let Some(e) = CONNS.get_ptr_mut(st.cookie) else {
+        return 0;
+    };
     // SAFETY: `e` points into CONNS.
     let info = unsafe { &mut (*e).info };
     info.state = ReqState::Idle as u32;

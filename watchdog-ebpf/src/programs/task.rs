@@ -1,6 +1,8 @@
 //! Task exit: whatever the exiting thread owned stops being actionable at once.
 
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext,
+};
 use watchdog_common::stat;
 
 use crate::maps::{count, TASKS};

@@ -13,7 +13,9 @@ use std::{
 pub const BIN: &str = env!("CARGO_BIN_EXE_watchdog");
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// These tests load eBPF programs and signal processes: without root they must fail, not skip.
@@ -25,7 +27,11 @@ pub fn require_root() {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn tmpdir(name: &str) -> PathBuf {
@@ -63,17 +69,26 @@ impl Drop for Proc {
 pub fn spawn_ready(name: &str, cmd: &mut Command) -> Proc {
     use std::os::unix::process::CommandExt;
     cmd.stdout(Stdio::piped()).process_group(0);
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {name}: {e}"));
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert!(line.starts_with("READY"), "{name} did not start: {line:?}");
-    Proc { child, name: name.into() }
+    Proc {
+        child,
+        name: name.into(),
+    }
 }
 
 /// The pre-forking test app on `port` with `workers` workers.
 pub fn app(port: u16, workers: u32, envs: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new("python3");
-    cmd.arg(fixture("app.py")).arg(port.to_string()).arg(workers.to_string());
+    cmd.arg(fixture("app.py"))
+        .arg(port.to_string())
+        .arg(workers.to_string());
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -82,7 +97,12 @@ pub fn app(port: u16, workers: u32, envs: &[(&str, &str)]) -> Proc {
 
 /// The thread-per-connection test app.
 pub fn threaded(port: u16) -> Proc {
-    spawn_ready("threaded.py", Command::new("python3").arg(fixture("threaded.py")).arg(port.to_string()))
+    spawn_ready(
+        "threaded.py",
+        Command::new("python3")
+            .arg(fixture("threaded.py"))
+            .arg(port.to_string()),
+    )
 }
 
 /// The daemon under test; stderr (its log) goes to a file.
@@ -116,7 +136,15 @@ impl Daemon {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let mut d = Daemon { proc: Proc { child, name: "watchdog".into() }, metrics, status, log };
+        let mut d = Daemon {
+            proc: Proc {
+                child,
+                name: "watchdog".into(),
+            },
+            metrics,
+            status,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(body) = http_get(&d.metrics, "/readyz", Duration::from_secs(1)) {
@@ -124,8 +152,16 @@ impl Daemon {
                     break;
                 }
             }
-            assert!(d.proc.alive(), "watchdog exited at start:\n{}", d.log_text());
-            assert!(Instant::now() < deadline, "watchdog not ready in 30 s:\n{}", d.log_text());
+            assert!(
+                d.proc.alive(),
+                "watchdog exited at start:\n{}",
+                d.log_text()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "watchdog not ready in 30 s:\n{}",
+                d.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         d
@@ -148,7 +184,13 @@ impl Daemon {
     }
 
     /// Waits until `metric(name, labels) >= want`, returning the value.
-    pub fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64, within: Duration) -> f64 {
+    pub fn wait_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+        within: Duration,
+    ) -> f64 {
         let end = Instant::now() + within;
         loop {
             let v = self.metric(name, labels);
@@ -160,8 +202,18 @@ impl Daemon {
     }
 
     pub fn status_json(&self) -> serde_json::Value {
-        let out = Command::new(BIN).arg("status").arg("--json").arg("--status-socket").arg(&self.status).output().unwrap();
-        assert!(out.status.success(), "watchdog status failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(BIN)
+            .arg("status")
+            .arg("--json")
+            .arg("--status-socket")
+            .arg(&self.status)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "watchdog status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -181,7 +233,9 @@ pub fn sum(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) ->
         .filter(|x| x.metric == name)
         .filter(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
         .map(|x| match x.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
             _ => 0.0,
         })
         .sum()
@@ -202,14 +256,21 @@ pub fn request(s: &mut TcpStream, path: &str) -> std::io::Result<String> {
     loop {
         let n = s.read(&mut chunk)?;
         if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed without an answer"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed without an answer",
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
         let text = String::from_utf8_lossy(&buf).to_string();
         if let Some((head, body)) = text.split_once("\r\n\r\n") {
             let len = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
                 .unwrap_or(0);
             if body.len() >= len {
                 return Ok(body.to_string());
@@ -223,7 +284,9 @@ pub fn local(port: u16) -> String {
 }
 
 /// Runs `f` on a thread and returns how long it took with its result.
-pub fn timed<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<(Duration, T)> {
+pub fn timed<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<(Duration, T)> {
     std::thread::spawn(move || {
         let t = Instant::now();
         let r = f();

@@ -1,0 +1,180 @@
+//! Issue 8: the caller hung up (nginx gave up with a 504): stop the worker at once; never hit a
+//! half-closed client; never start a kill spiral.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, TcpStream},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+fn nginx(listen: u16, backend: u16) -> Proc {
+    let dir = tmpdir(&format!("nginx{listen}"));
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d};\n\
+               server {{ listen 127.0.0.1:{listen};\n\
+                 location / {{ proxy_pass http://127.0.0.1:{backend}; proxy_read_timeout 1s; }} }} }}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let script = format!(
+        "/usr/sbin/nginx -c {} & until (exec 3<>/dev/tcp/127.0.0.1/{listen}) 2>/dev/null; do sleep 0.05; done; echo READY; wait",
+        conf.display()
+    );
+    spawn_ready("nginx", Command::new("bash").arg("-c").arg(script))
+}
+
+#[test]
+fn worker_dies_when_nginx_gives_up_not_at_the_budget() {
+    let backend = free_port();
+    let front = free_port();
+    let dir = tmpdir("cg");
+    let log = dir.join("app.log");
+    let _app = app(backend, 2, &[("APP_LOG", log.to_str().unwrap())]);
+    let _nginx = nginx(front, backend);
+    let d = Daemon::start(&[
+        "--port",
+        &backend.to_string(),
+        "--budget",
+        "30s",
+        "--client-gone",
+        "SIGKILL",
+    ]);
+    let t = Instant::now();
+    let mut s = TcpStream::connect(local(front)).unwrap();
+    s.write_all(b"GET /slow HTTP/1.0\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let gave_up = t.elapsed();
+    assert!(resp.starts_with("HTTP/1.1 504"), "{resp}");
+    assert!(
+        gave_up >= Duration::from_millis(1000) && gave_up < Duration::from_millis(1500),
+        "{gave_up:?}"
+    );
+    let worker: i32 = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .find(|l| l.ends_with("/slow"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The worker is gone within a few milliseconds of nginx closing the upstream connection.
+    let end = Instant::now() + Duration::from_millis(500);
+    while std::path::Path::new(&format!("/proc/{worker}/cmdline")).exists()
+        && std::fs::read_to_string(format!("/proc/{worker}/stat"))
+            .is_ok_and(|s| !s.contains(") Z "))
+    {
+        assert!(
+            Instant::now() < end,
+            "worker {worker} still alive 500 ms after the 504"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let dead_after = t.elapsed() - gave_up;
+    eprintln!("worker dead {dead_after:?} after the 504 reached the client");
+    assert_eq!(
+        d.metric(
+            "watchdog_actions_total",
+            &[("reason", "client_gone"), ("result", "delivered")]
+        ),
+        1.0
+    );
+    assert_eq!(d.metric("watchdog_client_gone_total", &[]), 1.0);
+    assert!(http_get(&local(backend), "/fast", Duration::from_secs(2))
+        .unwrap()
+        .starts_with("fast"));
+}
+
+#[test]
+fn half_closed_client_waiting_for_a_legit_answer_is_not_hit() {
+    let port = free_port();
+    let _app = app(port, 1, &[]);
+    let d = Daemon::start(&[
+        "--port",
+        &port.to_string(),
+        "--budget",
+        "30s",
+        "--client-gone",
+        "SIGKILL",
+    ]);
+    let mut s = TcpStream::connect(local(port)).unwrap();
+    s.write_all(b"GET /wait?ms=1500 HTTP/1.1\r\n\r\n").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.contains("waited 1500"), "{resp}");
+    assert_eq!(d.metric("watchdog_actions_total", &[]), 0.0);
+}
+
+#[test]
+fn breaker_stops_a_kill_spiral_and_rearms() {
+    let port = free_port();
+    let dir = tmpdir("breaker");
+    let _app = app(port, 4, &[]);
+    let cfg = dir.join("watchdog.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[policy]]\nname = \"api\"\nports = [{port}]\nbudget = \"500ms\"\nsignal = \"SIGKILL\"\n\
+             breaker = {{ max_actions = 2, window = \"1m\", cooldown = \"3s\" }}\n"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let slows: Vec<_> = (0..4)
+        .map(|_| timed(move || http_get(&local(port), "/slow", Duration::from_millis(2000))))
+        .collect();
+    let results: Vec<_> = slows.into_iter().map(|h| h.join().unwrap().1).collect();
+    let killed = results
+        .iter()
+        .filter(|r| {
+            r.as_ref()
+                .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock)
+        })
+        .count();
+    assert_eq!(killed, 2, "only max_actions workers die: {results:?}");
+    let labels = [("policy", "api")];
+    assert_eq!(
+        d.metric("watchdog_actions_total", &[("result", "delivered")]),
+        2.0
+    );
+    assert_eq!(
+        d.metric("watchdog_actions_total", &[("result", "observed")]),
+        2.0
+    );
+    assert_eq!(d.metric("watchdog_breaker_trips_total", &labels), 1.0);
+    assert_eq!(d.metric("watchdog_policy_observe_only", &labels), 1.0);
+    assert!(d.log_text().contains("CIRCUIT BREAKER OPEN"));
+    // After the cool-down the policy enforces again.
+    std::thread::sleep(Duration::from_secs(3));
+    let (took, r) = timed(move || http_get(&local(port), "/slow", Duration::from_secs(5)))
+        .join()
+        .unwrap();
+    assert!(
+        r.is_err() && took < Duration::from_millis(1200),
+        "{took:?} {r:?}"
+    );
+    assert_eq!(
+        d.wait_metric(
+            "watchdog_actions_total",
+            &[("result", "delivered")],
+            3.0,
+            Duration::from_secs(2)
+        ),
+        3.0
+    );
+    assert_eq!(d.metric("watchdog_policy_observe_only", &labels), 0.0);
+}
