@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use crate::run;
 
 /// Debian packages the end-to-end tests drive for real.
-const TEST_PACKAGES: &[&str] = &["nginx", "postgresql", "curl", "iproute2"];
+const TEST_PACKAGES: &[&str] = &["nginx", "haproxy", "postgresql", "curl", "iproute2"];
 
 fn home() -> PathBuf {
     PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
@@ -117,7 +117,7 @@ pub fn test_packages() -> Result<()> {
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     // Debian starts the services it installs; the tests run their own instances.
-    for svc in ["nginx", "postgresql"] {
+    for svc in ["nginx", "haproxy", "postgresql"] {
         let _ = Command::new("service").args([svc, "stop"]).output();
     }
     Ok(())
