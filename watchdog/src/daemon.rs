@@ -789,7 +789,11 @@ match = { comm = ["zzz"] }
             1_000_000_000,
             "earliest policy on the port"
         );
-        assert_eq!(get(8080).2.policy, "fast,slow");
+        assert_eq!(
+            get(8080).2.policy,
+            "fast,slow,rest",
+            "the wildcard policy may apply too"
+        );
         assert_eq!(get(8081).1.deadline_ns, 5_000_000_000);
         assert_ne!(get(8080).1.flags & PORT_CLIENT_GONE, 0);
         assert_ne!(get(8080).1.slot, get(8081).1.slot);

@@ -67,7 +67,7 @@ pub fn container_of(cgroup: &str) -> (Option<String>, Option<String>) {
             .strip_suffix(".slice")
             .or_else(|| seg.strip_suffix(".scope"))
             .unwrap_or(seg);
-        if let Some(i) = seg.find("pod") {
+        if let Some(i) = seg.rfind("pod") {
             let uid = &seg[i + 3..];
             if uid.len() == 36
                 && uid

@@ -58,7 +58,14 @@ fn main() -> Result<()> {
             setup::test_packages()?;
             cargo(&["build", "--release", "-p", "watchdog"])?;
             // Unit and property tests: no root needed, run in parallel.
-            cargo(&["test", "--workspace", "--exclude", "watchdog-ebpf", "--bins", "--lib"])?;
+            cargo(&[
+                "test",
+                "--workspace",
+                "--exclude",
+                "watchdog-ebpf",
+                "--bins",
+                "--lib",
+            ])?;
             // End-to-end tests share the kernel (one cgroup attach point, real ports): one at a time.
             let mut cmd = cargo_cmd(&[
                 "test",
