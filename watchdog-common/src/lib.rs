@@ -7,6 +7,7 @@
 
 pub mod event;
 pub mod names;
+pub mod probes;
 pub mod state;
 
 pub use event::{Event, EventKind};

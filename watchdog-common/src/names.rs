@@ -8,6 +8,10 @@ pub const MAP_CONNS: &str = "CONNS";
 pub const MAP_TASKS: &str = "TASKS";
 /// Watched ports, indexed by port number (index 0 = every port): `PortConfig`.
 pub const MAP_PORTS: &str = "PORTS";
+/// Per-connection state by socket cookie, for the syscall probe set: `SockState`. Kernel only.
+pub const MAP_SOCK_STATES: &str = "SOCK_STATES";
+/// Processes (tgids) that accepted a tracked connection: the syscall set's cheap first filter.
+pub const MAP_OWNERS: &str = "OWNERS";
 /// Rare events for userspace: `Event`.
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Global counters (per CPU): see `stat`.
@@ -26,8 +30,19 @@ pub const PROG_RESET: &str = "conn_enter_receive_reset";
 /// tp_btf sched_process_exit: drop what an exiting task owned.
 pub const PROG_TASK_EXIT: &str = "task_exit";
 
+/// tp_btf sys_exit: the syscall probe set (accept, recv*, send*, read, write...).
+pub const PROG_SYS_EXIT: &str = "syscall_exit";
+/// tp_btf sched_process_fork: a child inherits its parent's tracked file table.
+pub const PROG_FORK: &str = "task_fork";
+
+/// Read-only globals of the eBPF object, set at load time.
+pub const GLOBAL_PROBE_SET: &str = "PROBE_SET";
+pub const GLOBAL_OFFSETS: &str = "OFFSETS";
+
 /// BTF tracepoint names attached to, in the same order as the programs above.
 pub const TP_RECV: &str = "sock_recv_length";
 pub const TP_SEND: &str = "sock_send_length";
 pub const TP_RESET: &str = "tcp_receive_reset";
 pub const TP_TASK_EXIT: &str = "sched_process_exit";
+pub const TP_SYS_EXIT: &str = "sys_exit";
+pub const TP_FORK: &str = "sched_process_fork";

@@ -7,8 +7,44 @@ use aya_ebpf::{
 };
 use watchdog_common::{
     limits::{EVENTS_BYTES, MAX_CONNS, MAX_PORT_SLOTS, MAX_TASKS, PORTS as PORT_ENTRIES},
-    port_stat, stat, ConnInfo, Event, PortConfig, TaskInfo,
+    port_stat,
+    probes::{self, KernelOffsets},
+    stat, ConnInfo, Event, PortConfig, TaskInfo,
 };
+
+/// Which probe set the daemon chose (`probes::SOCK` or `probes::SYSCALLS`). Read-only, set at
+/// load time: the verifier treats it as a constant and prunes the other set's branches.
+#[unsafe(no_mangle)]
+static PROBE_SET: u32 = probes::SOCK;
+
+/// Struct offsets of the running kernel, for the syscall set (see `KernelOffsets`).
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets {
+    task_files: 0,
+    task_tgid: 0,
+    files_fdt: 0,
+    fdt_max_fds: 0,
+    fdt_fd: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+    sock_socket: 0,
+    sock_cookie: 0,
+    _pad: 0,
+};
+
+/// Is the syscall probe set in use (per-socket state in `SOCK_STATES`, not `SOCKS`)?
+#[inline(always)]
+pub fn syscall_set() -> bool {
+    // SAFETY: a read-only global of this object.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!(PROBE_SET)) == probes::SYSCALLS }
+}
+
+/// The kernel struct offsets the daemon wrote at load time.
+#[inline(always)]
+pub fn offsets() -> KernelOffsets {
+    // SAFETY: a read-only global of this object.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!(OFFSETS)) }
+}
 
 /// Per-socket state kept in socket-local storage: freed by the kernel with the socket.
 #[repr(C)]
@@ -42,6 +78,16 @@ pub const SOCK_PEER_FIN: u32 = 1;
 
 #[btf_map]
 pub static SOCKS: SkStorage<SockState> = SkStorage::new();
+
+/// The syscall set's stand-in for `SOCKS`: the same state, keyed by socket cookie, because a
+/// socket found through a file table is an untyped pointer that socket storage refuses.
+#[btf_map]
+pub static SOCK_STATES: HashMap<u64, SockState, { MAX_CONNS as usize }> = HashMap::new();
+
+/// Syscall set: processes (tgid) that accepted a tracked connection, or were forked by one. Every
+/// other process leaves the syscall program after this one lookup.
+#[btf_map]
+pub static OWNERS: HashMap<u32, u32, { MAX_TASKS as usize }> = HashMap::new();
 
 #[btf_map]
 pub static CONNS: HashMap<u64, ConnEntry, { MAX_CONNS as usize }> = HashMap::new();

@@ -2,7 +2,12 @@
 
 use std::path::Path;
 
-use crate::{actions, config::Config, loader};
+use crate::{
+    actions,
+    config::{Config, Probes},
+    kernel_btf::{KernelBtf, ProbeSet},
+    loader,
+};
 
 struct Report {
     lines: Vec<(bool, bool, String, String)>,
@@ -16,8 +21,9 @@ impl Report {
 }
 
 /// Runs every check, prints the report, and says whether the daemon can run here.
-pub fn run(config: Option<&Path>, config_only: bool) -> bool {
+pub fn run(config: Option<&Path>, config_only: bool, probes: Option<Probes>) -> bool {
     let mut r = Report { lines: Vec::new() };
+    let mut want = probes.unwrap_or_default();
     match config {
         Some(p) => match Config::load(p) {
             Ok(c) => r.add(
@@ -35,8 +41,11 @@ pub fn run(config: Option<&Path>, config_only: bool) -> bool {
             "none given (flags or the observe-everything default)",
         ),
     }
+    if let (Some(p), None) = (config, probes) {
+        want = Config::load(p).map_or(want, |c| c.probes);
+    }
     if !config_only {
-        probe_kernel(&mut r);
+        probe_kernel(&mut r, want);
     }
     let mut all_required = true;
     for (required, ok, what, detail) in &r.lines {
@@ -59,7 +68,49 @@ pub fn run(config: Option<&Path>, config_only: bool) -> bool {
     all_required
 }
 
-fn probe_kernel(r: &mut Report) {
+/// The probe sets this kernel supports and the one `want` picks.
+fn probe_btf(r: &mut Report, btf: &KernelBtf, want: Probes) {
+    for spec in crate::kernel_btf::PROGRAMS {
+        if spec.program == watchdog_common::names::PROG_SOCK_OPS {
+            continue;
+        }
+        let found = btf.has_tracepoint(spec.hook);
+        let set = spec.set.map_or("both sets", ProbeSet::label);
+        r.add(
+            false,
+            found,
+            &format!("tracepoint {}", spec.hook),
+            if found {
+                format!("present ({set})")
+            } else {
+                format!("missing ({set}; Linux {}+)", spec.since)
+            },
+        );
+    }
+    match btf.choose(want) {
+        Ok(set) => {
+            let offsets = match set {
+                ProbeSet::Syscalls => match btf.offsets() {
+                    Ok(o) => format!(", struct offsets from BTF: {o:?}"),
+                    Err(e) => {
+                        r.add(true, false, "probe set", crate::error_chain(&e));
+                        return;
+                    }
+                },
+                ProbeSet::Sock => String::new(),
+            };
+            r.add(
+                true,
+                true,
+                "probe set",
+                format!("{} (asked: {want:?}){offsets}", set.label()),
+            );
+        }
+        Err(e) => r.add(true, false, "probe set", crate::error_chain(&e)),
+    }
+}
+
+fn probe_kernel(r: &mut Report, want: Probes) {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     r.add(false, true, "kernel", release.trim());
     let euid = nix::unistd::geteuid().as_raw();
@@ -73,39 +124,16 @@ fn probe_kernel(r: &mut Report) {
             format!("uid {euid}: run as root")
         },
     );
-    let btf = std::fs::read("/sys/kernel/btf/vmlinux");
-    r.add(
-        true,
-        btf.is_ok(),
-        "BTF",
-        if btf.is_ok() {
-            "/sys/kernel/btf/vmlinux"
-        } else {
-            "missing: needs CONFIG_DEBUG_INFO_BTF"
-        },
-    );
-    if let Ok(btf) = &btf {
-        for tp in [
-            "sock_recv_length",
-            "sock_send_length",
-            "tcp_receive_reset",
-            "sched_process_exit",
-        ] {
-            let name = format!("btf_trace_{tp}");
-            let found = btf
-                .windows(name.len() + 1)
-                .any(|w| &w[..name.len()] == name.as_bytes() && w[name.len()] == 0);
-            let required = tp != "tcp_receive_reset";
-            r.add(
-                required,
-                found,
-                &format!("tracepoint {tp}"),
-                if found {
-                    "present"
-                } else {
-                    "missing (sock_*_length need Linux 6.3+)"
-                },
-            );
+    match KernelBtf::load() {
+        Err(e) => r.add(
+            true,
+            false,
+            "BTF",
+            format!("{}: needs CONFIG_DEBUG_INFO_BTF", crate::error_chain(&e)),
+        ),
+        Ok(btf) => {
+            r.add(true, true, "BTF", crate::kernel_btf::VMLINUX);
+            probe_btf(r, &btf, want);
         }
     }
     match loader::find_mount("cgroup2") {
@@ -161,12 +189,16 @@ fn probe_kernel(r: &mut Report) {
         ),
     }
     if euid == 0 {
-        match loader::Kernel::load() {
+        match loader::Kernel::load(want) {
             Ok(k) => r.add(
                 true,
                 true,
                 "eBPF programs",
-                format!("loaded and attached (cgroup {})", k.cgroup.display()),
+                format!(
+                    "{} set loaded and attached (cgroup {})",
+                    k.probe_set.label(),
+                    k.cgroup.display()
+                ),
             ),
             Err(e) => r.add(true, false, "eBPF programs", crate::error_chain(&e)),
         }

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Dur, LogFormat, PortRange, Sig, Target};
+use crate::config::{Dur, LogFormat, PortRange, Probes, Sig, Target};
 
 /// Stops requests that run past their time budget, from the kernel, for any server.
 #[derive(Debug, Parser)]
@@ -62,6 +62,9 @@ pub struct RunArgs {
     /// Write one JSON line per action to this file (`-` for stdout).
     #[arg(long)]
     pub events: Option<PathBuf>,
+    /// Kernel probe set: the sock tracepoints (6.3+), the syscall set, or the best available.
+    #[arg(long, value_enum, env = "WATCHDOG_PROBES")]
+    pub probes: Option<Probes>,
 }
 
 impl RunArgs {
@@ -82,6 +85,9 @@ pub struct CheckArgs {
     /// Only validate the config; do not probe the kernel.
     #[arg(long)]
     pub config_only: bool,
+    /// Load this probe set in the kernel check instead of the best available.
+    #[arg(long, value_enum)]
+    pub probes: Option<Probes>,
 }
 
 #[derive(Debug, Args)]

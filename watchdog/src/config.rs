@@ -73,6 +73,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which kernel probe set to use (see `kernel_btf::ProbeSet`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Probes {
+    /// The sock tracepoints where the kernel has them (6.3+), else the syscall set.
+    #[default]
+    Auto,
+    /// sock:sock_recv_length / sock_send_length.
+    Sock,
+    /// raw_syscalls:sys_exit with an fd-to-socket walk.
+    Syscalls,
+}
+
 /// A duration written as `250ms`, `2s`, `1m`, ... (humantime syntax).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
@@ -241,6 +254,7 @@ struct RawDaemon {
     status_socket: Option<PathBuf>,
     log_format: Option<LogFormat>,
     events: Option<PathBuf>,
+    probes: Option<Probes>,
 }
 
 /// Which processes a policy (or the protect list) covers. Empty lists match everything.
@@ -433,6 +447,8 @@ pub struct Config {
     pub status_socket: PathBuf,
     pub log_format: LogFormat,
     pub events: Option<PathBuf>,
+    /// Kernel probe set; fixed for the daemon's life (a reload cannot change it).
+    pub probes: Probes,
     pub protect: Selector,
     pub policies: Vec<Policy>,
 }
@@ -468,6 +484,7 @@ impl Config {
             status_socket: DEFAULT_STATUS_SOCKET.into(),
             log_format: LogFormat::Text,
             events: None,
+            probes: Probes::Auto,
             protect: Selector::default(),
             policies,
         }
@@ -614,6 +631,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         cfg.log_format = f;
     }
     cfg.events = raw.daemon.events;
+    cfg.probes = raw.daemon.probes.unwrap_or_default();
     cfg.protect = raw.protect;
     if raw.policies.is_empty() {
         return Err(invalid(

@@ -84,7 +84,7 @@ struct State {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
-    let mut kernel = Kernel::load()?;
+    let mut kernel = Kernel::load(cfg.probes)?;
     let ring = kernel
         .take_events()
         .context("event ring buffer already taken")?;
@@ -94,7 +94,12 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
 
     let slots: SlotMap = Arc::new(RwLock::new(Vec::new()));
     let mut registry = Registry::default();
-    let metrics = Metrics::register(&mut registry, Some(kernel.counters()), slots.clone());
+    let metrics = Metrics::register(
+        &mut registry,
+        Some(kernel.counters()),
+        slots.clone(),
+        kernel.probe_set.label(),
+    );
     let health = Arc::new(Health::default());
     health.last_tick.store(api::mono_secs(), Ordering::Relaxed);
 
@@ -127,6 +132,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     health.ready.store(true, Ordering::Relaxed);
     info!(
         cgroup = %st.kernel.cgroup.display(),
+        probes = st.kernel.probe_set.label(),
         thread_pidfds = actions::thread_pidfds_supported(),
         metrics = %st.cfg.metrics_addr,
         status = %st.cfg.status_socket.display(),

@@ -16,6 +16,11 @@ use aya::{
 };
 use watchdog_common::{limits, names, port_stat, stat, ConnInfo, ConnRecord, PortConfig, TaskInfo};
 
+use crate::{
+    config::Probes,
+    kernel_btf::{self, KernelBtf, ProbeSet},
+};
+
 /// Errors of loading and attaching. Each says what is missing and how to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -27,6 +32,9 @@ pub enum LoadError {
         "the kernel has no BTF at /sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF=y is required)"
     )]
     NoBtf(#[source] aya::BtfError),
+    /// The requested probe set cannot run here, or its struct offsets are not in the BTF.
+    #[error("choosing the kernel probe set")]
+    ProbeSet(#[source] kernel_btf::BtfError),
     /// No cgroup v2 hierarchy could be found or mounted.
     #[error("no cgroup v2 hierarchy is mounted and mounting one at {path} failed: {source}")]
     NoCgroup2 {
@@ -65,6 +73,8 @@ pub struct Kernel {
     events: Option<RingBuf<MapData>>,
     /// The cgroup v2 directory the sock_ops program is attached to.
     pub cgroup: PathBuf,
+    /// Which probe set feeds the request maps.
+    pub probe_set: ProbeSet,
 }
 
 /// Global kernel counters summed over CPUs (see `watchdog_common::stat`).
@@ -103,17 +113,25 @@ impl SlotStats {
 }
 
 impl Kernel {
-    /// Loads and attaches every program. Needs root.
-    pub fn load() -> Result<Self, LoadError> {
+    /// Loads and attaches the programs of the probe set `want` resolves to. Needs root.
+    pub fn load(want: Probes) -> Result<Self, LoadError> {
         let uid = nix::unistd::geteuid().as_raw();
         if uid != 0 {
             return Err(LoadError::NotPrivileged { uid });
         }
         raise_memlock_limit();
         let btf = Btf::from_sys_fs().map_err(LoadError::NoBtf)?;
+        let kbtf = KernelBtf::load().map_err(LoadError::ProbeSet)?;
+        let probe_set = kbtf.choose(want).map_err(LoadError::ProbeSet)?;
+        let offsets = match probe_set {
+            ProbeSet::Syscalls => kbtf.offsets().map_err(LoadError::ProbeSet)?,
+            ProbeSet::Sock => Default::default(),
+        };
         let cgroup = cgroup2_root()?;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
+            .override_global(names::GLOBAL_PROBE_SET, &probe_set.id(), true)
+            .override_global(names::GLOBAL_OFFSETS, &offsets, true)
             .load(OBJECT)
             .map_err(LoadError::Object)?;
 
@@ -134,12 +152,16 @@ impl Kernel {
             .attach(cg, CgroupAttachMode::Single)
             .map_err(prog(names::PROG_SOCK_OPS))?;
 
-        for (name, hook) in [
-            (names::PROG_TASK_EXIT, names::TP_TASK_EXIT),
-            (names::PROG_RECV, names::TP_RECV),
-            (names::PROG_SEND, names::TP_SEND),
-            (names::PROG_RESET, names::TP_RESET),
-        ] {
+        let tracepoints = kernel_btf::PROGRAMS
+            .iter()
+            .filter(|p| p.program != names::PROG_SOCK_OPS)
+            .filter(|p| p.set.is_none_or(|s| s == probe_set));
+        for &kernel_btf::ProgramSpec {
+            program: name,
+            hook,
+            ..
+        } in tracepoints
+        {
             let err = |source| LoadError::Program {
                 program: name,
                 hook,
@@ -168,6 +190,7 @@ impl Kernel {
             events: Some(events),
             _ebpf: ebpf,
             cgroup,
+            probe_set,
         })
     }
 

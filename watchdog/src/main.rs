@@ -7,6 +7,7 @@ mod cli;
 mod config;
 mod daemon;
 mod diagnose;
+mod kernel_btf;
 mod loader;
 mod metrics;
 mod policy;
@@ -53,7 +54,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check(a) => {
             init_logging(cli.log_format.unwrap_or_default());
-            let ok = check::run(a.config.as_deref(), a.config_only);
+            let ok = check::run(a.config.as_deref(), a.config_only, a.probes);
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {
@@ -102,6 +103,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if a.observe {
                 cfg.mode = config::Mode::Observe;
+            }
+            if let Some(p) = a.probes {
+                cfg.probes = p;
             }
             init_logging(cli.log_format.unwrap_or(cfg.log_format));
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -75,6 +75,7 @@ impl Metrics {
         registry: &mut Registry,
         counters: Option<Arc<Counters>>,
         slots: SlotMap,
+        probe_set: &str,
     ) -> Self {
         let m = Self {
             budget_exceeded: Family::default(),
@@ -138,7 +139,9 @@ impl Metrics {
         registry.register("watchdog_build_info", "Build information", build);
         let probes: Family<SetLabels, Gauge> = Family::default();
         probes
-            .get_or_create(&SetLabels { set: "sock".into() })
+            .get_or_create(&SetLabels {
+                set: probe_set.into(),
+            })
             .set(1);
         registry.register("watchdog_probe_set", "The kernel probe set in use", probes);
         if let Some(counters) = counters {

@@ -20,7 +20,8 @@ use watchdog_common::{
 };
 
 use crate::maps::{
-    count, emit, port_config, port_count, ConnEntry, SockState, CONNS, SOCKS, SOCK_PEER_FIN, TASKS,
+    count, emit, port_config, port_count, syscall_set, ConnEntry, SockState, CONNS, SOCKS,
+    SOCK_PEER_FIN, SOCK_STATES, TASKS,
 };
 
 const AF_INET: u32 = 2;
@@ -126,16 +127,7 @@ fn on_accept(ctx: &SockOpsContext) {
         slot: cfg.slot,
         flags: 0,
     };
-    // SAFETY: `sk` is the non-null socket of this context; SOCKS is socket-local storage.
-    let st = unsafe {
-        bpf_sk_storage_get(
-            ptr::addr_of!(SOCKS) as *mut c_void,
-            sk.cast(),
-            ptr::addr_of!(init) as *mut c_void,
-            BPF_SK_STORAGE_GET_F_CREATE.into(),
-        )
-    };
-    if st.is_null() {
+    if !create_state(sk, &init) {
         let _ = CONNS.remove(cookie);
         count(stat::CONNS_TABLE_FULL);
         return;
@@ -154,15 +146,7 @@ fn on_state(ctx: &SockOpsContext) {
     if sk.is_null() {
         return;
     }
-    // SAFETY: lookup without create on this context's socket.
-    let st = unsafe {
-        bpf_sk_storage_get(
-            ptr::addr_of!(SOCKS) as *mut c_void,
-            sk.cast(),
-            ptr::null_mut(),
-            0,
-        )
-    } as *mut SockState;
+    let st = state_of(ctx, sk);
     if st.is_null() {
         return;
     }
@@ -181,9 +165,54 @@ fn on_state(ctx: &SockOpsContext) {
         st.state = ReqState::Idle as u32;
         port_count(st.slot, watchdog_common::port_stat::CLOSED_IN_FLIGHT, 1);
     }
-    if CONNS.remove(st.cookie).is_ok() {
+    let cookie = st.cookie;
+    if syscall_set() {
+        let _ = SOCK_STATES.remove(cookie);
+    }
+    if CONNS.remove(cookie).is_ok() {
         count(stat::CONNS_CLOSED);
     }
+}
+
+/// Creates the per-socket state of a newly tracked connection: socket-local storage for the
+/// sock set, `SOCK_STATES[cookie]` for the syscall set. False if there was no room.
+#[inline(always)]
+fn create_state(sk: *mut bpf_sock, init: &SockState) -> bool {
+    if syscall_set() {
+        return SOCK_STATES
+            .insert(init.cookie, *init, BPF_NOEXIST.into())
+            .is_ok();
+    }
+    // SAFETY: `sk` is the non-null socket of this context; SOCKS is socket-local storage.
+    let st = unsafe {
+        bpf_sk_storage_get(
+            ptr::addr_of!(SOCKS) as *mut c_void,
+            sk.cast(),
+            ptr::addr_of!(*init) as *mut c_void,
+            BPF_SK_STORAGE_GET_F_CREATE.into(),
+        )
+    };
+    !st.is_null()
+}
+
+/// The per-socket state of the sock_ops context's socket, or null if it is not tracked.
+#[inline(always)]
+fn state_of(ctx: &SockOpsContext, sk: *mut bpf_sock) -> *mut SockState {
+    if syscall_set() {
+        // SAFETY: helper call with the sock_ops context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        return SOCK_STATES.get_ptr_mut(cookie).unwrap_or(ptr::null_mut());
+    }
+    // SAFETY: lookup without create on this context's socket.
+    unsafe {
+        bpf_sk_storage_get(
+            ptr::addr_of!(SOCKS) as *mut c_void,
+            sk.cast(),
+            ptr::null_mut(),
+            0,
+        )
+    }
+    .cast()
 }
 
 /// The peer hung up on a request in flight: tell userspace if the port asks for it.
@@ -214,10 +243,15 @@ fn peer_gone(cookie: u64, kind: EventKind) {
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn conn_enter_receive_reset(ctx: BtfTracePointContext) -> u32 {
     let sk: *mut c_void = ctx.arg(0);
-    // SAFETY: `sk` is the tracepoint's typed socket pointer.
-    let st =
+    let st: *const SockState = if syscall_set() {
+        // SAFETY: `sk` is the tracepoint's typed socket pointer.
+        let cookie = unsafe { bpf_get_socket_cookie(sk) };
+        SOCK_STATES.get_ptr(cookie).unwrap_or(ptr::null_mut())
+    } else {
+        // SAFETY: `sk` is the tracepoint's typed socket pointer.
         unsafe { bpf_sk_storage_get(ptr::addr_of!(SOCKS) as *mut c_void, sk, ptr::null_mut(), 0) }
-            as *const SockState;
+            .cast()
+    };
     if !st.is_null() {
         // SAFETY: non-null storage pointer.
         let st = unsafe { &*st };

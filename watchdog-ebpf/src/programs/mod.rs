@@ -1,3 +1,4 @@
 mod connection;
 mod request;
+mod syscalls;
 mod task;

@@ -1,5 +1,6 @@
 //! Requests on tracked connections: bytes in on an idle connection start one, the first byte
-//! out ends it. These two programs are the hot path: every recv and send on the host.
+//! out ends it. The sock probe set's two programs here are the hot path: every recv and send on
+//! the host. `start_request` / `end_request` are shared with the syscall set.
 
 use core::{ffi::c_void, ptr};
 
@@ -12,7 +13,8 @@ use watchdog_common::{port_stat, ReqState, DURATION_BUCKETS_MS};
 
 use crate::maps::{port_config, port_count, task_life, SockState, CONNS, SOCKS};
 
-const MSG_PEEK: i32 = 2;
+/// `MSG_PEEK`: a peek reads bytes without consuming them; it starts nothing.
+pub const MSG_PEEK: i32 = 2;
 
 /// The tracked-connection state of `sk`, or null for every other socket.
 #[inline(always)]
@@ -43,7 +45,9 @@ pub fn request_enter_recv(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
-fn start_request(st: &mut SockState) {
+/// Bytes came in on an idle tracked connection: a request starts, owned by the current thread.
+#[inline(always)]
+pub fn start_request(st: &mut SockState) {
     st.state = ReqState::InFlight as u32;
     st.gen = st.gen.wrapping_add(1);
     port_count(st.slot, port_stat::STARTED, 1);
@@ -84,13 +88,19 @@ pub fn request_exit_send(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     // SAFETY: non-null storage pointer.
-    let st = unsafe { &mut *st };
+    end_request(unsafe { &mut *st });
+    0
+}
+
+/// The first byte went out on a tracked connection: its request (if any) is answered.
+#[inline(always)]
+pub fn end_request(st: &mut SockState) {
     if st.state != ReqState::InFlight as u32 {
-        return 0;
+        return;
     }
     st.state = ReqState::Idle as u32;
     let Some(e) = CONNS.get_ptr_mut(st.cookie) else {
-        return 0;
+        return;
     };
     // SAFETY: `e` points into CONNS.
     let info = unsafe { &mut (*e).info };
@@ -99,7 +109,6 @@ pub fn request_exit_send(ctx: BtfTracePointContext) -> u32 {
     let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(info.start_ns);
     port_count(st.slot, port_stat::BUCKETS + bucket(elapsed), 1);
     port_count(st.slot, port_stat::DURATION_SUM_NS, elapsed);
-    0
 }
 
 /// Index of the histogram bucket for a duration (the last index is `+Inf`).

@@ -1,11 +1,13 @@
-//! Task exit: whatever the exiting thread owned stops being actionable at once.
+//! Task life: whatever an exiting thread owned stops being actionable at once; for the syscall
+//! probe set, a forked child inherits its parent's file table and so its tracked connections.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext,
+    bindings::BPF_ANY, helpers::bpf_get_current_pid_tgid, helpers::bpf_probe_read_kernel,
+    macros::btf_tracepoint, programs::BtfTracePointContext,
 };
 use watchdog_common::stat;
 
-use crate::maps::{count, TASKS};
+use crate::maps::{count, offsets, syscall_set, OWNERS, TASKS};
 
 /// `sched_process_exit`, in the context of the exiting thread. Deleting its `TASKS` entry
 /// invalidates every request it owned: their `owner_life` no longer matches any live task, so the
@@ -13,9 +15,36 @@ use crate::maps::{count, TASKS};
 /// reused.
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn task_exit(_ctx: BtfTracePointContext) -> u32 {
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
     if TASKS.remove(tid).is_ok() {
         count(stat::TASKS_EXITED);
+    }
+    if syscall_set() && tid == (pid_tgid >> 32) as u32 {
+        let _ = OWNERS.remove(tid);
+    }
+    0
+}
+
+/// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`, in the parent.
+/// Syscall set only: a server that accepts and then forks a child per connection hands the
+/// child its tracked sockets, so the child joins `OWNERS`.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn task_fork(ctx: BtfTracePointContext) -> u32 {
+    if !syscall_set() {
+        return 0;
+    }
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if OWNERS.get_ptr(parent).is_none() {
+        return 0;
+    }
+    let child: *const u8 = ctx.arg(1);
+    let tgid_at = child.wrapping_add(offsets().task_tgid as usize) as *const u32;
+    // SAFETY: bpf_probe_read_kernel checks the address.
+    if let Ok(tgid) = unsafe { bpf_probe_read_kernel(tgid_at) } {
+        if tgid != parent {
+            let _ = OWNERS.insert(tgid, 1, BPF_ANY.into());
+        }
     }
     0
 }

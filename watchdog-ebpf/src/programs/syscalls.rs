@@ -1,0 +1,173 @@
+//! The syscall probe set, for kernels without the sock tracepoints (before 6.3).
+//!
+//! One BTF tracepoint on `raw_syscalls:sys_exit` sees every syscall return on the host. It keeps
+//! only accept/accept4 (a process takes a tracked connection), the recv family and read (bytes
+//! in), and the send family, write and sendfile (bytes out), then finds the socket behind the fd
+//! by walking the task's file table with offsets the daemon read from BTF. Everything after that
+//! is shared with the sock set (`start_request` / `end_request`), so the daemon cannot tell the
+//! two apart.
+//!
+//! Why `sys_exit` and not the per-syscall `syscalls:sys_exit_*` tracepoints: those are classic
+//! tracepoints, and the kernel refuses maps holding a `bpf_timer` in classic tracepoint programs
+//! ("tracing progs cannot use bpf_timer yet"); BTF tracepoints may use them. The fd is still in
+//! the saved registers at exit (x86-64 `pt_regs.di`), so no enter program is needed.
+
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use watchdog_common::ReqState;
+
+use crate::{
+    maps::{offsets, syscall_set, OWNERS, SOCK_STATES},
+    programs::request::{end_request, start_request, MSG_PEEK},
+};
+
+/// x86-64 `struct pt_regs`, in u64 words: the syscall's saved arguments and number.
+mod regs {
+    pub const R10: usize = 7;
+    pub const DX: usize = 12;
+    pub const DI: usize = 14;
+    pub const ORIG_AX: usize = 15;
+}
+
+/// x86-64 syscall numbers.
+mod nr {
+    pub const READ: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const READV: u64 = 19;
+    pub const WRITEV: u64 = 20;
+    pub const SENDFILE: u64 = 40;
+    pub const ACCEPT: u64 = 43;
+    pub const SENDTO: u64 = 44;
+    pub const RECVFROM: u64 = 45;
+    pub const SENDMSG: u64 = 46;
+    pub const RECVMSG: u64 = 47;
+    pub const ACCEPT4: u64 = 288;
+    pub const RECVMMSG: u64 = 299;
+    pub const SENDMMSG: u64 = 307;
+}
+
+/// `sys_exit(struct pt_regs *regs, long ret)`, in the task that made the syscall.
+#[btf_tracepoint(function = "sys_exit")]
+pub fn syscall_exit(ctx: BtfTracePointContext) -> u32 {
+    if !syscall_set() {
+        return 0;
+    }
+    let ret: i64 = ctx.arg(1);
+    if ret < 0 {
+        return 0;
+    }
+    let regs: *const u64 = ctx.arg(0);
+    // SAFETY: `regs` is the tracepoint's typed `pt_regs` pointer; constant-offset field loads.
+    let (sysno, fd) = unsafe {
+        (
+            core::ptr::read_volatile(regs.add(regs::ORIG_AX)),
+            core::ptr::read_volatile(regs.add(regs::DI)),
+        )
+    };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    match sysno {
+        nr::ACCEPT | nr::ACCEPT4 => on_accept(tgid, ret as u64),
+        nr::READ | nr::READV | nr::RECVFROM | nr::RECVMSG | nr::RECVMMSG if ret > 0 => {
+            let flags = match sysno {
+                // SAFETY: as above.
+                nr::RECVMSG => unsafe { core::ptr::read_volatile(regs.add(regs::DX)) },
+                // SAFETY: as above.
+                nr::RECVFROM | nr::RECVMMSG => unsafe {
+                    core::ptr::read_volatile(regs.add(regs::R10))
+                },
+                _ => 0,
+            };
+            if flags & MSG_PEEK as u64 == 0 {
+                on_bytes_in(tgid, fd);
+            }
+        }
+        nr::WRITE | nr::WRITEV | nr::SENDTO | nr::SENDMSG | nr::SENDMMSG | nr::SENDFILE
+            if ret > 0 =>
+        {
+            on_bytes_out(tgid, fd)
+        }
+        _ => {}
+    }
+    0
+}
+
+/// A process took a connection: if it is tracked, the process's reads and writes matter now.
+#[inline(always)]
+fn on_accept(tgid: u32, fd: u64) {
+    if let Some(cookie) = cookie_of_fd(fd) {
+        if SOCK_STATES.get_ptr(cookie).is_some() {
+            let _ = OWNERS.insert(tgid, 1, BPF_ANY.into());
+        }
+    }
+}
+
+#[inline(always)]
+fn on_bytes_in(tgid: u32, fd: u64) {
+    if OWNERS.get_ptr(tgid).is_none() {
+        return;
+    }
+    let Some(cookie) = cookie_of_fd(fd) else {
+        return;
+    };
+    if let Some(st) = SOCK_STATES.get_ptr_mut(cookie) {
+        // SAFETY: map value pointer from a successful lookup.
+        let st = unsafe { &mut *st };
+        if st.state == ReqState::Idle as u32 {
+            start_request(st);
+        }
+    }
+}
+
+#[inline(always)]
+fn on_bytes_out(tgid: u32, fd: u64) {
+    if OWNERS.get_ptr(tgid).is_none() {
+        return;
+    }
+    let Some(cookie) = cookie_of_fd(fd) else {
+        return;
+    };
+    if let Some(st) = SOCK_STATES.get_ptr_mut(cookie) {
+        // SAFETY: map value pointer from a successful lookup.
+        end_request(unsafe { &mut *st });
+    }
+}
+
+/// The socket cookie behind `fd` in the current task's file table, if `fd` is a socket.
+///
+/// `task->files->fdt->fd[fd]->private_data` is a `struct socket` only for socket files; the
+/// back pointer `socket->sk->sk_socket == socket` rejects every other kind of file.
+#[inline(always)]
+fn cookie_of_fd(fd: u64) -> Option<u64> {
+    let off = offsets();
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let files: *const u8 = read(task, off.task_files)?;
+    let fdt: *const u8 = read(files, off.files_fdt)?;
+    let max_fds: u32 = read(fdt, off.fdt_max_fds)?;
+    if fd >= u64::from(max_fds) {
+        return None;
+    }
+    let fds: *const u8 = read(fdt, off.fdt_fd)?;
+    let file: *const u8 = read(fds, (fd * 8) as u32)?;
+    let socket: *const u8 = read(file, off.file_private_data)?;
+    let sk: *const u8 = read(socket, off.socket_sk)?;
+    let back: *const u8 = read(sk, off.sock_socket)?;
+    if back != socket || socket.is_null() {
+        return None;
+    }
+    read(sk, off.sock_cookie)
+}
+
+/// Reads a `T` at `base + offset` in kernel memory; `None` for a null base or a failed read.
+#[inline(always)]
+fn read<T>(base: *const u8, offset: u32) -> Option<T> {
+    if base.is_null() {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error, not a fault.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize) as *const T) }.ok()
+}
