@@ -193,7 +193,7 @@ impl KernelBtf {
                 cur = self.as_struct(ty).ok_or_else(missing)?;
             }
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(missing());
         }
         Ok(bits / 8)

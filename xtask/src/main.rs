@@ -4,7 +4,9 @@
 //! and, for tests as root, the Debian packages the real-server tests use), so a fresh machine
 //! needs nothing but `cargo xtask test`.
 
+mod build;
 mod setup;
+mod vm;
 
 use std::process::Command;
 
@@ -30,7 +32,12 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Run every test: unit and property tests, then the privileged end-to-end tests.
-    Test,
+    Test {
+        /// Only the kernel matrix (also part of the full run): boot Debian's 6.1 and 6.12
+        /// kernels under QEMU and run the core scenarios inside.
+        #[arg(long)]
+        vm: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -53,7 +60,11 @@ fn main() -> Result<()> {
             };
             run(Command::new(root().join("target/release/watchdog")).args(&args))
         }
-        Cmd::Test => {
+        Cmd::Test { vm: true } => {
+            setup::toolchain()?;
+            vm::test()
+        }
+        Cmd::Test { vm: false } => {
             setup::toolchain()?;
             setup::test_packages()?;
             cargo(&["build", "--release", "-p", "watchdog"])?;
@@ -77,7 +88,27 @@ fn main() -> Result<()> {
                 "--test-threads=1",
             ]);
             cmd.env("RUST_BACKTRACE", "1");
-            run(&mut cmd)
+            run(&mut cmd)?;
+            // The same real-server scenarios with the syscall probe set (kernels before 6.3),
+            // forced on this kernel so both sets are tested on every run.
+            let mut cmd = cargo_cmd(&[
+                "test",
+                "-p",
+                "watchdog",
+                "--test",
+                "core",
+                "--test",
+                "client_gone",
+                "--test",
+                "policies",
+                "--",
+                "--test-threads=1",
+            ]);
+            cmd.env("RUST_BACKTRACE", "1")
+                .env("WATCHDOG_PROBES", "syscalls");
+            run(&mut cmd)?;
+            // Debian's 6.1 and 6.12 kernels under QEMU (about a minute once cached).
+            vm::test()
         }
     }
 }

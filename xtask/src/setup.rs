@@ -91,7 +91,19 @@ pub fn toolchain() -> Result<()> {
 
 /// The Debian packages of the end-to-end tests (only as root, only when missing).
 pub fn test_packages() -> Result<()> {
-    let missing: Vec<&str> = TEST_PACKAGES
+    if !ensure_packages(TEST_PACKAGES)? {
+        return Ok(());
+    }
+    // Debian starts the services it installs; the tests run their own instances.
+    for svc in ["nginx", "haproxy", "postgresql"] {
+        let _ = Command::new("service").args([svc, "stop"]).output();
+    }
+    Ok(())
+}
+
+/// Installs the Debian packages of `list` that are missing; true if it installed any.
+pub fn ensure_packages(list: &[&str]) -> Result<bool> {
+    let missing: Vec<&str> = list
         .iter()
         .copied()
         .filter(|p| {
@@ -102,7 +114,7 @@ pub fn test_packages() -> Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     if !nix_is_root() {
         bail!(
@@ -116,11 +128,7 @@ pub fn test_packages() -> Result<()> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    // Debian starts the services it installs; the tests run their own instances.
-    for svc in ["nginx", "haproxy", "postgresql"] {
-        let _ = Command::new("service").args([svc, "stop"]).output();
-    }
-    Ok(())
+    Ok(true)
 }
 
 fn nix_is_root() -> bool {

@@ -164,6 +164,16 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        // `cargo xtask test` runs the real-server tests once per probe set through this variable:
+        // make sure the daemon really runs the set asked for.
+        if let Ok(set) = std::env::var("WATCHDOG_PROBES") {
+            assert_eq!(
+                d.metric("watchdog_probe_set", &[("set", &set)]),
+                1.0,
+                "WATCHDOG_PROBES={set} but the daemon runs another probe set:\n{}",
+                d.log_text()
+            );
+        }
         d
     }
 

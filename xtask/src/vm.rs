@@ -1,0 +1,222 @@
+//! `cargo xtask test --vm`: the kernel matrix. Boots Debian's own kernels under QEMU with an
+//! initramfs holding busybox, the statically linked `watchdog` and `vm-guest`, and runs the core
+//! scenarios inside (see xtask/src/bin/vm-guest.rs), once per probe set each kernel offers.
+//!
+//! TCG, not KVM: /dev/kvm exists on these machines but a KVM guest hangs.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{root, run, setup};
+
+/// Debian kernel packages under test: (label, apt-cache pattern of the package name).
+const KERNELS: &[(&str, &str)] = &[
+    ("debian-6.1", r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64$"),
+    (
+        "debian-6.12",
+        r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64$",
+    ),
+];
+
+const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
+
+/// One guest must finish within this (boot ~5 s, scenarios well under a minute).
+const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub fn test() -> Result<()> {
+    setup::ensure_packages(PACKAGES)?;
+    let dir = root().join("target/vm");
+    fs::create_dir_all(&dir)?;
+    let watchdog = crate::build::static_binary("watchdog", "watchdog")?;
+    let guest = crate::build::static_binary("xtask", "vm-guest")?;
+    let initrd = pack_initramfs(&dir, &watchdog, &guest)?;
+    let mut failed = Vec::new();
+    for (label, pattern) in KERNELS {
+        let vmlinuz =
+            kernel(&dir, pattern).with_context(|| format!("getting the {label} kernel"))?;
+        let started = Instant::now();
+        let log = dir.join(format!("{label}.log"));
+        let outcome = boot(&vmlinuz, &initrd, &log);
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        for l in text.lines().filter(|l| l.starts_with("VMTEST")) {
+            println!("{label}: {l}");
+        }
+        println!(
+            "{label}: {:.0?} (log: {})",
+            started.elapsed(),
+            log.display()
+        );
+        match outcome.and_then(|()| verdict(&text)) {
+            Ok(()) => {}
+            Err(e) => {
+                eprintln!("{label}: FAILED: {e:#}");
+                failed.push(*label);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("kernel matrix failed on {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// The guest's summary line says every scenario passed.
+fn verdict(console: &str) -> Result<()> {
+    let done = console
+        .lines()
+        .find_map(|l| l.strip_prefix("VMTEST DONE "))
+        .context("the guest never reported (no VMTEST DONE line)")?;
+    let count = |key: &str| -> u32 {
+        done.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    if count("fail=") > 0 || count("pass=") == 0 {
+        bail!("guest reported {done}");
+    }
+    Ok(())
+}
+
+/// Downloads (once) the newest package matching `pattern` and returns its vmlinuz.
+fn kernel(dir: &Path, pattern: &str) -> Result<PathBuf> {
+    let list = output(Command::new("apt-cache").args(["search", "--names-only", pattern]))?;
+    let mut names: Vec<&str> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    if names.is_empty() {
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        return kernel_after_update(dir, pattern);
+    }
+    names.sort_by_key(|n| version_key(n));
+    fetch_kernel(dir, names.last().expect("non-empty"))
+}
+
+fn kernel_after_update(dir: &Path, pattern: &str) -> Result<PathBuf> {
+    let list = output(Command::new("apt-cache").args(["search", "--names-only", pattern]))?;
+    let mut names: Vec<&str> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    names.sort_by_key(|n| version_key(n));
+    let name = names
+        .last()
+        .with_context(|| format!("no Debian package matches {pattern}"))?;
+    fetch_kernel(dir, name)
+}
+
+/// Numeric parts of a package name, for "newest" ordering (6.12.117 after 6.12.99).
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn fetch_kernel(dir: &Path, package: &str) -> Result<PathBuf> {
+    let unpacked = dir.join(package);
+    if let Some(v) = find_vmlinuz(&unpacked) {
+        return Ok(v);
+    }
+    let debs = dir.join("debs");
+    fs::create_dir_all(&debs)?;
+    run(Command::new("apt-get")
+        .args(["download", "-q", package])
+        .current_dir(&debs))?;
+    let deb = fs::read_dir(&debs)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+        })
+        .with_context(|| format!("apt-get download {package} left no .deb"))?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    find_vmlinuz(&unpacked).with_context(|| format!("no boot/vmlinuz-* in {package}"))
+}
+
+fn find_vmlinuz(unpacked: &Path) -> Option<PathBuf> {
+    fs::read_dir(unpacked.join("boot"))
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+}
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mkdir -p /proc /sys /dev /run /tmp
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+ip link set lo up
+echo "VMTEST KERNEL $(uname -r)"
+/bin/vm-guest
+poweroff -f
+"#;
+
+/// busybox + the two static binaries + init, as a gzipped newc cpio archive.
+fn pack_initramfs(dir: &Path, watchdog: &Path, guest: &Path) -> Result<PathBuf> {
+    let tree = dir.join("initramfs");
+    let _ = fs::remove_dir_all(&tree);
+    fs::create_dir_all(tree.join("bin"))?;
+    fs::copy("/bin/busybox", tree.join("bin/busybox")).context("busybox-static")?;
+    fs::copy(watchdog, tree.join("bin/watchdog"))?;
+    fs::copy(guest, tree.join("bin/vm-guest"))?;
+    fs::write(tree.join("init"), INIT)?;
+    run(Command::new("chmod").arg("755").arg(tree.join("init")))?;
+    let out = dir.join("initrd.gz");
+    run(Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "find . | cpio -o -H newc --quiet | gzip -1 > {}",
+            out.display()
+        ))
+        .current_dir(&tree))?;
+    Ok(out)
+}
+
+/// Boots the kernel with the initramfs; the console goes to `log`.
+fn boot(vmlinuz: &Path, initrd: &Path, log: &Path) -> Result<()> {
+    let console = fs::File::create(log)?;
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1024"])
+        .args(["-nographic", "-no-reboot", "-kernel"])
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .stdin(Stdio::null())
+        .stdout(console.try_clone()?)
+        .stderr(console)
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let until = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                bail!("qemu exited with {status}");
+            }
+            return Ok(());
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            bail!("guest still running after {GUEST_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
