@@ -54,6 +54,6 @@ impl Event {
         // SAFETY: length checked; Event is plain old data with no invalid bit patterns.
         let ev = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) };
         EventKind::from_u32(ev.kind)?;
-        Some(ev)
+        (ev.version == crate::LAYOUT_VERSION).then_some(ev)
     }
 }

@@ -12,12 +12,12 @@ pub mod state;
 
 pub use event::{Event, EventKind};
 pub use state::{
-    ConnInfo, ConnRecord, PortConfig, ReqState, TaskInfo, PORT_CLIENT_GONE, PORT_WATCHED,
+    ConnInfo, ConnRecord, Meta, PortConfig, ReqState, TaskInfo, PORT_CLIENT_GONE, PORT_WATCHED,
 };
 
 /// Bumped whenever the layout of any map key or value changes. Stamped into the `META` map so a
 /// daemon never reads pinned state written with another layout.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Capacity limits of the kernel tables. Fixed at build time; insert failures are counted.
 pub mod limits {
@@ -72,6 +72,10 @@ pub mod stat {
     pub const DEADLINES_STALE: u32 = 6;
     /// Tasks dropped from the task table on exit.
     pub const TASKS_EXITED: u32 = 7;
+    /// `bpf_timer_init` / `_set_callback` calls that failed at accept.
+    pub const TIMER_INIT_ERRORS: u32 = 8;
+    /// `bpf_timer_start` calls that failed at request start (a request without a timer).
+    pub const TIMER_START_ERRORS: u32 = 9;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
 }

@@ -12,6 +12,8 @@ pub const MAP_PORTS: &str = "PORTS";
 pub const MAP_SOCK_STATES: &str = "SOCK_STATES";
 /// Processes (tgids) that accepted a tracked connection: the syscall set's cheap first filter.
 pub const MAP_OWNERS: &str = "OWNERS";
+/// Stamp of a pinned state: `Meta` at index 0. Written by userspace only.
+pub const MAP_META: &str = "META";
 /// Rare events for userspace: `Event`.
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Global counters (per CPU): see `stat`.
@@ -34,6 +36,18 @@ pub const PROG_TASK_EXIT: &str = "task_exit";
 pub const PROG_SYS_EXIT: &str = "syscall_exit";
 /// tp_btf sched_process_fork: a child inherits its parent's tracked file table.
 pub const PROG_FORK: &str = "task_fork";
+
+/// Maps a restarted daemon opens from the pin directory (the kernel-only maps stay referenced
+/// by the pinned programs).
+pub const PINNED_MAPS: [&str; 7] = [
+    MAP_CONNS,
+    MAP_TASKS,
+    MAP_PORTS,
+    MAP_EVENTS,
+    MAP_STATS,
+    MAP_PORT_STATS,
+    MAP_META,
+];
 
 /// Read-only globals of the eBPF object, set at load time.
 pub const GLOBAL_PROBE_SET: &str = "PROBE_SET";

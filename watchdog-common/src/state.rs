@@ -83,6 +83,25 @@ pub struct TaskInfo {
     pub _pad: u32,
 }
 
+/// Stamp of a pinned kernel state (`META[0]`), written last when the daemon pins a fresh state.
+/// A restarted daemon adopts the pinned programs and maps only if every field equals its own;
+/// otherwise it never reads them, and replaces them. `layout_version` must stay the first field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// `LAYOUT_VERSION` of the daemon that pinned the state.
+    pub layout_version: u32,
+    /// `probes::SOCK` or `probes::SYSCALLS`.
+    pub probe_set: u32,
+    /// FNV-1a hash of the eBPF object: other programs, other state.
+    pub object_hash: u64,
+    /// `max_entries` of the connection tables.
+    pub max_conns: u32,
+    /// Size of the event ring buffer in bytes.
+    pub events_bytes: u32,
+}
+
+const _: () = assert!(size_of::<Meta>() == 24);
 const _: () = assert!(size_of::<PortConfig>() == 16);
 const _: () = assert!(size_of::<ConnInfo>() == 88);
 const _: () = assert!(size_of::<ConnRecord>() == 104);
@@ -95,4 +114,5 @@ mod user {
     unsafe impl aya::Pod for super::ConnInfo {}
     unsafe impl aya::Pod for super::ConnRecord {}
     unsafe impl aya::Pod for super::TaskInfo {}
+    unsafe impl aya::Pod for super::Meta {}
 }

@@ -9,7 +9,7 @@ use watchdog_common::{
     limits::{EVENTS_BYTES, MAX_CONNS, MAX_PORT_SLOTS, MAX_TASKS, PORTS as PORT_ENTRIES},
     port_stat,
     probes::{self, KernelOffsets},
-    stat, ConnInfo, Event, PortConfig, TaskInfo,
+    stat, ConnInfo, Event, Meta, PortConfig, TaskInfo,
 };
 
 /// Which probe set the daemon chose (`probes::SOCK` or `probes::SYSCALLS`). Read-only, set at
@@ -97,6 +97,10 @@ pub static TASKS: HashMap<u32, TaskInfo, { MAX_TASKS as usize }> = HashMap::new(
 
 #[btf_map]
 pub static PORTS: Array<PortConfig, { PORT_ENTRIES as usize }> = Array::new();
+
+/// Written by userspace only: the stamp of a pinned state.
+#[btf_map]
+pub static META: Array<Meta, 1> = Array::new();
 
 #[btf_map]
 pub static EVENTS: RingBuf<Event, { EVENTS_BYTES as usize }> = RingBuf::new();

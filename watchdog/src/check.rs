@@ -189,7 +189,7 @@ fn probe_kernel(r: &mut Report, want: Probes) {
         ),
     }
     if euid == 0 {
-        match loader::Kernel::load(want) {
+        match loader::Kernel::load(&loader::LoadOptions::ephemeral(want)) {
             Ok(k) => r.add(
                 true,
                 true,

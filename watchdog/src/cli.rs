@@ -25,6 +25,16 @@ pub enum Command {
     Check(CheckArgs),
     /// Show requests in flight, policies and recent actions of the running daemon.
     Status(StatusArgs),
+    /// Detach the kernel programs a stopped daemon left pinned (the daemon keeps them pinned
+    /// across restarts on purpose).
+    Unload(UnloadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UnloadArgs {
+    /// The daemon's pinned state directory.
+    #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -65,6 +75,15 @@ pub struct RunArgs {
     /// Kernel probe set: the sock tracepoints (6.3+), the syscall set, or the best available.
     #[arg(long, value_enum, env = "WATCHDOG_PROBES")]
     pub probes: Option<Probes>,
+    /// bpffs directory holding the pinned kernel state a restarted daemon adopts.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Connections tracked at once (kernel table size).
+    #[arg(long)]
+    pub max_connections: Option<u32>,
+    /// Kernel-to-daemon event ring buffer in KiB (power of two).
+    #[arg(long)]
+    pub event_buffer_kib: Option<u32>,
 }
 
 impl RunArgs {

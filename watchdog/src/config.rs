@@ -255,6 +255,9 @@ struct RawDaemon {
     log_format: Option<LogFormat>,
     events: Option<PathBuf>,
     probes: Option<Probes>,
+    state_dir: Option<PathBuf>,
+    max_connections: Option<u32>,
+    event_buffer_kib: Option<u32>,
 }
 
 /// Which processes a policy (or the protect list) covers. Empty lists match everything.
@@ -449,12 +452,19 @@ pub struct Config {
     pub events: Option<PathBuf>,
     /// Kernel probe set; fixed for the daemon's life (a reload cannot change it).
     pub probes: Probes,
+    /// Where the kernel state is pinned (bpffs) so a restarted daemon adopts it.
+    pub state_dir: PathBuf,
+    /// Connections tracked at once; beyond it new connections are not tracked (and counted).
+    pub max_connections: u32,
+    /// Kernel-to-daemon event ring buffer, KiB (power of two).
+    pub event_buffer_kib: u32,
     pub protect: Selector,
     pub policies: Vec<Policy>,
 }
 
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
 pub const DEFAULT_STATUS_SOCKET: &str = "/run/watchdog/status.sock";
+pub const DEFAULT_STATE_DIR: &str = "/sys/fs/bpf/watchdog";
 
 impl Config {
     /// The embedded default: observe every accepted TCP connection with a 30 s budget.
@@ -485,9 +495,37 @@ impl Config {
             log_format: LogFormat::Text,
             events: None,
             probes: Probes::Auto,
+            state_dir: DEFAULT_STATE_DIR.into(),
+            max_connections: watchdog_common::limits::MAX_CONNS,
+            event_buffer_kib: watchdog_common::limits::EVENTS_BYTES / 1024,
             protect: Selector::default(),
             policies,
         }
+    }
+
+    /// Table and buffer sizes within what the kernel and the daemon handle. Also checked after
+    /// command-line overrides.
+    pub fn check_limits(&self) -> Result<(), (&'static str, String)> {
+        if !(64..=1 << 20).contains(&self.max_connections) {
+            return Err((
+                "max_connections",
+                format!("{} is outside 64..=1048576", self.max_connections),
+            ));
+        }
+        let k = self.event_buffer_kib;
+        if !(4..=1 << 16).contains(&k) || !k.is_power_of_two() {
+            return Err((
+                "event_buffer_kib",
+                format!("{k} must be a power of two in 4..=65536"),
+            ));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err((
+                "state_dir",
+                format!("{} must be an absolute path", self.state_dir.display()),
+            ));
+        }
+        Ok(())
     }
 
     /// The effective mode of a policy.
@@ -632,6 +670,17 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     }
     cfg.events = raw.daemon.events;
     cfg.probes = raw.daemon.probes.unwrap_or_default();
+    if let Some(d) = raw.daemon.state_dir {
+        cfg.state_dir = d;
+    }
+    if let Some(n) = raw.daemon.max_connections {
+        cfg.max_connections = n;
+    }
+    if let Some(k) = raw.daemon.event_buffer_kib {
+        cfg.event_buffer_kib = k;
+    }
+    cfg.check_limits()
+        .map_err(|(field, reason)| invalid(format!("daemon.{field}"), &reason))?;
     cfg.protect = raw.protect;
     if raw.policies.is_empty() {
         return Err(invalid(

@@ -26,7 +26,7 @@ use crate::{
     api::{self, Health, StatusRequest},
     config::{Action, Config, Mode, Policy},
     diagnose,
-    loader::{Kernel, MAX_SLOTS},
+    loader::{Kernel, LoadOptions, Origin, MAX_SLOTS},
     metrics::{ActionLabels, Metrics, PolicyLabels, PortLabels, SlotLabel, SlotMap},
     policy::{self, Breaker, BreakerVerdict, ProcessFacts},
     process,
@@ -84,7 +84,12 @@ struct State {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
-    let mut kernel = Kernel::load(cfg.probes)?;
+    let mut kernel = Kernel::load(&LoadOptions {
+        probes: cfg.probes,
+        state_dir: Some(cfg.state_dir.clone()),
+        max_conns: cfg.max_connections,
+        events_bytes: cfg.event_buffer_kib * 1024,
+    })?;
     let ring = kernel
         .take_events()
         .context("event ring buffer already taken")?;
@@ -129,10 +134,19 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
         own_pid: std::process::id(),
     };
     st.apply(cfg)?;
+    if st.kernel.origin == Origin::Adopted {
+        // The earlier daemon may have watched ports this config does not.
+        for port in st.kernel.configured_ports() {
+            if !st.watched_ports.contains(&port) {
+                st.kernel.set_port(port, PortConfig::default())?;
+            }
+        }
+    }
     health.ready.store(true, Ordering::Relaxed);
     info!(
         cgroup = %st.kernel.cgroup.display(),
         probes = st.kernel.probe_set.label(),
+        state = ?st.kernel.origin,
         thread_pidfds = actions::thread_pidfds_supported(),
         metrics = %st.cfg.metrics_addr,
         status = %st.cfg.status_socket.display(),

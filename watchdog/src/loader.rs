@@ -10,11 +10,18 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{links::CgroupAttachMode, BtfTracePoint, SockOps},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
+    programs::{
+        links::{CgroupAttachMode, FdLink, PinnedLink},
+        BtfTracePoint, SockOps,
+    },
     Btf, Ebpf, EbpfLoader,
 };
-use watchdog_common::{limits, names, port_stat, stat, ConnInfo, ConnRecord, PortConfig, TaskInfo};
+use tracing::{info, warn};
+use watchdog_common::{
+    limits, names, port_stat, stat, ConnInfo, ConnRecord, Meta, PortConfig, TaskInfo,
+    LAYOUT_VERSION,
+};
 
 use crate::{
     config::Probes,
@@ -59,22 +66,69 @@ pub enum LoadError {
     /// A map read or write failed.
     #[error("map {0} operation failed")]
     MapOp(&'static str, #[source] aya::maps::MapError),
+    /// The pin directory could not be prepared or written.
+    #[error("pinning kernel state under {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How to load: which probe set, where to pin, how big the tables are.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub probes: Probes,
+    /// bpffs directory for the pinned state; `None`: nothing is pinned (`watchdog check`).
+    pub state_dir: Option<PathBuf>,
+    /// `max_entries` of the connection tables (`CONNS`, `SOCK_STATES`).
+    pub max_conns: u32,
+    /// Event ring buffer size in bytes (a power of two, at least one page).
+    pub events_bytes: u32,
+}
+
+impl LoadOptions {
+    /// No pinning, default table sizes.
+    pub fn ephemeral(probes: Probes) -> Self {
+        Self {
+            probes,
+            state_dir: None,
+            max_conns: limits::MAX_CONNS,
+            events_bytes: limits::EVENTS_BYTES,
+        }
+    }
+}
+
+/// How the kernel state came to be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Loaded and attached now.
+    Fresh,
+    /// Programs and maps left pinned by an earlier daemon, adopted as they were.
+    Adopted,
+    /// An earlier state was pinned but did not match this daemon; it was detached and replaced.
+    Replaced { reason: String },
 }
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/watchdog"));
 
-/// The loaded programs and their maps. Dropping it detaches everything.
+/// The loaded programs and their maps. Dropping it detaches everything that is not pinned.
 pub struct Kernel {
-    _ebpf: Ebpf,
+    _ebpf: Option<Ebpf>,
+    /// Links of an unpinned load: dropping them detaches the programs.
+    _links: Vec<FdLink>,
     conns: HashMap<MapData, u64, ConnRecord>,
     tasks: HashMap<MapData, u32, TaskInfo>,
     ports: Array<MapData, PortConfig>,
+    meta: Array<MapData, Meta>,
     counters: Arc<Counters>,
     events: Option<RingBuf<MapData>>,
     /// The cgroup v2 directory the sock_ops program is attached to.
     pub cgroup: PathBuf,
     /// Which probe set feeds the request maps.
     pub probe_set: ProbeSet,
+    /// Fresh, adopted from a pinned state, or replacing one.
+    pub origin: Origin,
 }
 
 /// Global kernel counters summed over CPUs (see `watchdog_common::stat`).
@@ -88,6 +142,8 @@ pub struct KernelStats {
     pub deadlines_fired: u64,
     pub deadlines_stale: u64,
     pub tasks_exited: u64,
+    pub timer_init_errors: u64,
+    pub timer_start_errors: u64,
 }
 
 /// Per-slot request counters summed over CPUs (see `watchdog_common::port_stat`).
@@ -113,44 +169,75 @@ impl SlotStats {
 }
 
 impl Kernel {
-    /// Loads and attaches the programs of the probe set `want` resolves to. Needs root.
-    pub fn load(want: Probes) -> Result<Self, LoadError> {
+    /// Loads and attaches the programs of the probe set `opts.probes` resolves to, or adopts the
+    /// ones an earlier daemon left pinned in `opts.state_dir` if they are exactly what this daemon
+    /// would load. Needs root.
+    pub fn load(opts: &LoadOptions) -> Result<Self, LoadError> {
         let uid = nix::unistd::geteuid().as_raw();
         if uid != 0 {
             return Err(LoadError::NotPrivileged { uid });
         }
         raise_memlock_limit();
-        let btf = Btf::from_sys_fs().map_err(LoadError::NoBtf)?;
         let kbtf = KernelBtf::load().map_err(LoadError::ProbeSet)?;
-        let probe_set = kbtf.choose(want).map_err(LoadError::ProbeSet)?;
+        let probe_set = kbtf.choose(opts.probes).map_err(LoadError::ProbeSet)?;
+        let meta = Meta {
+            layout_version: LAYOUT_VERSION,
+            probe_set: probe_set.id(),
+            object_hash: fnv1a(OBJECT),
+            max_conns: opts.max_conns,
+            events_bytes: opts.events_bytes,
+        };
+        let cgroup = cgroup2_root()?;
+        let mut origin = Origin::Fresh;
+        if let Some(dir) = &opts.state_dir {
+            prepare_bpffs(dir)?;
+            match adopt(dir, &meta) {
+                Ok(Some(maps)) => {
+                    info!(dir = %dir.display(), "adopted the pinned kernel state of an earlier daemon");
+                    return Self::from_maps(maps, None, cgroup, probe_set, Origin::Adopted);
+                }
+                Ok(None) => {}
+                Err(reason) => {
+                    warn!(dir = %dir.display(), %reason, "pinned kernel state not adopted: detaching it and starting fresh");
+                    fs::remove_dir_all(dir).map_err(|source| LoadError::Pin {
+                        path: dir.clone(),
+                        source,
+                    })?;
+                    origin = Origin::Replaced { reason };
+                }
+            }
+        }
+
+        let btf = Btf::from_sys_fs().map_err(LoadError::NoBtf)?;
         let offsets = match probe_set {
             ProbeSet::Syscalls => kbtf.offsets().map_err(LoadError::ProbeSet)?,
             ProbeSet::Sock => Default::default(),
         };
-        let cgroup = cgroup2_root()?;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global(names::GLOBAL_PROBE_SET, &probe_set.id(), true)
             .override_global(names::GLOBAL_OFFSETS, &offsets, true)
+            .map_max_entries(names::MAP_CONNS, opts.max_conns)
+            .map_max_entries(names::MAP_SOCK_STATES, opts.max_conns)
+            .map_max_entries(names::MAP_EVENTS, opts.events_bytes)
             .load(OBJECT)
             .map_err(LoadError::Object)?;
 
-        let prog = |name| {
-            move |source| LoadError::Program {
-                program: name,
-                hook: "sock_ops",
-                source,
-            }
-        };
+        let mut links = Vec::new();
         let sock_ops: &mut SockOps = program(&mut ebpf, names::PROG_SOCK_OPS)?;
-        sock_ops.load().map_err(prog(names::PROG_SOCK_OPS))?;
+        let err = |source| LoadError::Program {
+            program: names::PROG_SOCK_OPS,
+            hook: "sock_ops",
+            source,
+        };
+        sock_ops.load().map_err(err)?;
         let cg = fs::File::open(&cgroup).map_err(|source| LoadError::NoCgroup2 {
             path: cgroup.clone(),
             source,
         })?;
-        sock_ops
-            .attach(cg, CgroupAttachMode::Single)
-            .map_err(prog(names::PROG_SOCK_OPS))?;
+        let id = sock_ops.attach(cg, CgroupAttachMode::Single).map_err(err)?;
+        let link = sock_ops.take_link(id).map_err(err)?;
+        links.push((names::PROG_SOCK_OPS, FdLink::try_from(link).ok()));
 
         let tracepoints = kernel_btf::PROGRAMS
             .iter()
@@ -169,28 +256,69 @@ impl Kernel {
             };
             let tp: &mut BtfTracePoint = program(&mut ebpf, name)?;
             tp.load(hook, &btf).map_err(err)?;
-            tp.attach().map_err(err)?;
+            let id = tp.attach().map_err(err)?;
+            let link = tp.take_link(id).map_err(err)?;
+            links.push((name, FdLink::try_from(link).ok()));
         }
 
-        let events = RingBuf::try_from(take(&mut ebpf, names::MAP_EVENTS)?)
+        let mut maps = std::collections::HashMap::new();
+        for name in names::PINNED_MAPS {
+            maps.insert(name, take(&mut ebpf, name)?);
+        }
+        if let Some(dir) = &opts.state_dir {
+            pin(dir, &maps, links)?;
+            let mut kernel = Self::from_maps(maps, Some(ebpf), cgroup, probe_set, origin)?;
+            // The stamp goes in last: a directory without a valid one is never adopted.
+            kernel
+                .meta
+                .set(0, meta, 0)
+                .map_err(|e| LoadError::MapOp(names::MAP_META, e))?;
+            return Ok(kernel);
+        }
+        let mut kernel = Self::from_maps(maps, Some(ebpf), cgroup, probe_set, origin)?;
+        // Not pinned: the links live as long as this `Kernel`.
+        kernel._links = links.into_iter().filter_map(|(_, l)| l).collect();
+        Ok(kernel)
+    }
+
+    fn from_maps(
+        mut maps: std::collections::HashMap<&'static str, Map>,
+        ebpf: Option<Ebpf>,
+        cgroup: PathBuf,
+        probe_set: ProbeSet,
+        origin: Origin,
+    ) -> Result<Self, LoadError> {
+        let mut take = |name: &'static str| {
+            maps.remove(name).ok_or(LoadError::Map(
+                name,
+                aya::maps::MapError::InvalidName {
+                    name: name.to_string(),
+                },
+            ))
+        };
+        let events = RingBuf::try_from(take(names::MAP_EVENTS)?)
             .map_err(|e| LoadError::Map(names::MAP_EVENTS, e))?;
         Ok(Self {
-            conns: HashMap::try_from(take(&mut ebpf, names::MAP_CONNS)?)
+            conns: HashMap::try_from(take(names::MAP_CONNS)?)
                 .map_err(|e| LoadError::Map(names::MAP_CONNS, e))?,
-            tasks: HashMap::try_from(take(&mut ebpf, names::MAP_TASKS)?)
+            tasks: HashMap::try_from(take(names::MAP_TASKS)?)
                 .map_err(|e| LoadError::Map(names::MAP_TASKS, e))?,
-            ports: Array::try_from(take(&mut ebpf, names::MAP_PORTS)?)
+            ports: Array::try_from(take(names::MAP_PORTS)?)
                 .map_err(|e| LoadError::Map(names::MAP_PORTS, e))?,
+            meta: Array::try_from(take(names::MAP_META)?)
+                .map_err(|e| LoadError::Map(names::MAP_META, e))?,
             counters: Arc::new(Counters {
-                stats: PerCpuArray::try_from(take(&mut ebpf, names::MAP_STATS)?)
+                stats: PerCpuArray::try_from(take(names::MAP_STATS)?)
                     .map_err(|e| LoadError::Map(names::MAP_STATS, e))?,
-                port_stats: PerCpuArray::try_from(take(&mut ebpf, names::MAP_PORT_STATS)?)
+                port_stats: PerCpuArray::try_from(take(names::MAP_PORT_STATS)?)
                     .map_err(|e| LoadError::Map(names::MAP_PORT_STATS, e))?,
             }),
             events: Some(events),
             _ebpf: ebpf,
+            _links: Vec::new(),
             cgroup,
             probe_set,
+            origin,
         })
     }
 
@@ -204,6 +332,17 @@ impl Kernel {
         self.ports
             .set(u32::from(port), cfg, 0)
             .map_err(|e| LoadError::MapOp(names::MAP_PORTS, e))
+    }
+
+    /// Ports (0 = wildcard) with a non-empty entry in the kernel's port table.
+    pub fn configured_ports(&self) -> Vec<u16> {
+        (0..=u16::MAX)
+            .filter(|&p| {
+                self.ports
+                    .get(&u32::from(p), 0)
+                    .is_ok_and(|c| c != PortConfig::default())
+            })
+            .collect()
     }
 
     /// The tracked connection with this cookie, as the kernel has it now.
@@ -260,6 +399,8 @@ impl Counters {
             deadlines_fired: get(stat::DEADLINES_FIRED),
             deadlines_stale: get(stat::DEADLINES_STALE),
             tasks_exited: get(stat::TASKS_EXITED),
+            timer_init_errors: get(stat::TIMER_INIT_ERRORS),
+            timer_start_errors: get(stat::TIMER_START_ERRORS),
         }
     }
 
@@ -310,6 +451,119 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, LoadError
             name: name.to_string(),
         },
     ))
+}
+
+/// Pins the maps userspace reads and every link under `dir`.
+fn pin(
+    dir: &Path,
+    maps: &std::collections::HashMap<&'static str, Map>,
+    links: Vec<(&'static str, Option<FdLink>)>,
+) -> Result<(), LoadError> {
+    let pin_err = |path: PathBuf| {
+        move |e: aya::pin::PinError| LoadError::Pin {
+            path,
+            source: std::io::Error::other(e.to_string()),
+        }
+    };
+    fs::create_dir_all(dir).map_err(|source| LoadError::Pin {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for (name, map) in maps {
+        let path = dir.join(name);
+        map.pin(&path).map_err(pin_err(path))?;
+    }
+    for (name, link) in links {
+        let path = dir.join(format!("link_{name}"));
+        let link = link.ok_or_else(|| LoadError::Pin {
+            path: path.clone(),
+            source: std::io::Error::other("the kernel gave a legacy attachment, not a link"),
+        })?;
+        // The pin holds the link from now on; this process's fd may close.
+        drop(link.pin(&path).map_err(pin_err(path.clone()))?);
+    }
+    Ok(())
+}
+
+/// Opens the pinned state in `dir` if its stamp equals `want` and every piece is there.
+/// `Ok(None)`: nothing pinned. `Err(reason)`: something is pinned that must not be read.
+fn adopt(
+    dir: &Path,
+    want: &Meta,
+) -> Result<Option<std::collections::HashMap<&'static str, Map>>, String> {
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let meta_map = MapData::from_pin(dir.join(names::MAP_META))
+        .map_err(|e| format!("no readable {} stamp ({e})", names::MAP_META))?;
+    let stamp: Array<MapData, Meta> = Array::try_from(Map::Array(meta_map))
+        .map_err(|e| format!("stamp of another layout ({e})"))?;
+    let have = stamp
+        .get(&0, 0)
+        .map_err(|e| format!("reading the stamp: {e}"))?;
+    if have != *want {
+        return Err(format!(
+            "pinned by another build or setting: {have:?}, this daemon: {want:?}"
+        ));
+    }
+    let set = if want.probe_set == ProbeSet::Sock.id() {
+        ProbeSet::Sock
+    } else {
+        ProbeSet::Syscalls
+    };
+    for spec in kernel_btf::PROGRAMS
+        .iter()
+        .filter(|p| p.set.is_none_or(|s| s == set))
+    {
+        let path = dir.join(format!("link_{}", spec.program));
+        PinnedLink::from_pin(&path).map_err(|e| format!("{} is missing ({e})", path.display()))?;
+    }
+    let mut maps = std::collections::HashMap::new();
+    for name in names::PINNED_MAPS {
+        let data = MapData::from_pin(dir.join(name))
+            .map_err(|e| format!("pinned map {name} is missing ({e})"))?;
+        let map = match name {
+            names::MAP_CONNS | names::MAP_TASKS => Map::HashMap(data),
+            names::MAP_PORTS | names::MAP_META => Map::Array(data),
+            names::MAP_STATS | names::MAP_PORT_STATS => Map::PerCpuArray(data),
+            _ => Map::RingBuf(data),
+        };
+        maps.insert(name, map);
+    }
+    Ok(Some(maps))
+}
+
+/// Removes a pinned state: its programs detach once nothing else holds them.
+pub fn unload(dir: &Path) -> std::io::Result<bool> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Mounts bpffs on the parent of `dir` (normally /sys/fs/bpf) unless it is on a bpffs already.
+fn prepare_bpffs(dir: &Path) -> Result<(), LoadError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let parent = dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
+    let on_bpffs = nix::sys::statfs::statfs(parent)
+        .is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+    if on_bpffs {
+        return Ok(());
+    }
+    fs::create_dir_all(parent)
+        .and_then(|()| mount("bpf", parent, "bpf"))
+        .map_err(|source| LoadError::Pin {
+            path: parent.to_path_buf(),
+            source,
+        })
+}
+
+/// FNV-1a, 64 bit: a stable fingerprint of the embedded object.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.

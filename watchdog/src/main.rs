@@ -61,6 +61,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(2)
             })
         }
+        Command::Unload(a) => {
+            if loader::unload(&a.state_dir)? {
+                println!(
+                    "removed {}: the programs it held are detached",
+                    a.state_dir.display()
+                );
+            } else {
+                println!("nothing pinned at {}", a.state_dir.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status(a) => {
             status::run(&a.status_socket, a.json)?;
             Ok(ExitCode::SUCCESS)
@@ -107,6 +118,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(p) = a.probes {
                 cfg.probes = p;
             }
+            if let Some(d) = &a.state_dir {
+                cfg.state_dir = d.clone();
+            }
+            if let Some(n) = a.max_connections {
+                cfg.max_connections = n;
+            }
+            if let Some(k) = a.event_buffer_kib {
+                cfg.event_buffer_kib = k;
+            }
+            cfg.check_limits().map_err(|(field, reason)| {
+                anyhow::anyhow!("--{}: {reason}", field.replace('_', "-"))
+            })?;
             init_logging(cli.log_format.unwrap_or(cfg.log_format));
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

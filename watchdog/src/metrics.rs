@@ -253,6 +253,16 @@ impl prometheus_client::collector::Collector for KernelCollector {
             .encode_counter::<PortLabels, u64, f64>(&k.deadlines_fired, None)?;
         e.encode_family(&[("result", "already_ended")])?
             .encode_counter::<PortLabels, u64, f64>(&k.deadlines_stale, None)?;
+        let mut e = enc.encode_descriptor(
+            "watchdog_kernel_timer_errors",
+            "bpf_timer calls that failed: requests left without a deadline timer",
+            None,
+            MetricType::Counter,
+        )?;
+        e.encode_family(&[("call", "init")])?
+            .encode_counter::<PortLabels, u64, f64>(&k.timer_init_errors, None)?;
+        e.encode_family(&[("call", "start")])?
+            .encode_counter::<PortLabels, u64, f64>(&k.timer_start_errors, None)?;
         Ok(())
     }
 }

@@ -115,10 +115,10 @@ fn on_accept(ctx: &SockOpsContext) {
         return;
     };
     // SAFETY: `e` points into CONNS; the timer belongs to that map.
-    unsafe {
-        let map = ptr::addr_of!(CONNS) as *mut c_void;
-        bpf_timer_init(ptr::addr_of_mut!((*e).timer), map, CLOCK_MONOTONIC);
-        bpf_timer_set_callback(ptr::addr_of_mut!((*e).timer), on_deadline as *mut c_void);
+    // Best effort here (softirq): allocation can fail under a burst of accepts; request start
+    // retries in process context.
+    if !init_timer(e) {
+        count(stat::TIMER_INIT_ERRORS);
     }
     let init = SockState {
         cookie,
@@ -171,6 +171,18 @@ fn on_state(ctx: &SockOpsContext) {
     }
     if CONNS.remove(cookie).is_ok() {
         count(stat::CONNS_CLOSED);
+    }
+}
+
+/// Initialises the deadline timer of a `CONNS` entry. False if the kernel refused.
+#[inline(always)]
+pub fn init_timer(e: *mut ConnEntry) -> bool {
+    // SAFETY: `e` points into CONNS; the timer belongs to that map.
+    unsafe {
+        let map = ptr::addr_of!(CONNS) as *mut c_void;
+        bpf_timer_init(ptr::addr_of_mut!((*e).timer), map, CLOCK_MONOTONIC) == 0
+            && bpf_timer_set_callback(ptr::addr_of_mut!((*e).timer), on_deadline as *mut c_void)
+                == 0
     }
 }
 

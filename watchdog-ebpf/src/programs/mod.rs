@@ -1,4 +1,4 @@
-mod connection;
-mod request;
+pub mod connection;
+pub mod request;
 mod syscalls;
 mod task;

@@ -9,9 +9,12 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use watchdog_common::{port_stat, ReqState, DURATION_BUCKETS_MS};
+use watchdog_common::{port_stat, stat, ReqState, DURATION_BUCKETS_MS};
 
-use crate::maps::{port_config, port_count, task_life, SockState, CONNS, SOCKS};
+use crate::{
+    maps::{count, port_config, port_count, task_life, SockState, CONNS, SOCKS},
+    programs::connection::init_timer,
+};
 
 /// `MSG_PEEK`: a peek reads bytes without consuming them; it starts nothing.
 pub const MSG_PEEK: i32 = 2;
@@ -71,8 +74,14 @@ pub fn start_request(st: &mut SockState) {
     info.deadline_ns = cfg.deadline_ns;
     info.state = ReqState::InFlight as u32;
     if life != 0 {
-        // SAFETY: the timer was initialised at accept; re-arming moves an armed timer.
-        unsafe { bpf_timer_start(ptr::addr_of_mut!((*e).timer), cfg.deadline_ns, 0) };
+        let timer = ptr::addr_of_mut!(unsafe { &mut *e }.timer);
+        // SAFETY: the timer lives in CONNS; re-arming moves an armed timer. A timer whose init
+        // failed at accept (allocation in softirq) is initialised here, in process context.
+        let armed = unsafe { bpf_timer_start(timer, cfg.deadline_ns, 0) } == 0
+            || (init_timer(e) && unsafe { bpf_timer_start(timer, cfg.deadline_ns, 0) } == 0);
+        if !armed {
+            count(stat::TIMER_START_ERRORS);
+        }
     }
 }
 

@@ -111,11 +111,39 @@ pub struct Daemon {
     pub metrics: String,
     pub status: PathBuf,
     pub log: PathBuf,
+    /// Its pinned kernel state (bpffs); removed on drop unless `keep_state`.
+    pub state_dir: PathBuf,
+    pub keep_state: bool,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        if !self.keep_state {
+            // Unpinning detaches the programs this daemon left in the kernel.
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+        }
+    }
+}
+
+/// A fresh bpffs directory name for one test's pinned kernel state.
+pub fn state_dir() -> PathBuf {
+    PathBuf::from(format!(
+        "/sys/fs/bpf/watchdog-test-{}-{}",
+        std::process::id(),
+        free_port()
+    ))
 }
 
 impl Daemon {
-    /// `watchdog run ARGS`, waiting until `/readyz` answers 200.
+    /// `watchdog run ARGS` with a state directory of its own, waiting until `/readyz` answers.
     pub fn start(args: &[&str]) -> Daemon {
+        Self::start_in(&state_dir(), args)
+    }
+
+    /// `watchdog run ARGS` pinning its kernel state in `state_dir` (adopting what is there).
+    pub fn start_in(state_dir: &std::path::Path, args: &[&str]) -> Daemon {
         require_root();
         let port = free_port();
         let dir = tmpdir(&format!("daemon{port}"));
@@ -131,6 +159,8 @@ impl Daemon {
             .arg(&metrics)
             .arg("--status-socket")
             .arg(&status)
+            .arg("--state-dir")
+            .arg(state_dir)
             .env("WATCHDOG_LOG", "info,watchdog=debug")
             .stderr(std::fs::File::create(&log).unwrap())
             .stdout(Stdio::null())
@@ -144,6 +174,8 @@ impl Daemon {
             metrics,
             status,
             log,
+            state_dir: state_dir.to_path_buf(),
+            keep_state: false,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
