@@ -258,7 +258,7 @@ impl Kernel {
             tp.load(hook, &btf).map_err(err)?;
             let id = tp.attach().map_err(err)?;
             let link = tp.take_link(id).map_err(err)?;
-            links.push((name, FdLink::try_from(link).ok()));
+            links.push((name, Some(FdLink::from(link))));
         }
 
         let mut maps = std::collections::HashMap::new();
@@ -547,7 +547,7 @@ fn prepare_bpffs(dir: &Path) -> Result<(), LoadError> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let parent = dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
     let on_bpffs = nix::sys::statfs::statfs(parent)
-        .is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+        .is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     if on_bpffs {
         return Ok(());
     }
