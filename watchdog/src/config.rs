@@ -1027,5 +1027,62 @@ breaker = { max_actions = 5, window = "10s", cooldown = "1m" }
         fn config_parse_never_panics(s in "\\PC{0,200}") {
             let _ = Config::parse(&s, "fuzz");
         }
+
+        #[test]
+        fn signal_and_port_parsers_never_panic(s in "\\PC{0,24}") {
+            let _ = s.parse::<Sig>();
+            let _ = s.parse::<PortRange>();
+        }
+
+        #[test]
+        fn milliseconds_parse_to_themselves(n in 0u64..10_000_000) {
+            proptest::prop_assert_eq!(
+                format!("{n}ms").parse::<Dur>().unwrap().0,
+                Duration::from_millis(n)
+            );
+        }
+
+        /// Every signal nix knows parses by name, by short name and by number, to itself.
+        #[test]
+        fn signal_names_and_numbers_agree(i in 0usize..31) {
+            let sig = Signal::iterator().nth(i).unwrap();
+            let by_name: Sig = sig.as_str().parse().unwrap();
+            let by_short: Sig = sig.as_str().trim_start_matches("SIG").parse().unwrap();
+            let by_number: Sig = (sig as i32).to_string().parse().unwrap();
+            proptest::prop_assert_eq!(by_name.0, sig);
+            proptest::prop_assert_eq!(by_short.0, sig);
+            proptest::prop_assert_eq!(by_number.0, sig);
+        }
+
+        #[test]
+        fn reversed_zero_and_out_of_range_ports_are_refused(a in 1u32..70_000, b in 1u32..70_000) {
+            let parsed = format!("{a}-{b}").parse::<PortRange>();
+            proptest::prop_assert_eq!(parsed.is_ok(), a <= b && b <= 65_535);
+            let zero = format!("0-{b}");
+            proptest::prop_assert!(zero.parse::<PortRange>().is_err());
+        }
+
+        /// A generated policy file parses back to the values written.
+        #[test]
+        fn generated_policy_round_trips(
+            name in "[a-z][a-z0-9-]{0,20}",
+            budget_ms in 1u64..3_600_000,
+            lo in 1u16..60_000,
+            span in 0u16..5_000,
+            observe in proptest::bool::ANY,
+        ) {
+            let hi = lo.saturating_add(span);
+            let mode = if observe { "observe" } else { "enforce" };
+            let text = format!(
+                "[daemon]\nmode = \"{mode}\"\n[[policy]]\nname = \"{name}\"\nports = [\"{lo}-{hi}\"]\nbudget = \"{budget_ms}ms\"\nsignal = \"SIGTERM\"\n"
+            );
+            let cfg = Config::parse(&text, "generated").unwrap();
+            proptest::prop_assert_eq!(cfg.mode == Mode::Observe, observe);
+            let p = &cfg.policies[0];
+            proptest::prop_assert_eq!(&p.name, &name);
+            proptest::prop_assert_eq!(p.budget, Duration::from_millis(budget_ms));
+            proptest::prop_assert_eq!(&p.ports, &vec![PortRange { first: lo, last: hi }]);
+            proptest::prop_assert!(p.covers_port(lo) && p.covers_port(hi));
+        }
     }
 }

@@ -546,8 +546,8 @@ pub fn unload(dir: &Path) -> std::io::Result<bool> {
 fn prepare_bpffs(dir: &Path) -> Result<(), LoadError> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let parent = dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
-    let on_bpffs = nix::sys::statfs::statfs(parent)
-        .is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
+    let on_bpffs =
+        nix::sys::statfs::statfs(parent).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     if on_bpffs {
         return Ok(());
     }
