@@ -5,6 +5,7 @@
 //! needs nothing but `cargo xtask test`.
 
 mod build;
+mod fuzz;
 mod setup;
 mod vm;
 
@@ -37,6 +38,12 @@ enum Cmd {
         /// kernels under QEMU and run the core scenarios inside.
         #[arg(long)]
         vm: bool,
+        /// Only the fuzz targets (cargo-fuzz, nightly), each for `--seconds`.
+        #[arg(long)]
+        fuzz: bool,
+        /// Time per fuzz target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u32,
     },
 }
 
@@ -60,11 +67,19 @@ fn main() -> Result<()> {
             };
             run(Command::new(root().join("target/release/watchdog")).args(&args))
         }
-        Cmd::Test { vm: true } => {
+        Cmd::Test {
+            fuzz: true,
+            seconds,
+            ..
+        } => {
+            setup::toolchain()?;
+            fuzz::test(seconds)
+        }
+        Cmd::Test { vm: true, .. } => {
             setup::toolchain()?;
             vm::test()
         }
-        Cmd::Test { vm: false } => {
+        Cmd::Test { .. } => {
             setup::toolchain()?;
             setup::test_packages()?;
             cargo(&["build", "--release", "-p", "watchdog"])?;
@@ -108,7 +123,9 @@ fn main() -> Result<()> {
                 .env("WATCHDOG_PROBES", "syscalls");
             run(&mut cmd)?;
             // Debian's 6.1 and 6.12 kernels under QEMU (about a minute once cached).
-            vm::test()
+            vm::test()?;
+            // A short fuzz run, so the targets cannot rot (`--fuzz --seconds N` for long runs).
+            fuzz::test(10)
         }
     }
 }
