@@ -43,7 +43,7 @@ pub struct Event {
     pub conn: ConnInfo,
 }
 
-const _: () = assert!(size_of::<Event>() == 104);
+const _: () = assert!(size_of::<Event>() == 112);
 
 impl Event {
     /// Decodes a ring buffer record. Returns `None` for a record of the wrong size or kind.

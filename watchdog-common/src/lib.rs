@@ -12,12 +12,13 @@ pub mod state;
 
 pub use event::{Event, EventKind};
 pub use state::{
-    ConnInfo, ConnRecord, Meta, PortConfig, ReqState, TaskInfo, PORT_CLIENT_GONE, PORT_WATCHED,
+    conn_flag, ConnInfo, ConnRecord, Meta, PortConfig, ReqState, TaskInfo, PORT_CLIENT_GONE,
+    PORT_WATCHED,
 };
 
 /// Bumped whenever the layout of any map key or value changes. Stamped into the `META` map so a
 /// daemon never reads pinned state written with another layout.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Capacity limits of the kernel tables. Fixed at build time; insert failures are counted.
 pub mod limits {

@@ -59,6 +59,19 @@ pub struct ConnInfo {
     pub slot: u16,
     /// Address family (AF_INET = 2, AF_INET6 = 10).
     pub family: u16,
+    /// `conn_flag` bits about the current request's deadline.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// `ConnInfo::flags`: the kernel's deadline path failed for the current request and userspace's
+/// backstop sweep (`backstop.rs`) must enforce it instead. Cleared when the next request starts.
+pub mod conn_flag {
+    /// The deadline timer could not be armed (`bpf_timer_init` allocates with GFP_ATOMIC and
+    /// fails with ENOMEM when the daemon's memory cgroup is under pressure).
+    pub const UNARMED: u32 = 1;
+    /// The timer fired on a request in flight but the ring buffer was full: the event was lost.
+    pub const EVENT_LOST: u32 = 2;
 }
 
 /// The `CONNS` value: an opaque `struct bpf_timer` first, then the readable part.
@@ -103,8 +116,8 @@ pub struct Meta {
 
 const _: () = assert!(size_of::<Meta>() == 24);
 const _: () = assert!(size_of::<PortConfig>() == 16);
-const _: () = assert!(size_of::<ConnInfo>() == 88);
-const _: () = assert!(size_of::<ConnRecord>() == 104);
+const _: () = assert!(size_of::<ConnInfo>() == 96);
+const _: () = assert!(size_of::<ConnRecord>() == 112);
 const _: () = assert!(size_of::<TaskInfo>() == 24);
 
 #[cfg(feature = "user")]

@@ -169,8 +169,10 @@ pub fn task_life(tid: u32, now: u64, cookie: u64, gen: u32) -> u64 {
 
 /// Writes an event; counts it as lost when the ring buffer is full.
 #[inline(always)]
-pub fn emit(ev: &Event) {
+pub fn emit(ev: &Event) -> bool {
     if EVENTS.output(ev, 0).is_err() {
         count(stat::EVENTS_LOST);
+        return false;
     }
+    true
 }

@@ -24,10 +24,11 @@ use watchdog_common::{
 use crate::{
     actions::{self, Outcome},
     api::{self, Health, StatusRequest},
+    backstop::Backstop,
     config::{Action, Config, Mode, Policy},
     diagnose,
     loader::{Kernel, LoadOptions, Origin, MAX_SLOTS},
-    metrics::{ActionLabels, Metrics, PolicyLabels, PortLabels, SlotLabel, SlotMap},
+    metrics::{ActionLabels, Metrics, PolicyLabels, PortLabels, SlotLabel, SlotMap, WhyLabels},
     policy::{self, Breaker, BreakerVerdict, ProcessFacts},
     process,
     tracker::{Due, Key, Reason, Tracker},
@@ -80,6 +81,7 @@ struct State {
     events_out: Option<Box<dyn Write + Send>>,
     recent: VecDeque<ActionRecord>,
     own_pid: u32,
+    backstop: Backstop,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -132,7 +134,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
         events_out,
         recent: VecDeque::new(),
         own_pid: std::process::id(),
+        backstop: Backstop::new(0),
     };
+    st.backstop = Backstop::new(st.backstop_failures());
     st.apply(cfg)?;
     if st.kernel.origin == Origin::Adopted {
         // The earlier daemon may have watched ports this config does not.
@@ -159,9 +163,15 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Two counter reads per poll; the table is swept only when one of them moved.
+    let mut backstop_poll = tokio::time::interval(Duration::from_millis(100));
 
     loop {
-        let sleep = match st.tracker.next_due() {
+        let next = match (st.tracker.next_due(), st.backstop.next_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let sleep = match next {
             Some(due) => Duration::from_nanos(due.saturating_sub(now_ns())),
             None => Duration::from_secs(3600),
         };
@@ -181,7 +191,14 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
                 }
                 st.run_due();
             }
-            _ = tokio::time::sleep(sleep) => st.run_due(),
+            _ = tokio::time::sleep(sleep) => {
+                st.sweep_if_needed();
+                st.run_due();
+            }
+            _ = backstop_poll.tick() => {
+                st.sweep_if_needed();
+                st.run_due();
+            }
             Some(reply) = status_rx.recv() => {
                 let _ = reply.send(st.status_json());
             }
@@ -393,9 +410,41 @@ impl State {
         }
     }
 
+    /// The kernel's count of deadline failures the backstop covers.
+    fn backstop_failures(&self) -> u64 {
+        self.kernel.counters().backstop_failures()
+    }
+
+    /// Hands requests whose kernel deadline path failed (see `backstop.rs`) to `on_event`, as
+    /// if their deadline event had arrived.
+    fn sweep_if_needed(&mut self) {
+        let now = now_ns();
+        if !self.backstop.due(self.backstop_failures(), now) {
+            return;
+        }
+        let conns = self.kernel.conns();
+        for (conn, why) in self.backstop.sweep(&conns, now) {
+            self.metrics
+                .recovered
+                .get_or_create(&WhyLabels {
+                    why: why.label().into(),
+                })
+                .inc();
+            debug!(port = conn.local_port, peer = %peer_of(&conn), why = why.label(), "backstop: over-budget request without a kernel event");
+            self.on_event(Event {
+                kind: EventKind::Deadline as u32,
+                version: watchdog_common::LAYOUT_VERSION,
+                ts_ns: now,
+                conn,
+            });
+        }
+    }
+
     fn run_due(&mut self) {
+        // Connection tables as of the batch's start, read once per process.
+        let mut cache = diagnose::Cache::default();
         for due in self.tracker.pop_due(now_ns()) {
-            let outcome = self.run_step(&due);
+            let outcome = self.run_step(&due, &mut cache);
             if matches!(
                 outcome,
                 Outcome::Ended | Outcome::TargetGone | Outcome::Refused(_)
@@ -424,7 +473,7 @@ impl State {
         }
     }
 
-    fn run_step(&mut self, due: &Due) -> Outcome {
+    fn run_step(&mut self, due: &Due, cache: &mut diagnose::Cache) -> Outcome {
         let c = due.conn;
         let policy = &due.policy;
         let now = now_ns();
@@ -435,7 +484,7 @@ impl State {
             tid: c.tid,
             ..Default::default()
         });
-        let diagnosis = (due.index == 0 && valid()).then(|| diagnose::capture(c.tgid, c.tid));
+        let diagnosis = (due.index == 0 && valid()).then(|| diagnose::capture(c.tgid, c.tid, cache));
         let mode = self.cfg.mode_of(policy);
         let enforcing = !matches!(due.step.action, Action::Log) && mode == Mode::Enforce;
 

@@ -26,8 +26,39 @@ pub struct Diagnosis {
     pub waiting_on: Option<String>,
 }
 
+/// The per-process pieces of a diagnosis that cost O(connections) to read (the TCP table, the fd
+/// table). One batch of due steps shares them: a burst of 256 over-budget requests in one
+/// process reads them once, not 256 times.
+#[derive(Default)]
+pub struct Cache {
+    procs: HashMap<u32, ProcSockets>,
+}
+
+struct ProcSockets {
+    table: HashMap<u64, Sock>,
+    /// The process's connections other than listening sockets, as shown.
+    connections: Vec<String>,
+}
+
+impl Cache {
+    fn sockets(&mut self, pid: u32) -> &ProcSockets {
+        self.procs.entry(pid).or_insert_with(|| {
+            let table = socket_table(pid);
+            let mut connections: Vec<String> = own_sockets(pid)
+                .iter()
+                .filter_map(|i| table.get(i))
+                .filter(|s| s.state != "LISTEN")
+                .map(|s| format!("{} -> {} ({})", s.local, s.remote, s.state))
+                .collect();
+            connections.sort();
+            connections.truncate(32);
+            ProcSockets { table, connections }
+        })
+    }
+}
+
 /// Captures the diagnosis of thread `tid` of process `pid`. Missing pieces stay empty.
-pub fn capture(pid: u32, tid: u32) -> Diagnosis {
+pub fn capture(pid: u32, tid: u32, cache: &mut Cache) -> Diagnosis {
     let task = format!("/proc/{pid}/task/{tid}");
     let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
     let thread_state = read(&format!("{task}/status"))
@@ -39,11 +70,11 @@ pub fn capture(pid: u32, tid: u32) -> Diagnosis {
     let (syscall, first_arg) = describe_syscall(raw_syscall.trim());
     let cgroup = process::cgroup_path(pid).unwrap_or_default();
     let (pod_uid, container_id) = process::container_of(&cgroup);
-    let sockets = socket_table(pid);
+    let sockets = cache.sockets(pid);
     let waiting_on = first_arg.and_then(|fd| {
         let link = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
         let inode = socket_inode(&link.to_string_lossy())?;
-        let s = sockets.get(&inode)?;
+        let s = sockets.table.get(&inode)?;
         let verb = if is_read_syscall(&syscall) {
             "reading from"
         } else {
@@ -51,14 +82,7 @@ pub fn capture(pid: u32, tid: u32) -> Diagnosis {
         };
         Some(format!("{verb} {} (fd {fd}, local {})", s.remote, s.local))
     });
-    let mut connections: Vec<String> = own_sockets(pid)
-        .iter()
-        .filter_map(|i| sockets.get(i))
-        .filter(|s| s.state != "LISTEN")
-        .map(|s| format!("{} -> {} ({})", s.local, s.remote, s.state))
-        .collect();
-    connections.sort();
-    connections.truncate(32);
+    let connections = sockets.connections.clone();
     Diagnosis {
         thread_state,
         syscall,
@@ -249,7 +273,7 @@ mod tests {
         let tid = unsafe { libc::gettid() } as u32;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let _c = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let d = capture(pid, tid);
+        let d = capture(pid, tid, &mut Cache::default());
         assert!(d.thread_state.starts_with('R'), "{}", d.thread_state);
         assert!(!d.cmdline.is_empty());
         let port = listener.local_addr().unwrap().port();

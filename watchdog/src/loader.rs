@@ -383,6 +383,19 @@ impl std::fmt::Debug for Counters {
 }
 
 impl Counters {
+    /// Timer-start errors plus lost events: the failures `backstop.rs` covers. Two reads.
+    pub fn backstop_failures(&self) -> u64 {
+        [stat::TIMER_START_ERRORS, stat::EVENTS_LOST]
+            .iter()
+            .map(|i| {
+                self.stats
+                    .get(i, 0)
+                    .map(|v| v.iter().copied().sum())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
     pub fn stats(&self) -> KernelStats {
         let get = |i: u32| -> u64 {
             self.stats

@@ -2,6 +2,7 @@
 
 mod actions;
 mod api;
+mod backstop;
 mod check;
 mod cli;
 mod config;

@@ -44,6 +44,11 @@ pub struct VersionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WhyLabels {
+    pub why: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SetLabels {
     pub set: String,
 }
@@ -67,6 +72,7 @@ pub struct Metrics {
     pub breaker_trips: Family<PolicyLabels, Counter>,
     pub observe_only: Family<PolicyLabels, Gauge>,
     pub events: Counter,
+    pub recovered: Family<WhyLabels, Counter>,
 }
 
 impl Metrics {
@@ -89,6 +95,7 @@ impl Metrics {
             breaker_trips: Family::default(),
             observe_only: Family::default(),
             events: Counter::default(),
+            recovered: Family::default(),
         };
         registry.register(
             "watchdog_budget_exceeded",
@@ -129,6 +136,11 @@ impl Metrics {
             "watchdog_kernel_events",
             "Events received from the kernel",
             m.events.clone(),
+        );
+        registry.register(
+            "watchdog_deadlines_recovered",
+            "Over-budget requests found by the backstop sweep: no kernel timer, or its event lost",
+            m.recovered.clone(),
         );
         let build: Family<VersionLabels, Gauge> = Family::default();
         build

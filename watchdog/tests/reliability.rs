@@ -254,37 +254,52 @@ fn overload_counts_what_it_drops_and_recovers() {
         c.write_all(b"GET /hang HTTP/1.1\r\nHost: t\r\n\r\n")
             .unwrap();
     }
-    let fired = d.wait_metric(
-        "watchdog_kernel_deadlines_total",
-        &[("result", "in_flight")],
-        MAX as f64,
-        Duration::from_secs(5),
-    );
+    // Each tracked request either got its kernel timer, or was marked for the backstop sweep
+    // because the timer could not be armed (bpf_timer_init allocates with GFP_ATOMIC; under a
+    // burst in a busy memory cgroup it fails with ENOMEM).
+    let until = Instant::now() + Duration::from_secs(5);
+    let (mut fired, mut unarmed);
+    loop {
+        fired = d.metric(
+            "watchdog_kernel_deadlines_total",
+            &[("result", "in_flight")],
+        );
+        unarmed = d.metric("watchdog_kernel_timer_errors_total", &[("call", "start")]);
+        if fired + unarmed >= MAX as f64 || Instant::now() > until {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(
-        fired,
+        fired + unarmed,
         MAX as f64,
-        "every tracked request's timer fired: started {}, timer errors {}, stale {}",
-        d.metric("watchdog_requests_total", &[]),
-        d.metric("watchdog_kernel_timer_errors_total", &[]),
+        "every tracked request's deadline is covered: timers fired {fired}, unarmed {unarmed}, stale {}",
         d.metric(
             "watchdog_kernel_deadlines_total",
             &[("result", "already_ended")]
         )
     );
-    let lost = d.metric("watchdog_events_lost_total", &[]);
-    let until = Instant::now() + Duration::from_secs(20);
-    let mut seen = d.metric("watchdog_budget_exceeded_total", &[]);
-    while seen + lost < fired && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(200));
-        seen = d.metric("watchdog_budget_exceeded_total", &[]);
-    }
-    assert!(lost > 0.0, "the ring buffer never overflowed: {seen} seen");
-    // No request is lost silently: each one was either acted on or counted as lost.
-    assert_eq!(
-        seen + lost,
-        fired,
-        "seen {seen} + lost {lost} != fired {fired}"
+    // Far more deadline events than the ring holds: many are lost, and the backstop sweep finds
+    // each of those requests (and the unarmed ones) in the connection table. None is missed.
+    let seen = d.wait_metric(
+        "watchdog_budget_exceeded_total",
+        &[],
+        MAX as f64,
+        Duration::from_secs(5),
     );
+    let lost = d.metric("watchdog_events_lost_total", &[]);
+    let recovered_lost = d.metric(
+        "watchdog_deadlines_recovered_total",
+        &[("why", "event_lost")],
+    );
+    let recovered_unarmed = d.metric(
+        "watchdog_deadlines_recovered_total",
+        &[("why", "timer_unarmed")],
+    );
+    assert!(lost > 0.0, "the ring buffer never overflowed");
+    assert_eq!(seen, MAX as f64, "each over-budget request seen once");
+    assert_eq!(recovered_lost, lost, "each lost deadline event recovered");
+    assert_eq!(recovered_unarmed, unarmed, "each unarmed request recovered");
     // Recovery: close everything; a new over-budget request is seen again.
     drop(conns);
     std::thread::sleep(Duration::from_millis(300));
@@ -309,6 +324,6 @@ fn overload_counts_what_it_drops_and_recovers() {
         "daemon RSS grew from {rss_before} to {rss} KiB"
     );
     println!(
-        "overload: fired {fired}, seen {seen}, lost {lost}, evicted {evicted}, RSS {rss_before} -> {rss} KiB"
+        "overload: timers fired {fired}, unarmed {unarmed}, events lost {lost}, seen {seen}, evicted {evicted}, RSS {rss_before} -> {rss} KiB"
     );
 }

@@ -16,7 +16,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use watchdog_common::{
-    stat, ConnInfo, Event, EventKind, ReqState, LAYOUT_VERSION, PORT_CLIENT_GONE,
+    conn_flag, stat, ConnInfo, Event, EventKind, ReqState, LAYOUT_VERSION, PORT_CLIENT_GONE,
 };
 
 use crate::maps::{
@@ -243,7 +243,9 @@ fn peer_gone(cookie: u64, kind: EventKind) {
     }
     // SAFETY: helper without arguments.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
-    emit(&Event {
+    // A lost client-gone event is counted (`EVENTS_LOST`), not recovered: its request still has
+    // its deadline.
+    let _ = emit(&Event {
         kind: kind as u32,
         version: LAYOUT_VERSION,
         ts_ns,
@@ -297,11 +299,15 @@ unsafe extern "C" fn on_deadline(_map: *mut c_void, _key: *mut u64, e: *mut Conn
     count(stat::DEADLINES_FIRED);
     // SAFETY: helper without arguments.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
-    emit(&Event {
+    let sent = emit(&Event {
         kind: EventKind::Deadline as u32,
         version: LAYOUT_VERSION,
         ts_ns,
         conn: info,
     });
+    if !sent {
+        // SAFETY: as above; userspace's backstop sweep looks for this flag.
+        unsafe { (*e).info.flags |= conn_flag::EVENT_LOST };
+    }
     0
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use watchdog_common::{port_stat, stat, ReqState, DURATION_BUCKETS_MS};
+use watchdog_common::{conn_flag, port_stat, stat, ReqState, DURATION_BUCKETS_MS};
 
 use crate::{
     maps::{count, port_config, port_count, task_life, SockState, CONNS, SOCKS},
@@ -73,6 +73,7 @@ pub fn start_request(st: &mut SockState) {
     info.owner_life = life;
     info.deadline_ns = cfg.deadline_ns;
     info.state = ReqState::InFlight as u32;
+    info.flags = 0;
     if life != 0 {
         let timer = ptr::addr_of_mut!(unsafe { &mut *e }.timer);
         // SAFETY: the timer lives in CONNS; re-arming moves an armed timer. A timer whose init
@@ -80,6 +81,8 @@ pub fn start_request(st: &mut SockState) {
         let armed = unsafe { bpf_timer_start(timer, cfg.deadline_ns, 0) } == 0
             || (init_timer(e) && unsafe { bpf_timer_start(timer, cfg.deadline_ns, 0) } == 0);
         if !armed {
+            // Userspace's backstop sweep enforces this request's deadline instead.
+            info.flags |= conn_flag::UNARMED;
             count(stat::TIMER_START_ERRORS);
         }
     }
