@@ -7,6 +7,7 @@
 mod build;
 mod fuzz;
 mod setup;
+mod soak;
 mod vm;
 
 use std::process::Command;
@@ -31,6 +32,11 @@ enum Cmd {
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Mixed traffic against the real daemon for N minutes, then check every books balance.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
     },
     /// Run every test: unit and property tests, then the privileged end-to-end tests.
     Test {
@@ -74,6 +80,10 @@ fn main() -> Result<()> {
         } => {
             setup::toolchain()?;
             fuzz::test(seconds)
+        }
+        Cmd::Soak { minutes } => {
+            setup::toolchain()?;
+            soak::soak(minutes)
         }
         Cmd::Test { vm: true, .. } => {
             setup::toolchain()?;
@@ -125,7 +135,9 @@ fn main() -> Result<()> {
             // Debian's 6.1 and 6.12 kernels under QEMU (about a minute once cached).
             vm::test()?;
             // A short fuzz run, so the targets cannot rot (`--fuzz --seconds N` for long runs).
-            fuzz::test(10)
+            fuzz::test(10)?;
+            // One minute of mixed traffic (`cargo xtask soak --minutes N` for long runs).
+            soak::soak(1)
         }
     }
 }
