@@ -48,7 +48,7 @@ impl Outcome {
 
 const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
 
-fn pidfd_open(pid: u32, flags: libc::c_uint) -> io::Result<OwnedFd> {
+pub(crate) fn pidfd_open(pid: u32, flags: libc::c_uint) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; on success the return value is a new file descriptor we own.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, flags) };
     if fd < 0 {

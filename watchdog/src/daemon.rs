@@ -484,7 +484,8 @@ impl State {
             tid: c.tid,
             ..Default::default()
         });
-        let diagnosis = (due.index == 0 && valid()).then(|| diagnose::capture(c.tgid, c.tid, cache));
+        let diagnosis =
+            (due.index == 0 && valid()).then(|| diagnose::capture(c.tgid, c.tid, cache));
         let mode = self.cfg.mode_of(policy);
         let enforcing = !matches!(due.step.action, Action::Log) && mode == Mode::Enforce;
 

@@ -1,7 +1,14 @@
 //! What a worker was doing when its request crossed the budget: read from /proc before the first
 //! action, attached to the log line and the event stream.
 
-use std::{collections::HashMap, fs, net::SocketAddr};
+use std::{
+    collections::HashMap,
+    fs,
+    net::SocketAddr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
 
 use serde::Serialize;
 
@@ -26,36 +33,37 @@ pub struct Diagnosis {
     pub waiting_on: Option<String>,
 }
 
-/// The per-process pieces of a diagnosis that cost O(connections) to read (the TCP table, the fd
-/// table). One batch of due steps shares them: a burst of 256 over-budget requests in one
-/// process reads them once, not 256 times.
+/// The process's connection list, read once per batch of due steps: a burst of 256 over-budget
+/// requests in one process reads it once, not 256 times.
 #[derive(Default)]
 pub struct Cache {
-    procs: HashMap<u32, ProcSockets>,
-}
-
-struct ProcSockets {
-    table: HashMap<u64, Sock>,
-    /// The process's connections other than listening sockets, as shown.
-    connections: Vec<String>,
+    procs: HashMap<u32, Vec<String>>,
 }
 
 impl Cache {
-    fn sockets(&mut self, pid: u32) -> &ProcSockets {
-        self.procs.entry(pid).or_insert_with(|| {
-            let table = socket_table(pid);
-            let mut connections: Vec<String> = own_sockets(pid)
-                .iter()
-                .filter_map(|i| table.get(i))
-                .filter(|s| s.state != "LISTEN")
-                .map(|s| format!("{} -> {} ({})", s.local, s.remote, s.state))
-                .collect();
-            connections.sort();
-            connections.truncate(32);
-            ProcSockets { table, connections }
-        })
+    fn connections(&mut self, pid: u32) -> Vec<String> {
+        self.procs
+            .entry(pid)
+            .or_insert_with(|| {
+                let mut c: Vec<String> = match crate::actions::pidfd_open(pid, 0) {
+                    Ok(pidfd) => tcp_fds(pid)
+                        .into_iter()
+                        .filter_map(|fd| tcp_socket(&pidfd, fd))
+                        .filter(|s| s.state != "LISTEN")
+                        .map(|s| s.to_string())
+                        .take(MAX_CONNECTIONS)
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
+                c.sort();
+                c
+            })
+            .clone()
     }
 }
+
+/// At most this many of a process's connections are listed.
+const MAX_CONNECTIONS: usize = 32;
 
 /// Captures the diagnosis of thread `tid` of process `pid`. Missing pieces stay empty.
 pub fn capture(pid: u32, tid: u32, cache: &mut Cache) -> Diagnosis {
@@ -70,19 +78,17 @@ pub fn capture(pid: u32, tid: u32, cache: &mut Cache) -> Diagnosis {
     let (syscall, first_arg) = describe_syscall(raw_syscall.trim());
     let cgroup = process::cgroup_path(pid).unwrap_or_default();
     let (pod_uid, container_id) = process::container_of(&cgroup);
-    let sockets = cache.sockets(pid);
     let waiting_on = first_arg.and_then(|fd| {
-        let link = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
-        let inode = socket_inode(&link.to_string_lossy())?;
-        let s = sockets.table.get(&inode)?;
+        let pidfd = crate::actions::pidfd_open(pid, 0).ok()?;
+        let s = tcp_socket(&pidfd, i32::try_from(fd).ok()?)?;
         let verb = if is_read_syscall(&syscall) {
             "reading from"
         } else {
             "waiting on"
         };
-        Some(format!("{verb} {} (fd {fd}, local {})", s.remote, s.local))
+        Some(format!("{verb} {} (fd {fd}, local {})", s.remote?, s.local))
     });
-    let connections = sockets.connections.clone();
+    let connections = cache.connections(pid);
     Diagnosis {
         thread_state,
         syscall,
@@ -198,51 +204,117 @@ fn syscall_name(nr: i64) -> Option<&'static str> {
     })
 }
 
+/// One TCP socket of another process.
 struct Sock {
     local: SocketAddr,
-    remote: SocketAddr,
-    state: String,
+    /// `None` for a socket that is not connected (a listener).
+    remote: Option<SocketAddr>,
+    state: &'static str,
 }
 
-fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
+impl std::fmt::Display for Sock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.remote {
+            Some(r) => write!(f, "{} -> {r} ({})", self.local, self.state),
+            None => write!(f, "{} ({})", self.local, self.state),
+        }
+    }
 }
 
-fn own_sockets(pid: u32) -> Vec<u64> {
+/// The descriptors of `pid` that are sockets (from the names of its /proc fd links).
+fn tcp_fds(pid: u32) -> Vec<i32> {
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
         return vec![];
     };
     dir.filter_map(Result::ok)
-        .filter_map(|e| fs::read_link(e.path()).ok())
-        .filter_map(|l| socket_inode(&l.to_string_lossy()))
+        .filter(|e| {
+            fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+        })
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect()
 }
 
-/// TCP sockets in the process's network namespace, by inode.
-fn socket_table(pid: u32) -> HashMap<u64, Sock> {
-    let mut out = HashMap::new();
-    let Ok(p) = procfs::process::Process::new(pid as i32) else {
-        return out;
-    };
-    let entries = p
-        .tcp()
-        .unwrap_or_default()
-        .into_iter()
-        .chain(p.tcp6().unwrap_or_default());
-    for e in entries {
-        out.insert(
-            e.inode,
-            Sock {
-                local: e.local_address,
-                remote: e.remote_address,
-                state: format!("{:?}", e.state).to_uppercase(),
-            },
-        );
+/// Reads socket `fd` of the process behind `pidfd` through a duplicate of it (`pidfd_getfd`,
+/// Linux 5.6, needs ptrace rights over the process): O(1), where reading /proc/net/tcp walks
+/// every socket of the namespace (24 ms with ~1.1k sockets here, most of the enforcement
+/// lateness before this). `None` if it is not a TCP socket.
+fn tcp_socket(pidfd: &OwnedFd, fd: i32) -> Option<Sock> {
+    // SAFETY: plain syscall; on success the return value is a new descriptor we own.
+    let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if dup < 0 {
+        return None;
     }
-    out
+    // SAFETY: a freshly duplicated descriptor.
+    let dup = unsafe { OwnedFd::from_raw_fd(dup as i32) };
+    let proto: i32 = sockopt_int(&dup, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
+    if proto != libc::IPPROTO_TCP {
+        return None;
+    }
+    // struct tcp_info starts with the u8 tcpi_state.
+    let mut info = [0u8; 8];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: getsockopt into a buffer we own, with its length.
+    let r = unsafe {
+        libc::getsockopt(
+            dup.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    let addr = |s: SockaddrStorage| -> Option<SocketAddr> {
+        if let Some(a) = s.as_sockaddr_in() {
+            return Some(SocketAddr::from(*a));
+        }
+        s.as_sockaddr_in6().map(|a| SocketAddr::from(*a))
+    };
+    let local = addr(getsockname::<SockaddrStorage>(dup.as_raw_fd()).ok()?)?;
+    let remote = getpeername::<SockaddrStorage>(dup.as_raw_fd())
+        .ok()
+        .and_then(addr);
+    Some(Sock {
+        local,
+        remote,
+        state: tcp_state(info[0]),
+    })
+}
+
+fn sockopt_int(fd: &OwnedFd, level: i32, name: i32) -> Option<i32> {
+    let mut v: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: getsockopt into an int we own, with its length.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            std::ptr::addr_of_mut!(v).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(v)
+}
+
+/// Names of the kernel's TCP states (include/net/tcp_states.h).
+fn tcp_state(s: u8) -> &'static str {
+    match s {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        _ => "UNKNOWN",
+    }
 }
 
 #[cfg(test)]
