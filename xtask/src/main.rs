@@ -4,8 +4,10 @@
 //! and, for tests as root, the Debian packages the real-server tests use), so a fresh machine
 //! needs nothing but `cargo xtask test`.
 
+mod bench;
 mod build;
 mod fuzz;
+mod harness;
 mod setup;
 mod soak;
 mod vm;
@@ -32,6 +34,12 @@ enum Cmd {
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Benchmarks against real servers; writes bench/results and BENCHMARKS.md.
+    Bench {
+        /// Every part at a small size (under two minutes), to keep the code working.
+        #[arg(long)]
+        quick: bool,
     },
     /// Mixed traffic against the real daemon for N minutes, then check every books balance.
     Soak {
@@ -80,6 +88,10 @@ fn main() -> Result<()> {
         } => {
             setup::toolchain()?;
             fuzz::test(seconds)
+        }
+        Cmd::Bench { quick } => {
+            setup::toolchain()?;
+            bench::bench(quick)
         }
         Cmd::Soak { minutes } => {
             setup::toolchain()?;
@@ -136,6 +148,8 @@ fn main() -> Result<()> {
             vm::test()?;
             // A short fuzz run, so the targets cannot rot (`--fuzz --seconds N` for long runs).
             fuzz::test(10)?;
+            // The benchmarks at a small size, so their code cannot rot (`cargo xtask bench`).
+            bench::bench(true)?;
             // One minute of mixed traffic (`cargo xtask soak --minutes N` for long runs).
             soak::soak(1)
         }

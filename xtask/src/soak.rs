@@ -11,8 +11,8 @@
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Read, Write},
-    net::{Shutdown, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    net::{Shutdown, TcpStream},
+    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -24,7 +24,10 @@ use std::os::unix::process::CommandExt;
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::root;
+use crate::{
+    harness::{cpu_secs, free_port, metric, rss_kib, wait_ready, Guard},
+    root,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -87,8 +90,8 @@ pub fn soak(minutes: u64) -> Result<()> {
             .context("starting watchdog")?,
     );
     let result = (|| {
-        wait_ready(&metrics)?;
-        let wd_pid = wd.0.id();
+        wait_ready(&metrics, &dir.join("watchdog.log"))?;
+        let wd_pid = wd.pid();
         let (rss0, cpu0) = (rss_kib(wd_pid)?, cpu_secs(wd_pid)?);
         let tracked0 = metric(&metrics, "watchdog_tracked_connections")?;
 
@@ -348,70 +351,5 @@ fn get(c: &mut TcpStream, path: &str) -> std::io::Result<String> {
                 return Ok(body.to_string());
             }
         }
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn http(addr: &str, path: &str) -> Result<String> {
-    let mut c = TcpStream::connect(addr)?;
-    c.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(c, "GET {path} HTTP/1.0\r\n\r\n")?;
-    let mut s = String::new();
-    c.read_to_string(&mut s)?;
-    Ok(s)
-}
-
-fn wait_ready(metrics: &str) -> Result<()> {
-    let until = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < until {
-        if http(metrics, "/readyz").is_ok_and(|b| b.contains("ready")) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("watchdog not ready in 30 s (see target/soak/watchdog.log)")
-}
-
-/// Sum of a metric's samples.
-fn metric(addr: &str, name: &str) -> Result<f64> {
-    Ok(http(addr, "/metrics")?
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with(&format!("{name}_")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmRSS")
-}
-
-fn cpu_secs(pid: u32) -> Result<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let f: Vec<&str> = s
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
-}
-
-/// Kills the child (and its process group, if it leads one) and waits for it when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on a process group id; no memory is involved.
-        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }

@@ -1,0 +1,198 @@
+//! Part 4: how late the watchdog acts after a deadline, measured by the daemon (due → signal
+//! sent) and independently by the client (request sent → connection closed by the dying worker,
+//! minus the budget); then the same slow handler under uWSGI `--harakiri`, gunicorn `--timeout`
+//! and the watchdog with the same 1 s budget, in alternating waves.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context, Result};
+use serde_json::{json, Value};
+
+use super::{distribution, spawn_server, wait_port, Daemon, Plan};
+use crate::{harness::free_port, root};
+
+const SERVERS: usize = 3;
+const WORKERS: usize = 4;
+
+pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
+    let dir = work.join("lateness");
+    std::fs::create_dir_all(&dir)?;
+    let venv = gunicorn_venv()?;
+    let app = root().join("watchdog/tests/fixtures/app.py");
+
+    // Three pre-fork servers (4 workers each) for the 500 ms distribution.
+    let ports: Vec<u16> = (0..SERVERS).map(|_| free_port()).collect::<Result<_>>()?;
+    let _apps = ports
+        .iter()
+        .map(|p| {
+            spawn_server(
+                Command::new("python3")
+                    .arg(&app)
+                    .arg(p.to_string())
+                    .arg(WORKERS.to_string()),
+                "READY",
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    // The peers: one slow WSGI handler under uWSGI, under gunicorn, and under gunicorn with its
+    // own timeout out of the way and the watchdog enforcing the same 1 s.
+    std::fs::write(dir.join("slow_wsgi.py"), SLOW_WSGI)?;
+    let (uwsgi_port, gunicorn_port, watched_port) = (free_port()?, free_port()?, free_port()?);
+    let _uwsgi = spawn_server(
+        Command::new("sh").arg("-c").arg(format!(
+            "echo ready; exec uwsgi --plugin python3 --http-socket 127.0.0.1:{uwsgi_port} \
+             --wsgi-file {d}/slow_wsgi.py --processes {WORKERS} --master --harakiri 1 \
+             --logto {d}/uwsgi.log",
+            d = dir.display()
+        )),
+        "ready",
+    )?;
+    let gunicorn = |port: u16, timeout: u32, log: &str| {
+        spawn_server(
+            Command::new("sh").arg("-c").arg(format!(
+                "echo ready; exec {venv}/bin/gunicorn -w {WORKERS} --timeout {timeout} \
+                 -b 127.0.0.1:{port} --control-socket {d}/{log}.ctl --chdir {d} slow_wsgi:app >{d}/{log} 2>&1",
+                venv = venv.display(),
+                d = dir.display()
+            )),
+            "ready",
+        )
+    };
+    let _gunicorn = gunicorn(gunicorn_port, 1, "gunicorn.log")?;
+    let _watched = gunicorn(watched_port, 30, "gunicorn-watched.log")?;
+    for p in ports
+        .iter()
+        .chain(&[uwsgi_port, gunicorn_port, watched_port])
+    {
+        wait_port(*p)?;
+    }
+
+    let list = |ps: &[u16]| ps.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+    // These kill rates are the benchmark's normal: keep the kill-rate breaker out of the way.
+    let config = format!(
+        "[[policy]]\nname = \"bench-500ms\"\nports = [{}]\nbudget = \"500ms\"\nsignal = \"SIGKILL\"\n\
+         breaker = {{ max_actions = 100000, window = \"1m\", cooldown = \"1s\" }}\n\n\
+         [[policy]]\nname = \"bench-1s\"\nports = [{watched_port}]\nbudget = \"1s\"\nsignal = \"SIGKILL\"\n\
+         breaker = {{ max_actions = 100000, window = \"1m\", cooldown = \"1s\" }}\n",
+        list(&ports)
+    );
+    let daemon = Daemon::start(work, "lateness", &config, &[])?;
+
+    // 500 ms: waves of one request per worker on every server, all sent at once.
+    let budget = Duration::from_millis(500);
+    let mut client = Vec::new();
+    let per_wave = SERVERS * WORKERS;
+    for _ in 0..plan.slow_requests.div_ceil(per_wave) {
+        let targets: Vec<u16> = ports
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(*p, WORKERS))
+            .collect();
+        client.extend(wave(&targets, budget, false)?);
+        // The servers re-fork the killed workers; let them get back to accept().
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // 1 s, side by side: one wave to each system in turn.
+    let second = Duration::from_secs(1);
+    let (mut uwsgi, mut gunicorn_1s, mut watched) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..plan.peer_requests.div_ceil(WORKERS) {
+        for (port, out) in [
+            (uwsgi_port, &mut uwsgi),
+            (gunicorn_port, &mut gunicorn_1s),
+            (watched_port, &mut watched),
+        ] {
+            out.extend(wave(&vec![port; WORKERS], second, true)?);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    let events = daemon.events()?;
+    let daemon_500: Vec<f64> = events
+        .iter()
+        .filter(|e| e["policy"] == "bench-500ms")
+        .filter_map(|e| e["lateness_ms"].as_f64())
+        .collect();
+    ensure!(
+        daemon_500.len() == client.len(),
+        "the daemon acted {} times on {} over-budget requests",
+        daemon_500.len(),
+        client.len()
+    );
+    Ok(json!({
+        "servers": SERVERS,
+        "workers": WORKERS,
+        "concurrent": per_wave,
+        "peer_requests": watched.len(),
+        "watchdog": { "daemon": distribution(&daemon_500), "client": distribution(&client) },
+        "watchdog_1s": distribution(&watched),
+        "uwsgi": distribution(&uwsgi),
+        "gunicorn": distribution(&gunicorn_1s),
+    }))
+}
+
+/// The handler all three 1 s peers run: a CPU loop that ignores every cooperative timeout.
+const SLOW_WSGI: &str = r#"import time
+
+def app(environ, start_response):
+    if environ.get("PATH_INFO") == "/slow":
+        t = time.monotonic()
+        while time.monotonic() - t < 100:
+            pass
+    start_response("200 OK", [("Content-Length", "3")])
+    return [b"ok\n"]
+
+application = app  # the name uWSGI looks for
+"#;
+
+/// Sends `GET /slow` on one new connection per entry of `ports`, all at once, and returns for
+/// each how long after `budget` the server closed the connection (ms). With `answer_ok`, an
+/// answer also ends the wait: gunicorn's timeout aborts the handler and answers 500.
+fn wave(ports: &[u16], budget: Duration, answer_ok: bool) -> Result<Vec<f64>> {
+    let threads: Vec<_> = ports
+        .iter()
+        .map(|&port| {
+            std::thread::spawn(move || -> Result<f64> {
+                let mut c = TcpStream::connect(("127.0.0.1", port))?;
+                c.set_read_timeout(Some(Duration::from_secs(30)))?;
+                let sent = Instant::now();
+                c.write_all(b"GET /slow HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+                let mut buf = [0u8; 512];
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(_) if answer_ok => break,
+                        Ok(n) => anyhow::bail!(
+                            "port {port} answered a request it should have killed: {:?}",
+                            String::from_utf8_lossy(&buf[..n])
+                        ),
+                        // A reset is as good as a close: the worker is gone.
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                        Err(e) => return Err(e).context(format!("waiting on port {port}")),
+                    }
+                }
+                Ok((sent.elapsed().as_secs_f64() - budget.as_secs_f64()) * 1e3)
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .map(|t| t.join().expect("client thread"))
+        .collect()
+}
+
+/// A venv under target/ with gunicorn from PyPI (Debian's is older than the one people run).
+fn gunicorn_venv() -> Result<std::path::PathBuf> {
+    let venv = root().join("target/bench-venv");
+    if !venv.join("bin/gunicorn").exists() {
+        crate::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        crate::run(Command::new(venv.join("bin/pip")).args(["install", "-q", "gunicorn"]))?;
+    }
+    Ok(venv)
+}
