@@ -258,6 +258,7 @@ struct RawDaemon {
     state_dir: Option<PathBuf>,
     max_connections: Option<u32>,
     event_buffer_kib: Option<u32>,
+    nice: Option<i32>,
 }
 
 /// Which processes a policy (or the protect list) covers. Empty lists match everything.
@@ -458,6 +459,8 @@ pub struct Config {
     pub max_connections: u32,
     /// Kernel-to-daemon event ring buffer, KiB (power of two).
     pub event_buffer_kib: u32,
+    /// The daemon's own scheduling niceness: it must get the CPU when runaway workers hold it.
+    pub nice: i32,
     pub protect: Selector,
     pub policies: Vec<Policy>,
 }
@@ -465,6 +468,9 @@ pub struct Config {
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
 pub const DEFAULT_STATUS_SOCKET: &str = "/run/watchdog/status.sock";
 pub const DEFAULT_STATE_DIR: &str = "/sys/fs/bpf/watchdog";
+/// Ahead of ordinary workers when they saturate the CPUs (earlyoom runs at -20 for the same
+/// reason), short of the realtime class: a daemon bug cannot starve the machine.
+pub const DEFAULT_NICE: i32 = -10;
 
 impl Config {
     /// The embedded default: observe every accepted TCP connection with a 30 s budget.
@@ -498,6 +504,7 @@ impl Config {
             state_dir: DEFAULT_STATE_DIR.into(),
             max_connections: watchdog_common::limits::MAX_CONNS,
             event_buffer_kib: watchdog_common::limits::EVENTS_BYTES / 1024,
+            nice: DEFAULT_NICE,
             protect: Selector::default(),
             policies,
         }
@@ -518,6 +525,9 @@ impl Config {
                 "event_buffer_kib",
                 format!("{k} must be a power of two in 4..=65536"),
             ));
+        }
+        if !(-20..=19).contains(&self.nice) {
+            return Err(("nice", format!("{} is outside -20..=19", self.nice)));
         }
         if !self.state_dir.is_absolute() {
             return Err((
@@ -678,6 +688,9 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     }
     if let Some(k) = raw.daemon.event_buffer_kib {
         cfg.event_buffer_kib = k;
+    }
+    if let Some(n) = raw.daemon.nice {
+        cfg.nice = n;
     }
     cfg.check_limits()
         .map_err(|(field, reason)| invalid(format!("daemon.{field}"), &reason))?;

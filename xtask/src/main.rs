@@ -40,6 +40,9 @@ enum Cmd {
         /// Every part at a small size (under two minutes), to keep the code working.
         #[arg(long)]
         quick: bool,
+        /// One part only (overhead, lateness, scale); results stay under target/.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Mixed traffic against the real daemon for N minutes, then check every books balance.
     Soak {
@@ -89,9 +92,9 @@ fn main() -> Result<()> {
             setup::toolchain()?;
             fuzz::test(seconds)
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, only } => {
             setup::toolchain()?;
-            bench::bench(quick)
+            bench::bench(quick, only.as_deref())
         }
         Cmd::Soak { minutes } => {
             setup::toolchain()?;
@@ -149,7 +152,7 @@ fn main() -> Result<()> {
             // A short fuzz run, so the targets cannot rot (`--fuzz --seconds N` for long runs).
             fuzz::test(10)?;
             // The benchmarks at a small size, so their code cannot rot (`cargo xtask bench`).
-            bench::bench(true)?;
+            bench::bench(true, None)?;
             // One minute of mixed traffic (`cargo xtask soak --minutes N` for long runs).
             soak::soak(1)
         }

@@ -75,7 +75,9 @@ impl Plan {
     }
 }
 
-pub fn bench(quick: bool) -> Result<()> {
+/// Runs the suite; `only` (overhead, lateness, scale) runs one part, for working on it, and
+/// records nothing outside target/.
+pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     setup::ensure_packages(PACKAGES)?;
     for svc in ["nginx", "uwsgi"] {
         let _ = Command::new("service").args([svc, "stop"]).output();
@@ -83,18 +85,32 @@ pub fn bench(quick: bool) -> Result<()> {
     crate::cargo(&["build", "--release", "-p", "watchdog"])?;
     raise_nofile()?;
     let plan = Plan::new(quick);
-    let work = root().join(if quick {
-        "target/bench-quick"
-    } else {
-        "target/bench"
+    let work = root().join(match (quick, only) {
+        (true, _) => "target/bench-quick",
+        (false, Some(_)) => "target/bench-only",
+        (false, None) => "target/bench",
     });
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let started = std::time::Instant::now();
 
-    let overhead = overhead::run(&plan, &work).context("overhead benchmark")?;
-    let lateness = lateness::run(&plan, &work).context("lateness benchmark")?;
-    let scale = scale::run(&plan, &work).context("scale benchmark")?;
+    let wanted = |part: &str| only.is_none_or(|o| o == part);
+    anyhow::ensure!(
+        only.is_none_or(|o| ["overhead", "lateness", "scale"].contains(&o)),
+        "--only takes overhead, lateness or scale"
+    );
+    let mut overhead = Value::Null;
+    if wanted("overhead") {
+        overhead = overhead::run(&plan, &work).context("overhead benchmark")?;
+    }
+    let mut lateness = Value::Null;
+    if wanted("lateness") {
+        lateness = lateness::run(&plan, &work).context("lateness benchmark")?;
+    }
+    let mut scale = Value::Null;
+    if wanted("scale") {
+        scale = scale::run(&plan, &work).context("scale benchmark")?;
+    }
     let results = json!({
         "machine": machine(),
         "quick": quick,
@@ -104,7 +120,7 @@ pub fn bench(quick: bool) -> Result<()> {
         "scale": scale,
     });
 
-    let (out, figures) = if quick {
+    let (out, figures) = if quick || only.is_some() {
         (work.clone(), work.join("figures"))
     } else {
         (root().join("bench/results"), root().join("bench/figures"))
@@ -118,7 +134,7 @@ pub fn bench(quick: bool) -> Result<()> {
     plot::all(&results, &figures)?;
     let md = summary(&results);
     std::fs::write(out.join("latest.md"), &md)?;
-    if !quick {
+    if !quick && only.is_none() {
         splice_benchmarks_md(&md)?;
     }
     println!("{md}");
