@@ -82,6 +82,8 @@ pub struct ActionRecord {
     pub elapsed_ms: u64,
     pub budget_ms: u64,
     pub lateness_ms: f64,
+    /// Of the lateness, the time taken to capture the diagnosis before acting.
+    pub diagnosis_ms: f64,
     pub mode: Mode,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub diagnosis: Option<diagnose::Diagnosis>,
@@ -516,8 +518,11 @@ impl State {
             tid: c.tid,
             ..Default::default()
         });
-        let diagnosis =
-            (due.index == 0 && valid()).then(|| diagnose::capture(c.tgid, c.tid, cache));
+        let diagnosis = (due.index == 0 && valid()).then(|| {
+            let cgroup = (!facts.cgroup.is_empty()).then(|| facts.cgroup.clone());
+            diagnose::capture(c.tgid, c.tid, cgroup, cache)
+        });
+        let diagnosed = now_ns();
         let mode = self.cfg.mode_of(policy);
         let enforcing = !matches!(due.step.action, Action::Log) && mode == Mode::Enforce;
 
@@ -606,6 +611,7 @@ impl State {
             elapsed_ms: done.saturating_sub(c.start_ns) / 1_000_000,
             budget_ms: policy.budget.as_millis() as u64,
             lateness_ms: lateness as f64 / 1e6,
+            diagnosis_ms: diagnosed.saturating_sub(now) as f64 / 1e6,
             mode,
             diagnosis,
         };

@@ -66,17 +66,18 @@ impl Cache {
 const MAX_CONNECTIONS: usize = 32;
 
 /// Captures the diagnosis of thread `tid` of process `pid`. Missing pieces stay empty.
-pub fn capture(pid: u32, tid: u32, cache: &mut Cache) -> Diagnosis {
+///
+/// It runs before the first action, so it reads only what is cheap (about 0.2 ms in all):
+/// `stat` rather than `status` for the state, and the cgroup path the caller already has.
+pub fn capture(pid: u32, tid: u32, cgroup: Option<String>, cache: &mut Cache) -> Diagnosis {
     let task = format!("/proc/{pid}/task/{tid}");
     let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
-    let thread_state = read(&format!("{task}/status"))
-        .lines()
-        .find_map(|l| l.strip_prefix("State:"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
+    let thread_state = thread_state(&read(&format!("{task}/stat")));
     let raw_syscall = read(&format!("{task}/syscall"));
     let (syscall, first_arg) = describe_syscall(raw_syscall.trim());
-    let cgroup = process::cgroup_path(pid).unwrap_or_default();
+    let cgroup = cgroup
+        .or_else(|| process::cgroup_path(pid))
+        .unwrap_or_default();
     let (pod_uid, container_id) = process::container_of(&cgroup);
     let waiting_on = first_arg.and_then(|fd| {
         let pidfd = crate::actions::pidfd_open(pid, 0).ok()?;
@@ -108,6 +109,29 @@ pub fn capture(pid: u32, tid: u32, cache: &mut Cache) -> Diagnosis {
         connections,
         waiting_on,
     }
+}
+
+/// `R (running)` style text from the state letter of a `/proc/.../stat` line.
+fn thread_state(stat: &str) -> String {
+    let Some(letter) = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+    else {
+        return String::new();
+    };
+    let name = match letter {
+        "R" => "running",
+        "S" => "sleeping",
+        "D" => "disk sleep",
+        "T" => "stopped",
+        "t" => "tracing stop",
+        "Z" => "zombie",
+        "X" => "dead",
+        "I" => "idle",
+        "P" => "parked",
+        _ => "",
+    };
+    format!("{letter} ({name})")
 }
 
 fn is_read_syscall(s: &str) -> bool {
@@ -339,14 +363,22 @@ mod tests {
     }
 
     #[test]
+    fn thread_state_reads_the_letter_after_the_command_name() {
+        assert_eq!(thread_state("42 (a) b) S 1 2 3"), "S (sleeping)");
+        assert_eq!(thread_state("7 (x) D 1"), "D (disk sleep)");
+        assert_eq!(thread_state(""), "");
+    }
+
+    #[test]
     fn captures_this_process() {
         let pid = std::process::id();
         // SAFETY: gettid has no failure mode.
         let tid = unsafe { libc::gettid() } as u32;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let _c = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let d = capture(pid, tid, &mut Cache::default());
-        assert!(d.thread_state.starts_with('R'), "{}", d.thread_state);
+        let d = capture(pid, tid, None, &mut Cache::default());
+        assert_eq!(d.thread_state, "R (running)");
+        assert_eq!(Some(d.cgroup.clone()), process::cgroup_path(pid));
         assert!(!d.cmdline.is_empty());
         let port = listener.local_addr().unwrap().port();
         assert!(

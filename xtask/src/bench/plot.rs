@@ -86,10 +86,13 @@ fn overhead(o: &Value, path: &Path) -> Result<()> {
 fn lateness(l: &Value, path: &Path) -> Result<()> {
     let series = [
         ("watchdog 500 ms, daemon-measured", &l["watchdog"]["daemon"]),
-        ("watchdog 500 ms, client-measured", &l["watchdog"]["client"]),
-        ("watchdog 1 s (gunicorn app), client", &l["watchdog_1s"]),
-        ("uWSGI --harakiri 1, client", &l["uwsgi"]),
-        ("gunicorn --timeout 1, client", &l["gunicorn"]),
+        ("watchdog 500 ms, worker + client", &l["watchdog"]["client"]),
+        (
+            "watchdog 1 s (gunicorn), client from send",
+            &l["watchdog_1s"],
+        ),
+        ("uWSGI --harakiri 1, client from send", &l["uwsgi"]),
+        ("gunicorn --timeout 1, client from send", &l["gunicorn"]),
     ];
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
