@@ -97,3 +97,32 @@ pub fn cpu_secs(pid: u32) -> Result<f64> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok(ticks / hz)
 }
+
+/// Removes bpffs state that test or benchmark daemons of processes no longer alive left pinned
+/// (a run killed before its cleanup): pinned programs stay attached, and would run on every
+/// socket operation or syscall of the machine, skewing whatever runs next.
+pub fn remove_stale_pins() -> Result<()> {
+    let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") else {
+        return Ok(());
+    };
+    for entry in dir {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Some(rest) = ["watchdog-test-", "watchdog-bench-"]
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+        else {
+            continue;
+        };
+        let owner = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if owner.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            eprintln!("xtask: removing stale pinned state {}", path.display());
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}

@@ -107,6 +107,7 @@ fn main() -> Result<()> {
         Cmd::Test { .. } => {
             setup::toolchain()?;
             setup::test_packages()?;
+            harness::remove_stale_pins()?;
             cargo(&["build", "--release", "-p", "watchdog"])?;
             // Unit and property tests: no root needed, run in parallel.
             cargo(&[

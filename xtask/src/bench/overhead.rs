@@ -22,15 +22,15 @@ done = function(summary, latency, requests)
 end
 "#;
 
-/// Our programs as `bpftool prog show` names them (the kernel keeps 15 characters).
-const PROGRAMS: &[(&str, &str)] = &[
-    ("request_enter_r", "request_enter_recv"),
-    ("request_exit_se", "request_exit_send"),
-    ("conn_sock_ops", "conn_sock_ops"),
-    ("conn_enter_rece", "conn_enter_receive_reset"),
-    ("task_exit", "task_exit"),
-    ("syscall_exit", "syscall_exit"),
-    ("task_fork", "task_fork"),
+/// Our programs (as in watchdog-common's names).
+const PROGRAMS: &[&str] = &[
+    "request_enter_recv",
+    "request_exit_send",
+    "conn_sock_ops",
+    "conn_enter_receive_reset",
+    "task_exit",
+    "syscall_exit",
+    "task_fork",
 ];
 
 struct Wrk {
@@ -70,13 +70,14 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
     // nginx on CPU 0, wrk on CPU 1: the two do not trade places between rounds.
     let _nginx = spawn_nginx(&dir)?;
     wait_port(port)?;
-    sysctl("kernel.bpf_stats_enabled", "1")?;
-    let config = |set: &str| {
+    sysctl("kernel.bpf_stats_enabled", "0")?;
+    let config_for = |set: &str, watched: u16| {
         format!(
-            "[daemon]\nprobes = \"{set}\"\n\n[[policy]]\nname = \"nginx\"\nports = [{port}]\n\
+            "[daemon]\nprobes = \"{set}\"\n\n[[policy]]\nname = \"nginx\"\nports = [{watched}]\n\
              budget = \"30s\"\nsignal = \"SIGKILL\"\nmatch = {{ comm = [\"nginx\"] }}\n"
         )
     };
+    let config = |set: &str| config_for(set, port);
     let conns = 32;
     // Warm up nginx and the page cache.
     wrk(&dir, port, conns, 2)?;
@@ -101,26 +102,9 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
             )?;
             std::thread::sleep(Duration::from_millis(500));
             let cpu0 = cpu_secs(d.pid())?;
-            let ids = d.prog_ids()?;
-            let before = prog_stats(&ids)?;
             let w = wrk(&dir, port, conns, plan.round_secs)?;
-            let after = prog_stats(&ids)?;
             let cpu = cpu_secs(d.pid())? - cpu0;
             peak_kib = peak_kib.max(status_kib(d.pid(), "VmHWM")?);
-            let mut total_ns = 0.0;
-            for (short, name) in PROGRAMS {
-                let (t0, n0) = before.get(*short).copied().unwrap_or_default();
-                let (t1, n1) = after.get(*short).copied().unwrap_or_default();
-                let (dt, dn) = ((t1 - t0) as f64, (n1 - n0) as f64);
-                total_ns += dt;
-                if dn > 0.0 {
-                    side.progs
-                        .entry(name)
-                        .or_default()
-                        .push((dt / dn, dn / w.requests));
-                }
-            }
-            side.kernel_per_req.push(total_ns / w.requests);
             if side.set == "sock" {
                 daemon.push(json!({
                     "connections": conns,
@@ -132,6 +116,42 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
             side.rounds.push(w);
         }
     }
+    // Kernel program costs, in turns of their own: bpf_stats reads the clock twice per program
+    // run, which would weigh on the throughput rounds above.
+    let turns = plan.rounds.min(3);
+    sysctl("kernel.bpf_stats_enabled", "1")?;
+    for side in &mut sets {
+        for k in 0..turns {
+            let d = Daemon::start(
+                work,
+                &format!("cost-{}-{k}", side.set),
+                &config(side.set),
+                &[],
+            )?;
+            let (progs, per_req) = cost_turn(&d, &dir, port, conns, plan.round_secs)?;
+            for (name, v) in progs {
+                side.progs.entry(name).or_default().push(v);
+            }
+            side.kernel_per_req.push(per_req);
+        }
+    }
+    // The sock set watching another port: what every socket that is not watched pays.
+    let mut untracked = Watched::new("sock");
+    for k in 0..turns {
+        let d = Daemon::start(
+            work,
+            &format!("cost-untracked-{k}"),
+            &config_for("sock", free_port()?),
+            &[],
+        )?;
+        let (progs, per_req) = cost_turn(&d, &dir, port, conns, plan.round_secs)?;
+        for (name, v) in progs {
+            untracked.progs.entry(name).or_default().push(v);
+        }
+        untracked.kernel_per_req.push(per_req);
+    }
+    sysctl("kernel.bpf_stats_enabled", "0")?;
+
     // The same daemon cost at a much lower request rate.
     {
         let low = 2;
@@ -147,8 +167,6 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
             "rss_mib": rss_kib(d.pid())? as f64 / 1024.0,
         }));
     }
-    sysctl("kernel.bpf_stats_enabled", "0")?;
-
     let [sock, syscalls] = sets.map(|w| w.summary(&base));
     let mut out = sock;
     let o = out.as_object_mut().expect("an object");
@@ -161,6 +179,11 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
         ("baseline_latency_ms", median_round(&base)),
         ("daemon", json!(daemon)),
         ("peak_rss_mib", json!(peak_kib as f64 / 1024.0)),
+        ("untracked_programs", untracked.programs()),
+        (
+            "untracked_kernel_ns_per_request",
+            json!(super::percentile(&untracked.kernel_per_req, 50.0)),
+        ),
     ] {
         o.insert(k.into(), v);
     }
@@ -194,6 +217,19 @@ impl Watched {
                 .map(|(b, w)| f(w) / f(b))
                 .collect()
         };
+        json!({
+            "watched_rps": spread(&rpss(&self.rounds)),
+            "throughput_ratio": spread(&ratio(&|w| w.rps)),
+            "p50_ratio": spread(&ratio(&|w| w.pct(50.0))),
+            "p99_ratio": spread(&ratio(&|w| w.pct(99.0))),
+            "watched_latency_ms": median_round(&self.rounds),
+            "programs": self.programs(),
+            "kernel_ns_per_request": super::percentile(&self.kernel_per_req, 50.0),
+        })
+    }
+
+    /// Per program: ns per run and runs per request, medians over the cost turns.
+    fn programs(&self) -> Value {
         let programs: BTreeMap<&str, Value> = self
             .progs
             .iter()
@@ -210,15 +246,7 @@ impl Watched {
                 )
             })
             .collect();
-        json!({
-            "watched_rps": spread(&rpss(&self.rounds)),
-            "throughput_ratio": spread(&ratio(&|w| w.rps)),
-            "p50_ratio": spread(&ratio(&|w| w.pct(50.0))),
-            "p99_ratio": spread(&ratio(&|w| w.pct(99.0))),
-            "watched_latency_ms": median_round(&self.rounds),
-            "programs": programs,
-            "kernel_ns_per_request": super::percentile(&self.kernel_per_req, 50.0),
-        })
+        json!(programs)
     }
 }
 
@@ -236,6 +264,34 @@ fn median_round(v: &[Wrk]) -> Value {
         .iter()
         .map(|(p, ms)| json!([p, ms]))
         .collect::<Vec<_>>())
+}
+
+/// One wrk turn with bpf_stats on: per program (ns per run, runs per request), and all programs'
+/// ns per request.
+fn cost_turn(
+    d: &Daemon,
+    dir: &Path,
+    port: u16,
+    conns: usize,
+    secs: u64,
+) -> Result<(Vec<(&'static str, (f64, f64))>, f64)> {
+    std::thread::sleep(Duration::from_millis(500));
+    let ids = d.prog_ids()?;
+    let before = prog_stats(&ids)?;
+    let w = wrk(dir, port, conns, secs)?;
+    let after = prog_stats(&ids)?;
+    let mut total_ns = 0.0;
+    let mut out = Vec::new();
+    for name in PROGRAMS {
+        let (t0, n0) = before.get(*name).copied().unwrap_or_default();
+        let (t1, n1) = after.get(*name).copied().unwrap_or_default();
+        let (dt, dn) = ((t1 - t0) as f64, (n1 - n0) as f64);
+        total_ns += dt;
+        if dn > 0.0 {
+            out.push((*name, (dt / dn, dn / w.requests)));
+        }
+    }
+    Ok((out, total_ns / w.requests))
 }
 
 fn spawn_nginx(dir: &Path) -> Result<crate::harness::Guard> {
@@ -304,8 +360,7 @@ fn prog_stats(ids: &[u64]) -> Result<BTreeMap<String, (u64, u64)>> {
         let Some(name) = p["name"].as_str() else {
             continue;
         };
-        if ids.contains(&p["id"].as_u64().unwrap_or(0)) && PROGRAMS.iter().any(|(s, _)| *s == name)
-        {
+        if ids.contains(&p["id"].as_u64().unwrap_or(0)) && PROGRAMS.contains(&name) {
             let e = m.entry(name.to_string()).or_default();
             e.0 += p["run_time_ns"].as_u64().unwrap_or(0);
             e.1 += p["run_cnt"].as_u64().unwrap_or(0);
