@@ -1,10 +1,11 @@
-//! Project automation: `cargo xtask build | run | test | setup`.
+//! Project automation: `cargo xtask build | run | test | setup | soak | image`.
 //!
 //! Every command first makes sure this machine has what it needs (nightly rust-src, bpf-linker,
 //! and, for tests as root, the Debian packages the real-server tests use), so a fresh machine
 //! needs nothing but `cargo xtask test`.
 
 mod build;
+mod deploy;
 mod fuzz;
 mod setup;
 mod soak;
@@ -50,7 +51,13 @@ enum Cmd {
         /// Time per fuzz target.
         #[arg(long, default_value_t = 30)]
         seconds: u32,
+        /// Only the deploy/ checks: manifests rendered, validated and scanned, the ConfigMap's
+        /// policy loaded by the daemon, the systemd unit verified, the image built and run.
+        #[arg(long)]
+        deploy: bool,
     },
+    /// Build the container image (static binary, FROM scratch) with podman.
+    Image,
 }
 
 fn main() -> Result<()> {
@@ -80,6 +87,14 @@ fn main() -> Result<()> {
         } => {
             setup::toolchain()?;
             fuzz::test(seconds)
+        }
+        Cmd::Test { deploy: true, .. } => {
+            setup::toolchain()?;
+            deploy::check()
+        }
+        Cmd::Image => {
+            setup::toolchain()?;
+            deploy::image()
         }
         Cmd::Soak { minutes } => {
             setup::toolchain()?;
