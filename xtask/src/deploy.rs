@@ -187,7 +187,9 @@ pub fn check() -> Result<()> {
     steps.done(&format!("podman build {image} (FROM scratch)"));
 
     let path = run_image(&image, &pod, &config_dir, &config_path, &caps, &unproved)?;
-    steps.done(&format!("`watchdog check` from the image in the DaemonSet's shape ({path})"));
+    steps.done(&format!(
+        "`watchdog check` from the image in the DaemonSet's shape ({path})"
+    ));
 
     eprintln!(
         "deploy: all checks passed in {:.1} s; image run path: {path}",
@@ -203,7 +205,10 @@ pub fn image() -> Result<()> {
     setup::ensure_packages(&["podman"])?;
     let image = build_image(&binary)?;
     println!("built {image}");
-    println!("push it:   podman push {image} REGISTRY/watchdog:{}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "push it:   podman push {image} REGISTRY/watchdog:{}",
+        env!("CARGO_PKG_VERSION")
+    );
     println!("or load it on a node: podman save {image} | ctr -n k8s.io images import -");
     Ok(())
 }
@@ -220,7 +225,10 @@ fn kubectl() -> Result<PathBuf> {
     if !found("kubectl") {
         eprintln!("deploy: no kubectl on PATH; trying Debian's kubernetes-client (kubectl 1.20)");
         setup::ensure_packages(&["kubernetes-client"])?;
-        ensure!(found("kubectl"), "kubectl is still missing after installing kubernetes-client");
+        ensure!(
+            found("kubectl"),
+            "kubectl is still missing after installing kubernetes-client"
+        );
     }
     Ok(PathBuf::from("kubectl"))
 }
@@ -258,12 +266,24 @@ fn validate(file: &Path, version: &str) -> Result<()> {
 /// A misspelt field must fail, or a passing validation means nothing.
 fn validator_rejects_a_broken_manifest(file: &Path) -> Result<()> {
     let text = fs::read_to_string(file)?;
-    ensure!(text.contains("readOnlyRootFilesystem"), "no readOnlyRootFilesystem in {}", file.display());
+    ensure!(
+        text.contains("readOnlyRootFilesystem"),
+        "no readOnlyRootFilesystem in {}",
+        file.display()
+    );
     let broken = work().join("broken.yaml");
-    fs::write(&broken, text.replace("readOnlyRootFilesystem", "readOnlyRootFilesytem"))?;
+    fs::write(
+        &broken,
+        text.replace("readOnlyRootFilesystem", "readOnlyRootFilesytem"),
+    )?;
     let out = output(
         Command::new(venv().join("bin/kubernetes-validate"))
-            .args(["--strict", "--quiet", "--kubernetes-version", K8S_VERSIONS[0]])
+            .args([
+                "--strict",
+                "--quiet",
+                "--kubernetes-version",
+                K8S_VERSIONS[0],
+            ])
             .arg(&broken),
     )?;
     ensure!(
@@ -306,14 +326,20 @@ fn manifest_facts(objects: &[Value], label: &str) -> Result<(String, PathBuf)> {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    ensure!(args.first() == Some(&"run"), "{label}: the container does not `run`: {args:?}");
+    ensure!(
+        args.first() == Some(&"run"),
+        "{label}: the container does not `run`: {args:?}"
+    );
     let config = args
         .windows(2)
         .find(|w| w[0] == "--config")
         .map(|w| PathBuf::from(w[1]))
         .context("the container has no --config")?;
     let dir = config.parent().context("--config has no directory")?;
-    let key = config.file_name().and_then(|n| n.to_str()).context("--config file name")?;
+    let key = config
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("--config file name")?;
     let mount = c["volumeMounts"]
         .as_array()
         .into_iter()
@@ -329,7 +355,10 @@ fn manifest_facts(objects: &[Value], label: &str) -> Result<(String, PathBuf)> {
     let cm_name = volume["configMap"]["name"]
         .as_str()
         .with_context(|| format!("{label}: {} is not a ConfigMap volume", dir.display()))?;
-    ensure!(mount.get("subPath").is_none(), "{label}: a subPath mount is never updated");
+    ensure!(
+        mount.get("subPath").is_none(),
+        "{label}: a subPath mount is never updated"
+    );
     let cm = objects
         .iter()
         .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == cm_name)
@@ -340,9 +369,18 @@ fn manifest_facts(objects: &[Value], label: &str) -> Result<(String, PathBuf)> {
 
     let sc = &c["securityContext"];
     ensure!(pod["hostPID"] == true, "{label}: hostPID is not set");
-    ensure!(sc["privileged"] != true, "{label}: the container is privileged");
-    ensure!(sc["readOnlyRootFilesystem"] == true, "{label}: the root filesystem is writable");
-    ensure!(sc["allowPrivilegeEscalation"] == false, "{label}: privilege escalation allowed");
+    ensure!(
+        sc["privileged"] != true,
+        "{label}: the container is privileged"
+    );
+    ensure!(
+        sc["readOnlyRootFilesystem"] == true,
+        "{label}: the root filesystem is writable"
+    );
+    ensure!(
+        sc["allowPrivilegeEscalation"] == false,
+        "{label}: privilege escalation allowed"
+    );
     ensure!(
         sc["capabilities"]["drop"] == serde_json::json!(["ALL"]),
         "{label}: capabilities are not dropped to none first"
@@ -424,14 +462,20 @@ fn checkov(dir: &Path) -> Result<()> {
     let _ = fs::remove_dir_all(&copy);
     run(Command::new("cp").arg("-r").arg(dir).arg(&copy))?;
     fs::remove_file(copy.join(".checkov.yaml"))?;
-    let out = output(
-        Command::new(&checkov)
-            .arg("-d")
-            .arg(&copy)
-            .args(["--framework", "kubernetes", "kustomize", "--skip-download", "-o", "json"]),
-    )?;
+    let out = output(Command::new(&checkov).arg("-d").arg(&copy).args([
+        "--framework",
+        "kubernetes",
+        "kustomize",
+        "--skip-download",
+        "-o",
+        "json",
+    ]))?;
     let json: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!("checkov's JSON output:\n{}{}", text(&out.stdout), text(&out.stderr))
+        format!(
+            "checkov's JSON output:\n{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        )
     })?;
     let reports = match json {
         Value::Array(a) => a,
@@ -439,7 +483,11 @@ fn checkov(dir: &Path) -> Result<()> {
     };
     let mut fired = BTreeSet::new();
     for r in &reports {
-        for f in r["results"]["failed_checks"].as_array().into_iter().flatten() {
+        for f in r["results"]["failed_checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             fired.insert(format!(
                 "{} ({})",
                 f["check_id"].as_str().unwrap_or("?"),
@@ -450,9 +498,16 @@ fn checkov(dir: &Path) -> Result<()> {
     let waived = waivers(&config)?;
     let unwaived: Vec<_> = fired
         .iter()
-        .filter(|f| !waived.iter().any(|(id, _)| f.starts_with(&format!("{id} "))))
+        .filter(|f| {
+            !waived
+                .iter()
+                .any(|(id, _)| f.starts_with(&format!("{id} ")))
+        })
         .collect();
-    ensure!(unwaived.is_empty(), "checkov findings with no waiver: {unwaived:?}");
+    ensure!(
+        unwaived.is_empty(),
+        "checkov findings with no waiver: {unwaived:?}"
+    );
     let stale: Vec<_> = waived
         .iter()
         .filter(|(id, _)| !fired.iter().any(|f| f.starts_with(&format!("{id} "))))
@@ -487,13 +542,20 @@ fn systemd_verify(binary: &Path, unit: &Path) -> Result<()> {
         Ok(())
     };
     place(exec, binary)?;
-    for l in unit_text.lines().filter_map(|l| l.strip_prefix("ExecReload=")) {
+    for l in unit_text
+        .lines()
+        .filter_map(|l| l.strip_prefix("ExecReload="))
+    {
         let cmd = l.split_whitespace().next().unwrap_or_default();
         if cmd != exec {
             place(cmd, Path::new(cmd))?;
         }
     }
-    let name = unit.file_name().context("unit name")?.to_string_lossy().into_owned();
+    let name = unit
+        .file_name()
+        .context("unit name")?
+        .to_string_lossy()
+        .into_owned();
     place(&format!("/etc/systemd/system/{name}"), unit)?;
     fs::create_dir_all(scratch.join("usr/lib/systemd"))?;
     run(Command::new("cp")
@@ -506,7 +568,10 @@ fn systemd_verify(binary: &Path, unit: &Path) -> Result<()> {
             .arg(&name),
     )?;
     let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
-    ensure!(said.trim().is_empty(), "systemd-analyze verify warns:\n{said}");
+    ensure!(
+        said.trim().is_empty(),
+        "systemd-analyze verify warns:\n{said}"
+    );
     let out = checked(
         Command::new("systemd-analyze")
             // Exposure at most 5.0 (the threshold counts tenths).
@@ -515,15 +580,18 @@ fn systemd_verify(binary: &Path, unit: &Path) -> Result<()> {
             .arg(&name),
     )?;
     if let Some(line) = text(&out.stdout).lines().last() {
-        eprintln!("deploy:      systemd-analyze security: {}", line.trim_start_matches("→ "));
+        eprintln!(
+            "deploy:      systemd-analyze security: {}",
+            line.trim_start_matches("→ ")
+        );
     }
     Ok(())
 }
 
 /// The capabilities the DaemonSet adds, upper case without `CAP_`.
 fn capabilities(ds: &Value) -> Result<Vec<String>> {
-    let add = &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]
-        ["add"];
+    let add =
+        &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"];
     let caps: Vec<String> = add
         .as_array()
         .context("no capabilities added")?
@@ -531,7 +599,10 @@ fn capabilities(ds: &Value) -> Result<Vec<String>> {
         .filter_map(Value::as_str)
         .map(|c| c.trim_start_matches("CAP_").to_ascii_uppercase())
         .collect();
-    ensure!(!caps.contains(&"SYS_ADMIN".to_string()), "the DaemonSet adds SYS_ADMIN");
+    ensure!(
+        !caps.contains(&"SYS_ADMIN".to_string()),
+        "the DaemonSet adds SYS_ADMIN"
+    );
     Ok(caps)
 }
 
@@ -549,7 +620,13 @@ fn setpriv_caps(caps: &[String]) -> String {
 /// first must work, the second must not. Returns the capabilities not covered here.
 fn proc_capabilities(caps: &[String]) -> Result<Vec<String>> {
     let mut target = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "60"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sleep",
+            "60",
+        ])
         .stdin(Stdio::null())
         .spawn()
         .context("starting a process as nobody")?;
@@ -565,8 +642,14 @@ fn proc_capabilities(caps: &[String]) -> Result<Vec<String>> {
         }
         let probes: [(&str, Vec<String>); 3] = [
             ("KILL", vec!["kill".into(), "-0".into(), pid.to_string()]),
-            ("SYS_PTRACE", vec!["readlink".into(), format!("/proc/{pid}/exe")]),
-            ("DAC_READ_SEARCH", vec!["ls".into(), format!("/proc/{pid}/fd")]),
+            (
+                "SYS_PTRACE",
+                vec!["readlink".into(), format!("/proc/{pid}/exe")],
+            ),
+            (
+                "DAC_READ_SEARCH",
+                vec!["ls".into(), format!("/proc/{pid}/fd")],
+            ),
         ];
         let try_with = |set: &[String], argv: &[String]| -> Result<bool> {
             Ok(output(
@@ -671,13 +754,19 @@ fn pod_flags(pod: &Value, config_dir: &Path, caps: &[String]) -> Result<Vec<Stri
     let mut f = vec!["--cap-drop=all".to_string()];
     f.push(format!(
         "--cap-add={}",
-        caps.iter().map(|c| format!("CAP_{c}")).collect::<Vec<_>>().join(",")
+        caps.iter()
+            .map(|c| format!("CAP_{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
     ));
     if spec["hostPID"] == true {
         f.push("--pid=host".into());
     }
     // The pod's own network namespace (hostNetwork: false): loopback only here.
-    ensure!(spec["hostNetwork"] != true, "hostNetwork is set: update this test");
+    ensure!(
+        spec["hostNetwork"] != true,
+        "hostNetwork is set: update this test"
+    );
     f.push("--network=none".into());
     if sc["readOnlyRootFilesystem"] == true {
         f.push("--read-only".into());
@@ -693,7 +782,10 @@ fn pod_flags(pod: &Value, config_dir: &Path, caps: &[String]) -> Result<Vec<Stri
         sc["runAsUser"].as_u64().unwrap_or(0),
         sc["runAsGroup"].as_u64().unwrap_or(0)
     ));
-    f.push(format!("--security-opt=seccomp={}", seccomp_profile()?.display()));
+    f.push(format!(
+        "--security-opt=seccomp={}",
+        seccomp_profile()?.display()
+    ));
     for e in c["env"].as_array().into_iter().flatten() {
         if let (Some(k), Some(v)) = (e["name"].as_str(), e["value"].as_str()) {
             f.push(format!("--env={k}={v}"));
@@ -709,7 +801,10 @@ fn pod_flags(pod: &Value, config_dir: &Path, caps: &[String]) -> Result<Vec<Stri
             .context("a mount without its volume")?;
         let ro = if m["readOnly"] == true { ":ro" } else { "" };
         if let Some(host) = v["hostPath"]["path"].as_str() {
-            ensure!(Path::new(host).exists(), "host path {host} does not exist here");
+            ensure!(
+                Path::new(host).exists(),
+                "host path {host} does not exist here"
+            );
             f.push(format!("--volume={host}:{at}{ro}"));
         } else if v["configMap"].is_object() {
             f.push(format!("--volume={}:{at}:ro", config_dir.display()));
@@ -758,7 +853,12 @@ fn run_image(
     let flags = pod_flags(pod, config_dir, caps)?;
     let args = check_args(pod)?;
     let Some(rt) = runtime else {
-        return run_chroot(image, config_dir, config_path, caps, &args, unproved);
+        run_chroot(image, config_dir, config_path, caps, &args, unproved)?;
+        return Ok(if forced_chroot {
+            "podman export + chroot, forced by WATCHDOG_DEPLOY_CHROOT".into()
+        } else {
+            "podman export + chroot: podman run works with neither crun nor runc here".into()
+        });
     };
     let run_with = |flags: &[String]| -> Result<Output> {
         output(
@@ -796,7 +896,15 @@ fn podman_runtime(image: &str) -> Result<Option<String>> {
     for rt in ["crun", "runc"] {
         let out = output(
             podman()?
-                .args(["--runtime", rt, "run", "--rm", "--network=none", image, "--version"])
+                .args([
+                    "--runtime",
+                    rt,
+                    "run",
+                    "--rm",
+                    "--network=none",
+                    image,
+                    "--version",
+                ])
                 .stderr(Stdio::piped()),
         )?;
         if out.status.success() {
@@ -820,7 +928,7 @@ fn run_chroot(
     caps: &[String],
     args: &[String],
     unproved: &[String],
-) -> Result<String> {
+) -> Result<()> {
     let rootfs = work().join("rootfs");
     let _ = fs::remove_dir_all(&rootfs);
     fs::create_dir_all(&rootfs)?;
@@ -831,8 +939,17 @@ fn run_chroot(
     let exported = checked(podman()?.args(["export", "-o"]).arg(&tar).arg(name));
     let _ = output(podman()?.args(["rm", "--force", name]));
     exported?;
-    checked(Command::new("tar").arg("-xf").arg(&tar).arg("-C").arg(&rootfs))?;
-    ensure!(rootfs.join("watchdog").exists(), "the exported image has no /watchdog");
+    checked(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&rootfs),
+    )?;
+    ensure!(
+        rootfs.join("watchdog").exists(),
+        "the exported image has no /watchdog"
+    );
     let cfg_in = config_path.parent().context("config dir")?;
     let script = format!(
         "set -e; r={r}; mkdir -p $r/proc $r/sys $r/run/watchdog $r{cfg}; \
@@ -847,7 +964,16 @@ fn run_chroot(
     let run_with = |script: &str| -> Result<Output> {
         output(
             Command::new("unshare")
-                .args(["--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"])
+                .args([
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--",
+                    "sh",
+                    "-c",
+                    script,
+                    "sh",
+                ])
                 .args(args),
         )
     };
@@ -871,5 +997,5 @@ fn run_chroot(
         );
         eprintln!("deploy:      without CAP_{cap}: `watchdog check` fails, as it must");
     }
-    Ok("podman export + chroot (podman run is not possible here)".into())
+    Ok(())
 }
