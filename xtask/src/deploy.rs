@@ -18,6 +18,8 @@
 //!   PID namespace, read-only root, its host paths, the ConfigMap's file. Where podman cannot
 //!   run containers (crun refuses hybrid cgroups; runc is tried next), the image's exported root
 //!   filesystem runs under chroot with the same capability set instead; the output says which.
+//!   With podman run, the daemon itself then runs a few seconds in that shape with the observe
+//!   policy: ready, probes answered, state pinned, SIGTERM, `watchdog unload` from the image.
 //!
 //! Every failure stops the run with the tool's own output. Python tools live in
 //! target/deploy-venv, scratch files in target/deploy.
@@ -186,10 +188,20 @@ pub fn check() -> Result<()> {
     );
     steps.done(&format!("podman build {image} (FROM scratch)"));
 
-    let path = run_image(&image, &pod, &config_dir, &config_path, &caps, &unproved)?;
+    let (path, runtime) = run_image(&image, &pod, &config_dir, &config_path, &caps, &unproved)?;
     steps.done(&format!(
         "`watchdog check` from the image in the DaemonSet's shape ({path})"
     ));
+
+    match runtime {
+        Some(rt) => {
+            run_daemon(&rt, &image, &pod, &work().join("observe/config"), &caps)?;
+            steps.done("the daemon itself in the DaemonSet's shape (observe policy): ready, healthy, pinned, stopped, unloaded");
+        }
+        None => eprintln!(
+            "deploy: NOT RUN: the daemon in the DaemonSet's shape (needs podman run; only `watchdog check` ran, under chroot)"
+        ),
+    }
 
     eprintln!(
         "deploy: all checks passed in {:.1} s; image run path: {path}",
@@ -834,7 +846,8 @@ fn can_run(out: &Output) -> bool {
     out.status.success() && text(&out.stdout).contains("watchdog can run here")
 }
 
-/// Runs `watchdog check` from the image; returns which way it ran.
+/// Runs `watchdog check` from the image; returns which way it ran, and the OCI runtime with
+/// which podman runs containers here, if one does.
 fn run_image(
     image: &str,
     pod: &Value,
@@ -842,7 +855,7 @@ fn run_image(
     config_path: &Path,
     caps: &[String],
     unproved: &[String],
-) -> Result<String> {
+) -> Result<(String, Option<String>)> {
     let forced_chroot = std::env::var_os("WATCHDOG_DEPLOY_CHROOT").is_some();
     let runtime = if forced_chroot {
         eprintln!("deploy: WATCHDOG_DEPLOY_CHROOT is set: skipping podman run");
@@ -854,11 +867,12 @@ fn run_image(
     let args = check_args(pod)?;
     let Some(rt) = runtime else {
         run_chroot(image, config_dir, config_path, caps, &args, unproved)?;
-        return Ok(if forced_chroot {
-            "podman export + chroot, forced by WATCHDOG_DEPLOY_CHROOT".into()
+        let how = if forced_chroot {
+            "podman export + chroot, forced by WATCHDOG_DEPLOY_CHROOT"
         } else {
-            "podman export + chroot: podman run works with neither crun nor runc here".into()
-        });
+            "podman export + chroot: podman run works with neither crun nor runc here"
+        };
+        return Ok((how.into(), None));
     };
     let run_with = |flags: &[String]| -> Result<Output> {
         output(
@@ -888,7 +902,110 @@ fn run_image(
         );
         eprintln!("deploy:      without CAP_{cap}: `watchdog check` fails, as it must");
     }
-    Ok(format!("podman run --runtime {rt}"))
+    Ok((format!("podman run --runtime {rt}"), Some(rt)))
+}
+
+/// The daemon as the DaemonSet starts it, for a few seconds, with the observe policy (nothing
+/// can be acted on), its own pinning directory (never another daemon's) and the metrics on
+/// 127.0.0.1:19477 of the container's own network namespace: it must get ready, answer the
+/// probes, pin its state, stop on SIGTERM with the state left pinned, and `watchdog unload`
+/// from the image must remove it.
+fn run_daemon(
+    rt: &str,
+    image: &str,
+    pod: &Value,
+    config_dir: &Path,
+    caps: &[String],
+) -> Result<()> {
+    const NAME: &str = "watchdog-deploy-run";
+    const STATE: &str = "/sys/fs/bpf/watchdog-deploy-check";
+    const ADDR: &str = "127.0.0.1:19477";
+    let flags = pod_flags(pod, config_dir, caps)?;
+    let mut args: Vec<String> = pod["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .context("args")?
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_string))
+        .collect();
+    args.extend(["--metrics-addr", ADDR, "--state-dir", STATE].map(String::from));
+    let _ = output(podman()?.args(["rm", "--force", NAME]));
+    let result = (|| -> Result<()> {
+        checked(
+            podman()?
+                .args(["--runtime", rt, "run", "--detach", "--name", NAME])
+                .args(&flags)
+                .arg(image)
+                .args(&args),
+        )?;
+        let pid = text(&checked(podman()?.args(["inspect", "-f", "{{.State.Pid}}", NAME]))?.stdout)
+            .trim()
+            .to_string();
+        let get = |path: &str| -> Result<Output> {
+            output(
+                Command::new("nsenter")
+                    .args(["-t", &pid, "-n", "curl", "-sf", "--max-time", "2"])
+                    .arg(format!("http://{ADDR}{path}")),
+            )
+        };
+        let mut ready = false;
+        for _ in 0..100 {
+            if get("/readyz")?.status.success() {
+                ready = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        ensure!(ready, "/readyz never answered 200 within 20 s");
+        ensure!(get("/healthz")?.status.success(), "/healthz is not 200");
+        let metrics = text(&get("/metrics")?.stdout);
+        ensure!(
+            metrics.contains("watchdog_build_info") && metrics.contains("watchdog_probe_set"),
+            "/metrics lacks watchdog_build_info:\n{metrics}"
+        );
+        ensure!(
+            Path::new(STATE).join("META").exists(),
+            "nothing pinned in {STATE}"
+        );
+        checked(podman()?.args(["stop", "--time", "10", NAME]))?;
+        let code =
+            text(&checked(podman()?.args(["inspect", "-f", "{{.State.ExitCode}}", NAME]))?.stdout);
+        ensure!(
+            code.trim() == "0",
+            "the daemon exited with {} on SIGTERM",
+            code.trim()
+        );
+        ensure!(
+            Path::new(STATE).join("META").exists(),
+            "SIGTERM removed the pinned state"
+        );
+        let out = checked(
+            podman()?
+                .args(["--runtime", rt, "run", "--rm"])
+                .args(&flags)
+                .arg(image)
+                .args(["unload", "--state-dir", STATE]),
+        )?;
+        ensure!(
+            !Path::new(STATE).exists(),
+            "`watchdog unload` from the image left {STATE}: {}",
+            text(&out.stdout)
+        );
+        Ok(())
+    })();
+    if result.is_err() {
+        if let Ok(logs) = output(podman()?.args(["logs", NAME])) {
+            eprintln!(
+                "deploy: the daemon's log:\n{}{}",
+                text(&logs.stdout),
+                text(&logs.stderr)
+            );
+        }
+    }
+    let _ = output(podman()?.args(["rm", "--force", NAME]));
+    if Path::new(STATE).exists() {
+        let _ = fs::remove_dir_all(STATE);
+    }
+    result
 }
 
 /// The first OCI runtime with which podman runs the image here, if any.
