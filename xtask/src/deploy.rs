@@ -110,6 +110,13 @@ fn checked(cmd: &mut Command) -> Result<Output> {
 
 /// The whole deploy/ check (`cargo xtask test --deploy`).
 pub fn check() -> Result<()> {
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    ensure!(
+        euid == 0,
+        "cargo xtask test --deploy needs root: it loads eBPF programs, runs podman as root and \
+         drops to `nobody` with setpriv"
+    );
     let mut steps = Steps::new();
     let deploy = root().join("deploy");
     let binary = build::static_binary("watchdog", "watchdog")?;
