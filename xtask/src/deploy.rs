@@ -741,6 +741,8 @@ fn systemd_boot(binary: &Path, dir: &Path) -> Result<()> {
                 "--capability=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN",
                 "--console=pipe",
             ])
+            // nspawn's own seccomp filter allows these two only with CAP_SYS_ADMIN.
+            .arg("--system-call-filter=bpf perf_event_open")
             .arg(format!("--bind={}:/sys/fs/bpf", bpf.display()))
             .arg("--directory")
             .arg(&os),
