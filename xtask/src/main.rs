@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask build | run | test | setup`.
+//! Project automation: `cargo xtask build | run | test | setup | soak | image`.
 //!
 //! Every command first makes sure this machine has what it needs (nightly rust-src, bpf-linker,
 //! and, for tests as root, the Debian packages the real-server tests use), so a fresh machine
@@ -6,6 +6,7 @@
 
 mod bench;
 mod build;
+mod deploy;
 mod fuzz;
 mod harness;
 mod setup;
@@ -61,7 +62,13 @@ enum Cmd {
         /// Time per fuzz target.
         #[arg(long, default_value_t = 30)]
         seconds: u32,
+        /// Only the deploy/ checks: manifests rendered, validated and scanned, the ConfigMap's
+        /// policy loaded by the daemon, the systemd unit verified, the image built and run.
+        #[arg(long)]
+        deploy: bool,
     },
+    /// Build the container image (static binary, FROM scratch) with podman.
+    Image,
 }
 
 fn main() -> Result<()> {
@@ -96,6 +103,14 @@ fn main() -> Result<()> {
             setup::toolchain()?;
             bench::bench(quick, only.as_deref())
         }
+        Cmd::Test { deploy: true, .. } => {
+            setup::toolchain()?;
+            deploy::check()
+        }
+        Cmd::Image => {
+            setup::toolchain()?;
+            deploy::image()
+        }
         Cmd::Soak { minutes } => {
             setup::toolchain()?;
             soak::soak(minutes)
@@ -105,57 +120,82 @@ fn main() -> Result<()> {
             vm::test()
         }
         Cmd::Test { .. } => {
-            setup::toolchain()?;
-            setup::test_packages()?;
-            harness::remove_stale_pins()?;
-            cargo(&["build", "--release", "-p", "watchdog"])?;
+            let started = std::time::Instant::now();
+            let mut times = Vec::new();
+            let mut stage = |name: &'static str, f: &dyn Fn() -> Result<()>| -> Result<()> {
+                let t = std::time::Instant::now();
+                let r = f().with_context(|| format!("test stage `{name}`"));
+                times.push((name, t.elapsed().as_secs()));
+                r
+            };
+            stage("setup and release build", &|| {
+                setup::toolchain()?;
+                setup::test_packages()?;
+                harness::remove_stale_pins()?;
+                cargo(&["build", "--release", "-p", "watchdog"])
+            })?;
             // Unit and property tests: no root needed, run in parallel.
-            cargo(&[
-                "test",
-                "--workspace",
-                "--exclude",
-                "watchdog-ebpf",
-                "--bins",
-                "--lib",
-            ])?;
+            stage("unit and property tests", &|| {
+                cargo(&[
+                    "test",
+                    "--workspace",
+                    "--exclude",
+                    "watchdog-ebpf",
+                    "--bins",
+                    "--lib",
+                ])
+            })?;
             // End-to-end tests share the kernel (one cgroup attach point, real ports): one at a time.
-            let mut cmd = cargo_cmd(&[
-                "test",
-                "-p",
-                "watchdog",
-                "--test",
-                "*",
-                "--",
-                "--test-threads=1",
-            ]);
-            cmd.env("RUST_BACKTRACE", "1");
-            run(&mut cmd)?;
+            stage("end-to-end, sock probe set", &|| {
+                let mut cmd = cargo_cmd(&[
+                    "test",
+                    "-p",
+                    "watchdog",
+                    "--test",
+                    "*",
+                    "--",
+                    "--test-threads=1",
+                ]);
+                run(cmd.env("RUST_BACKTRACE", "1"))
+            })?;
             // The same real-server scenarios with the syscall probe set (kernels before 6.3),
             // forced on this kernel so both sets are tested on every run.
-            let mut cmd = cargo_cmd(&[
-                "test",
-                "-p",
-                "watchdog",
-                "--test",
-                "core",
-                "--test",
-                "client_gone",
-                "--test",
-                "policies",
-                "--",
-                "--test-threads=1",
-            ]);
-            cmd.env("RUST_BACKTRACE", "1")
-                .env("WATCHDOG_PROBES", "syscalls");
-            run(&mut cmd)?;
+            stage("end-to-end, syscalls probe set", &|| {
+                let mut cmd = cargo_cmd(&[
+                    "test",
+                    "-p",
+                    "watchdog",
+                    "--test",
+                    "core",
+                    "--test",
+                    "client_gone",
+                    "--test",
+                    "policies",
+                    "--",
+                    "--test-threads=1",
+                ]);
+                run(cmd
+                    .env("RUST_BACKTRACE", "1")
+                    .env("WATCHDOG_PROBES", "syscalls"))
+            })?;
             // Debian's 6.1 and 6.12 kernels under QEMU (about a minute once cached).
-            vm::test()?;
+            stage("kernel matrix (QEMU)", &vm::test)?;
+            // Manifests, unit file and image (shares the static build with the matrix).
+            stage("deploy", &deploy::check)?;
             // A short fuzz run, so the targets cannot rot (`--fuzz --seconds N` for long runs).
-            fuzz::test(10)?;
+            stage("fuzz", &|| fuzz::test(10))?;
             // The benchmarks at a small size, so their code cannot rot (`cargo xtask bench`).
-            bench::bench(true, None)?;
+            stage("bench --quick", &|| bench::bench(true, None))?;
             // One minute of mixed traffic (`cargo xtask soak --minutes N` for long runs).
-            soak::soak(1)
+            stage("soak, 1 minute", &|| soak::soak(1))?;
+            for (name, secs) in &times {
+                println!("xtask test: {secs:>4} s  {name}");
+            }
+            println!(
+                "xtask test: all passed in {} s",
+                started.elapsed().as_secs()
+            );
+            Ok(())
         }
     }
 }

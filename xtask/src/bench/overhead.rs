@@ -266,15 +266,17 @@ fn median_round(v: &[Wrk]) -> Value {
         .collect::<Vec<_>>())
 }
 
-/// One wrk turn with bpf_stats on: per program (ns per run, runs per request), and all programs'
-/// ns per request.
+/// Per program: (ns per run, runs per request).
+type ProgramCosts = Vec<(&'static str, (f64, f64))>;
+
+/// One wrk turn with bpf_stats on: the cost of each program, and all programs' ns per request.
 fn cost_turn(
     d: &Daemon,
     dir: &Path,
     port: u16,
     conns: usize,
     secs: u64,
-) -> Result<(Vec<(&'static str, (f64, f64))>, f64)> {
+) -> Result<(ProgramCosts, f64)> {
     std::thread::sleep(Duration::from_millis(500));
     let ids = d.prog_ids()?;
     let before = prog_stats(&ids)?;
