@@ -97,6 +97,8 @@ struct State {
     policies: Vec<Arc<Policy>>,
     config_path: Option<PathBuf>,
     config_stamp: Option<(u64, u64, i64, u64)>,
+    /// `--observe` was given: no reload may turn enforcement on.
+    observe_forced: bool,
     tracker: Tracker,
     breakers: HashMap<String, Breaker>,
     metrics: Metrics,
@@ -108,8 +110,12 @@ struct State {
     backstop: Backstop,
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+/// Runs the daemon until SIGTERM or SIGINT. `observe_forced` (`--observe`) holds across reloads.
+pub async fn run(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    observe_forced: bool,
+) -> anyhow::Result<()> {
     set_nice(cfg.nice);
     let mut kernel = Kernel::load(&LoadOptions {
         probes: cfg.probes,
@@ -160,6 +166,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
         recent: VecDeque::new(),
         own_pid: std::process::id(),
         backstop: Backstop::new(0),
+        observe_forced,
     };
     st.backstop = Backstop::new(st.backstop_failures());
     st.apply(cfg)?;
@@ -233,8 +240,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
                 health.last_tick.store(api::mono_secs(), Ordering::Relaxed);
                 st.housekeeping();
             }
-            _ = sigterm.recv() => { info!("SIGTERM: detaching and exiting"); break; }
-            _ = sigint.recv() => { info!("SIGINT: detaching and exiting"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: exiting; the kernel side stays pinned for the next start (`watchdog unload` detaches it)"); break; }
+            _ = sigint.recv() => { info!("SIGINT: exiting; the kernel side stays pinned for the next start (`watchdog unload` detaches it)"); break; }
         }
     }
     http_task.abort();
@@ -312,6 +319,34 @@ impl State {
         Ok(())
     }
 
+    /// What a reload may change: the mode, the protect list and the policies. The rest of the
+    /// `[daemon]` table (addresses, paths, probe set, table sizes) and the command-line overrides
+    /// of the running daemon stay as they are until a restart.
+    fn reloaded(&self, new: Config) -> Config {
+        let running = &*self.cfg;
+        let fixed = Config {
+            mode: running.mode,
+            protect: running.protect.clone(),
+            policies: running.policies.clone(),
+            ..new.clone()
+        };
+        if fixed != *running {
+            warn!(
+                "the [daemon] settings in the file differ from the running ones (or a command-line flag overrides them): they take effect at the next start, not on reload"
+            );
+        }
+        Config {
+            mode: if self.observe_forced {
+                Mode::Observe
+            } else {
+                new.mode
+            },
+            protect: new.protect,
+            policies: new.policies,
+            ..running.clone()
+        }
+    }
+
     fn reload(&mut self, why: &str) {
         let Some(path) = self.config_path.clone() else {
             info!("{why}: no config file to reload (running from command-line flags)");
@@ -320,7 +355,10 @@ impl State {
         self.config_stamp = stamp(&path);
         let result = Config::load(&path)
             .map_err(anyhow::Error::from)
-            .and_then(|c| self.apply(c));
+            .and_then(|c| {
+                let merged = self.reloaded(c);
+                self.apply(merged)
+            });
         match result {
             Ok(()) => {
                 info!(file = %path.display(), "{why}: configuration reloaded");

@@ -135,7 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(daemon::run(cfg, a.config.clone()))?;
+            rt.block_on(daemon::run(cfg, a.config.clone(), a.observe))?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -307,6 +307,46 @@ fn reload_applies_to_new_requests_and_a_broken_file_is_refused() {
 }
 
 #[test]
+fn observe_flag_holds_across_reloads() {
+    let port = free_port();
+    let dir = tmpdir("observe-reload");
+    let _app = app(port, 2, &[]);
+    let policy = |budget: &str| {
+        format!("[[policy]]\nname = \"api\"\nports = [{port}]\nbudget = \"{budget}\"\nsignal = \"SIGKILL\"\n")
+    };
+    let cfg = write_config(&dir, &policy("2s"));
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap(), "--observe"]);
+    // The file says enforce (its default); --observe must still hold after it changes.
+    write_config(&dir, &policy("500ms"));
+    assert_eq!(
+        d.wait_metric(
+            "watchdog_config_reloads_total",
+            &[("result", "success")],
+            1.0,
+            Duration::from_secs(3)
+        ),
+        1.0
+    );
+    let (took, r) = timed(move || http_get(&local(port), "/wait?ms=1500", Duration::from_secs(5)))
+        .join()
+        .unwrap();
+    assert!(
+        r.is_ok() && took >= Duration::from_millis(1500),
+        "the request was answered, not killed: {r:?} after {took:?}"
+    );
+    // The new budget applies, in observe mode.
+    assert_eq!(
+        d.wait_metric(
+            "watchdog_actions_total",
+            &[("result", "observed")],
+            1.0,
+            Duration::from_secs(2)
+        ),
+        1.0
+    );
+}
+
+#[test]
 fn selectors_pick_processes_and_protected_ones_are_never_signalled() {
     let port = free_port();
     let dir = tmpdir("protect");
