@@ -18,7 +18,7 @@ pub use state::{
 
 /// Bumped whenever the layout of any map key or value changes. Stamped into the `META` map so a
 /// daemon never reads pinned state written with another layout.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Capacity limits of the kernel tables. Fixed at build time; insert failures are counted.
 pub mod limits {
@@ -75,8 +75,11 @@ pub mod stat {
     pub const TASKS_EXITED: u32 = 7;
     /// `bpf_timer_init` / `_set_callback` calls that failed at accept.
     pub const TIMER_INIT_ERRORS: u32 = 8;
-    /// `bpf_timer_start` calls that failed at request start (a request without a timer).
+    /// `bpf_timer_start` calls that failed (a request without a timer).
     pub const TIMER_START_ERRORS: u32 = 9;
+    /// Deadline timers that fired early for the request in flight (armed for an earlier request
+    /// on the connection) and were moved to that request's deadline.
+    pub const DEADLINES_REARMED: u32 = 10;
     /// Number of counters.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 }

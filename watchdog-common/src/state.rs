@@ -81,6 +81,10 @@ pub struct ConnRecord {
     /// Kernel-owned timer; reads as zero from userspace.
     pub timer: [u64; 2],
     pub info: ConnInfo,
+    /// Kernel-owned: the `bpf_ktime_get_ns` time the timer was last armed to fire at (or after),
+    /// 0 before the first request. A request starting while the timer is armed for an earlier
+    /// moment leaves it alone: the callback re-arms for the request then in flight.
+    pub armed_ns: u64,
 }
 
 /// A live task that owned a request. Deleted when the task exits.
@@ -117,7 +121,7 @@ pub struct Meta {
 const _: () = assert!(size_of::<Meta>() == 24);
 const _: () = assert!(size_of::<PortConfig>() == 16);
 const _: () = assert!(size_of::<ConnInfo>() == 96);
-const _: () = assert!(size_of::<ConnRecord>() == 112);
+const _: () = assert!(size_of::<ConnRecord>() == 120);
 const _: () = assert!(size_of::<TaskInfo>() == 24);
 
 #[cfg(feature = "user")]

@@ -67,6 +67,8 @@ pub struct SockState {
 pub struct ConnEntry {
     pub timer: bpf_timer,
     pub info: ConnInfo,
+    /// See `ConnRecord::armed_ns`.
+    pub armed_ns: u64,
 }
 
 const _: () = assert!(

@@ -31,7 +31,7 @@ use crate::{
     metrics::{ActionLabels, Metrics, PolicyLabels, PortLabels, SlotLabel, SlotMap, WhyLabels},
     policy::{self, Breaker, BreakerVerdict, ProcessFacts},
     process,
-    tracker::{Due, Key, Reason, Tracker},
+    tracker::{self, Due, Key, Reason, Tracker},
 };
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
@@ -417,6 +417,10 @@ impl State {
     fn on_event(&mut self, ev: Event) {
         self.metrics.events.inc();
         let c = ev.conn;
+        if !tracker::consistent(&c, self.kernel.conn(c.cookie).as_ref()) {
+            debug!(port = c.local_port, peer = %peer_of(&c), "event read while the next request started; its own timer covers that one");
+            return;
+        }
         let Some(facts) = process::facts(c.tgid, c.tid) else {
             debug!(
                 pid = c.tgid,

@@ -144,6 +144,7 @@ pub struct KernelStats {
     pub tasks_exited: u64,
     pub timer_init_errors: u64,
     pub timer_start_errors: u64,
+    pub deadlines_rearmed: u64,
 }
 
 /// Per-slot request counters summed over CPUs (see `watchdog_common::port_stat`).
@@ -414,6 +415,7 @@ impl Counters {
             tasks_exited: get(stat::TASKS_EXITED),
             timer_init_errors: get(stat::TIMER_INIT_ERRORS),
             timer_start_errors: get(stat::TIMER_START_ERRORS),
+            deadlines_rearmed: get(stat::DEADLINES_REARMED),
         }
     }
 

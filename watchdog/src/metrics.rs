@@ -265,6 +265,8 @@ impl prometheus_client::collector::Collector for KernelCollector {
             .encode_counter::<PortLabels, u64, f64>(&k.deadlines_fired, None)?;
         e.encode_family(&[("result", "already_ended")])?
             .encode_counter::<PortLabels, u64, f64>(&k.deadlines_stale, None)?;
+        e.encode_family(&[("result", "rearmed")])?
+            .encode_counter::<PortLabels, u64, f64>(&k.deadlines_rearmed, None)?;
         let mut e = enc.encode_descriptor(
             "watchdog_kernel_timer_errors",
             "bpf_timer calls that failed: requests left without a deadline timer",

@@ -170,6 +170,19 @@ impl Tracker {
     }
 }
 
+/// False for a kernel event that mixes two requests: read by the timer callback while the next
+/// request on the connection was being written (the fields are plain memory, not one atomic
+/// unit), it names the new generation with the old start time. `current` is the connection's
+/// record read back after the event arrived, when that write has long finished. Such an event
+/// must not start a ladder: it would find the new request "over budget" at once, and its key
+/// would shadow that request's real deadline event.
+pub fn consistent(event: &ConnInfo, current: Option<&ConnInfo>) -> bool {
+    match current {
+        Some(now) if now.gen == event.gen => now.start_ns == event.start_ns,
+        _ => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -251,6 +264,30 @@ mod tests {
             ),
             "next request is new"
         );
+    }
+
+    #[test]
+    fn an_event_that_mixes_two_requests_is_refused() {
+        let ev = ConnInfo {
+            gen: 8,
+            start_ns: 100,
+            ..ConnInfo::default()
+        };
+        let same = ev;
+        let torn = ConnInfo {
+            start_ns: 5_000,
+            ..ev
+        };
+        let later = ConnInfo {
+            gen: 9,
+            start_ns: 9_000,
+            ..ev
+        };
+        assert!(consistent(&ev, Some(&same)));
+        assert!(!consistent(&ev, Some(&torn)));
+        // A later request or a closed connection: the usual checks at action time decide.
+        assert!(consistent(&ev, Some(&later)));
+        assert!(consistent(&ev, None));
     }
 
     #[test]

@@ -143,6 +143,52 @@ fn keep_alive_connection_with_many_fast_requests_is_untouched() {
 }
 
 #[test]
+fn slow_request_after_fast_ones_on_a_keep_alive_connection_is_killed_at_its_own_budget() {
+    let port = free_port();
+    let _app = app(port, 1, &[]);
+    let d = Daemon::start(&[
+        "--port",
+        &port.to_string(),
+        "--budget",
+        "1s",
+        "--signal",
+        "SIGKILL",
+        "--target",
+        "process",
+    ]);
+    let mut conn = TcpStream::connect(local(port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // The first request arms the connection's timer for its start + 1 s; the later ones start
+    // while it is armed and leave it alone (the kernel's fast path).
+    assert!(request(&mut conn, "/fast").unwrap().starts_with("fast"));
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(request(&mut conn, "/fast").unwrap().starts_with("fast"));
+    // This one goes over budget. The timer fires ~0.4 s into it, finds it not yet due and moves
+    // to its own deadline: it must be killed 1 s after its own start, not at the first one's.
+    let sent = std::time::Instant::now();
+    let slow = request(&mut conn, "/slow");
+    let took = sent.elapsed();
+    assert!(slow.is_err(), "the slow request was answered: {slow:?}");
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_millis(1500),
+        "killed after {took:?}"
+    );
+    assert_eq!(
+        d.wait_metric(
+            "watchdog_actions_total",
+            KILLED,
+            1.0,
+            Duration::from_secs(2)
+        ),
+        1.0
+    );
+    assert!(
+        d.metric("watchdog_kernel_deadlines_total", &[("result", "rearmed")]) >= 1.0,
+        "the timer was moved from the first request's deadline to the slow one's"
+    );
+}
+
+#[test]
 fn idle_connection_longer_than_the_budget_is_untouched() {
     let port = free_port();
     let _app = app(port, 1, &[]);

@@ -9,7 +9,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_storage_get, bpf_timer_init,
-        bpf_timer_set_callback,
+        bpf_timer_set_callback, bpf_timer_start,
     },
     macros::{btf_tracepoint, sock_ops},
     programs::{BtfTracePointContext, SockOpsContext},
@@ -106,6 +106,7 @@ fn on_accept(ctx: &SockOpsContext) {
     let entry = ConnEntry {
         timer: unsafe { core::mem::zeroed() },
         info,
+        armed_ns: 0,
     };
     if CONNS.insert(cookie, entry, BPF_NOEXIST.into()).is_err() {
         count(stat::CONNS_TABLE_FULL);
@@ -277,10 +278,12 @@ pub fn conn_enter_receive_reset(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
-/// Timer callback: the deadline of the connection's current request has come.
+/// Timer callback: the moment the connection's timer was armed for has come.
 ///
-/// Runs in softirq context. Writes an event only if that request is still in flight and its
-/// owner is the same live task that started it.
+/// Runs in softirq context. Writes an event only if the request in flight is due and its owner
+/// is the same live task that started it. A request in flight that is not due yet started while
+/// the timer was armed for an earlier one (see `request::arm_for`): the timer moves to its
+/// deadline.
 unsafe extern "C" fn on_deadline(_map: *mut c_void, _key: *mut u64, e: *mut ConnEntry) -> i32 {
     // SAFETY: the kernel passes the map value this timer lives in.
     let info = unsafe { (*e).info };
@@ -296,9 +299,23 @@ unsafe extern "C" fn on_deadline(_map: *mut c_void, _key: *mut u64, e: *mut Conn
             return 0;
         }
     }
-    count(stat::DEADLINES_FIRED);
     // SAFETY: helper without arguments.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
+    let due = info.start_ns.saturating_add(info.deadline_ns);
+    if due > ts_ns {
+        // SAFETY: the timer of this map value; re-arming from its own callback is allowed.
+        if unsafe { bpf_timer_start(ptr::addr_of_mut!((*e).timer), due - ts_ns, 0) } == 0 {
+            // SAFETY: as above.
+            unsafe { (*e).armed_ns = due };
+            count(stat::DEADLINES_REARMED);
+        } else {
+            // SAFETY: as above.
+            unsafe { (*e).info.flags |= conn_flag::UNARMED };
+            count(stat::TIMER_START_ERRORS);
+        }
+        return 0;
+    }
+    count(stat::DEADLINES_FIRED);
     let sent = emit(&Event {
         kind: EventKind::Deadline as u32,
         version: LAYOUT_VERSION,

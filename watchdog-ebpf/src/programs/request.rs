@@ -12,6 +12,7 @@ use aya_ebpf::{
 use watchdog_common::{conn_flag, port_stat, stat, ReqState, DURATION_BUCKETS_MS};
 
 use crate::{
+    maps::ConnEntry,
     maps::{count, port_config, port_count, task_life, SockState, CONNS, SOCKS},
     programs::connection::init_timer,
 };
@@ -75,16 +76,48 @@ pub fn start_request(st: &mut SockState) {
     info.state = ReqState::InFlight as u32;
     info.flags = 0;
     if life != 0 {
-        let timer = ptr::addr_of_mut!(unsafe { &mut *e }.timer);
-        // SAFETY: the timer lives in CONNS; re-arming moves an armed timer. A timer whose init
-        // failed at accept (allocation in softirq) is initialised here, in process context.
-        let armed = unsafe { bpf_timer_start(timer, cfg.deadline_ns, 0) } == 0
-            || (init_timer(e) && unsafe { bpf_timer_start(timer, cfg.deadline_ns, 0) } == 0);
-        if !armed {
-            // Userspace's backstop sweep enforces this request's deadline instead.
-            info.flags |= conn_flag::UNARMED;
-            count(stat::TIMER_START_ERRORS);
+        arm_for(e, now.saturating_add(cfg.deadline_ns), cfg.deadline_ns);
+    }
+}
+
+/// A request starting this close to the moment the timer is armed for arms it itself: the
+/// callback may be running already and have read the connection before this request began.
+const ARM_MARGIN_NS: u64 = 1_000_000;
+
+/// Makes sure the connection's timer fires at or before `due` (= request start + `deadline_ns`).
+///
+/// `bpf_timer_start` costs about as much as the rest of the request path together, so a timer
+/// already armed for an earlier moment (an earlier request on this keep-alive connection) is left
+/// alone: when it fires, the callback finds this request in flight, not yet due, and moves the
+/// timer to its deadline (`on_deadline`). That is safe only if the callback cannot have read the
+/// connection before this request's fields were written: the clock is read after writing them,
+/// and the callback runs no earlier than `armed_ns`, so `armed_ns` more than `ARM_MARGIN_NS`
+/// ahead of that clock reading proves it.
+#[inline(always)]
+fn arm_for(e: *mut ConnEntry, due: u64, deadline_ns: u64) {
+    // SAFETY: `e` points into CONNS; a plain read of the kernel-only field.
+    let armed = unsafe { ptr::read_volatile(ptr::addr_of!((*e).armed_ns)) };
+    if armed != 0 && armed <= due {
+        // SAFETY: helper without arguments. A helper call: the writes above come before it.
+        let now = unsafe { bpf_ktime_get_ns() };
+        if armed > now.saturating_add(ARM_MARGIN_NS) {
+            return;
         }
+    }
+    let timer = ptr::addr_of_mut!(unsafe { &mut *e }.timer);
+    // SAFETY: the timer lives in CONNS; re-arming moves an armed timer. A timer whose init
+    // failed at accept (allocation in softirq) is initialised here, in process context.
+    let armed = unsafe { bpf_timer_start(timer, deadline_ns, 0) } == 0
+        || (init_timer(e) && unsafe { bpf_timer_start(timer, deadline_ns, 0) } == 0);
+    if armed {
+        // The timer fires at call time + deadline_ns, never before `due`.
+        // SAFETY: as above.
+        unsafe { (*e).armed_ns = due };
+    } else {
+        // Userspace's backstop sweep enforces this request's deadline instead.
+        // SAFETY: as above.
+        unsafe { (*e).info.flags |= conn_flag::UNARMED };
+        count(stat::TIMER_START_ERRORS);
     }
 }
 
