@@ -531,21 +531,12 @@ impl State {
 
     /// Is the request this ladder is about still what it was, in the kernel, right now?
     fn still_valid(kernel: &Kernel, key: Key, c: &ConnInfo) -> bool {
-        let Some(task) = kernel.task(c.tid) else {
-            return false;
-        };
-        if task.life != c.owner_life {
-            return false;
-        }
-        match kernel.conn(c.cookie) {
-            Some(now) => now.state == ReqState::InFlight as u32 && now.gen == c.gen,
-            // The connection is gone (the peer reset it): act only if its owner has not moved on.
-            None => {
-                key.reason == Reason::ClientGone
-                    && task.cur_cookie == c.cookie
-                    && task.cur_gen == c.gen
-            }
-        }
+        tracker::still_current(
+            key.reason,
+            c,
+            kernel.task(c.tid).as_ref(),
+            kernel.conn(c.cookie).as_ref(),
+        )
     }
 
     /// Takes one step of a ladder: diagnosis (first step only), the safety checks, the action.

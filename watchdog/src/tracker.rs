@@ -10,7 +10,7 @@ use std::{
     sync::Arc,
 };
 
-use watchdog_common::ConnInfo;
+use watchdog_common::{ConnInfo, ReqState, TaskInfo};
 
 use crate::{
     config::{Policy, Step},
@@ -170,6 +170,31 @@ impl Tracker {
     }
 }
 
+/// Is the request of `ev` still the one in flight, owned by the same task, as the kernel says
+/// now? `task` is `TASKS[ev.tid]` and `conn` is `CONNS[ev.cookie]`, read just before acting. A
+/// reused tid never matches: its life stamp is the time the new task first owned a request. A
+/// connection the peer already reset is gone from `CONNS`: a client-gone ladder may still act
+/// then, if the owner has not moved on to another request.
+pub fn still_current(
+    reason: Reason,
+    ev: &ConnInfo,
+    task: Option<&TaskInfo>,
+    conn: Option<&ConnInfo>,
+) -> bool {
+    let Some(task) = task else {
+        return false;
+    };
+    if task.life != ev.owner_life {
+        return false;
+    }
+    match conn {
+        Some(now) => now.state == ReqState::InFlight as u32 && now.gen == ev.gen,
+        None => {
+            reason == Reason::ClientGone && task.cur_cookie == ev.cookie && task.cur_gen == ev.gen
+        }
+    }
+}
+
 /// False for a kernel event that mixes two requests: read by the timer callback while the next
 /// request on the connection was being written (the fields are plain memory, not one atomic
 /// unit), it names the new generation with the old start time. `current` is the connection's
@@ -307,7 +332,138 @@ mod tests {
         assert!(t.pop_due(u64::MAX).is_empty());
     }
 
+    /// A model of the kernel's request tables for one connection (cookie 1) served by tids 1..=3,
+    /// following the rules of `watchdog-ebpf` (request start, end, close, task exit, tid reuse),
+    /// with each task incarnation also given a serial number the daemon never sees.
+    #[derive(Default)]
+    struct Model {
+        clock: u64,
+        conn: Option<ConnInfo>,
+        /// tid → (TaskInfo as in TASKS, incarnation serial).
+        tasks: HashMap<u32, (TaskInfo, u32)>,
+        serial: u32,
+        gen: u32,
+        /// (event, the incarnation that owned its request).
+        events: Vec<(ConnInfo, u32)>,
+        /// Incarnations (by serial) that have exited.
+        dead: HashSet<u32>,
+        /// Incarnation serial → generation of the last request it started.
+        latest: HashMap<u32, u32>,
+    }
+
+    impl Model {
+        fn tick(&mut self) -> u64 {
+            self.clock += 1;
+            self.clock
+        }
+        fn start(&mut self, tid: u32) {
+            let now = self.tick();
+            let Some(c) = self.conn.as_mut() else { return };
+            if c.state == ReqState::InFlight as u32 {
+                return;
+            }
+            self.gen += 1;
+            if !self.tasks.contains_key(&tid) {
+                self.serial += 1;
+                let t = TaskInfo {
+                    life: now,
+                    ..TaskInfo::default()
+                };
+                self.tasks.insert(tid, (t, self.serial));
+            }
+            let (t, serial) = self.tasks.get_mut(&tid).unwrap();
+            self.latest.insert(*serial, self.gen);
+            t.cur_cookie = 1;
+            t.cur_gen = self.gen;
+            *c = ConnInfo {
+                cookie: 1,
+                gen: self.gen,
+                state: ReqState::InFlight as u32,
+                tid,
+                owner_life: t.life,
+                start_ns: now,
+                ..*c
+            };
+        }
+        /// `tid` starts a request on another connection (cookie 2), which this model does not
+        /// follow further: it makes a task (or a new incarnation of a reused tid) an owner
+        /// without touching connection 1.
+        fn start_elsewhere(&mut self, tid: u32) {
+            let now = self.tick();
+            self.gen += 1;
+            if !self.tasks.contains_key(&tid) {
+                self.serial += 1;
+                let t = TaskInfo {
+                    life: now,
+                    ..TaskInfo::default()
+                };
+                self.tasks.insert(tid, (t, self.serial));
+            }
+            let (t, serial) = self.tasks.get_mut(&tid).unwrap();
+            self.latest.insert(*serial, self.gen);
+            t.cur_cookie = 2;
+            t.cur_gen = self.gen;
+        }
+        /// The timer fires or the peer hangs up: an event with the record as it is now.
+        fn event(&mut self) {
+            if let Some(c) = self.conn.filter(|c| c.state == ReqState::InFlight as u32) {
+                let serial = self.tasks.get(&c.tid).map(|(_, s)| *s).unwrap_or(0);
+                self.events.push((c, serial));
+            }
+        }
+    }
+
     proptest::proptest! {
+        /// Over any sequence of request starts, ends, closes, reconnects, task exits and tid
+        /// reuse, with events checked in any order and at any later time: the daemon deems an
+        /// event's request current only if it is the request in flight on its connection (or,
+        /// for a reset connection, the owner's latest) and its owner is the very same task.
+        #[test]
+        fn only_the_same_request_of_the_same_task_is_current(
+            ops in proptest::collection::vec((0u8..8, 1u32..4, 0usize..8), 1..200),
+        ) {
+            let mut m = Model { conn: Some(ConnInfo { cookie: 1, ..ConnInfo::default() }), ..Model::default() };
+            for (op, tid, pick) in ops {
+                match op {
+                    0 | 1 => m.start(tid),
+                    2 => { if let Some(c) = m.conn.as_mut() { c.state = ReqState::Idle as u32; } }
+                    3 => m.event(),
+                    4 => {
+                        // The task exits (its tid may be handed out again: a later start with
+                        // the same tid is a new incarnation).
+                        if let Some((_, s)) = m.tasks.remove(&tid) { m.dead.insert(s); }
+                        m.tick();
+                    }
+                    6 => m.start_elsewhere(tid),
+                    5 => { if m.conn.is_some() { m.conn = None; } else { m.conn = Some(ConnInfo { cookie: 1, ..ConnInfo::default() }); } }
+                    _ => {
+                        if m.events.is_empty() { continue; }
+                        let (ev, owner) = m.events[pick % m.events.len()];
+                        let task = m.tasks.get(&ev.tid).map(|(t, _)| *t);
+                        for reason in [Reason::Budget, Reason::ClientGone] {
+                            if !still_current(reason, &ev, task.as_ref(), m.conn.as_ref()) {
+                                continue;
+                            }
+                            let (_, serial) = m.tasks[&ev.tid];
+                            proptest::prop_assert_eq!(serial, owner, "the same task incarnation");
+                            proptest::prop_assert!(!m.dead.contains(&owner));
+                            match m.conn {
+                                Some(c) => {
+                                    proptest::prop_assert_eq!(c.tid, ev.tid);
+                                    proptest::prop_assert_eq!(c.gen, ev.gen);
+                                    proptest::prop_assert_eq!(c.state, ReqState::InFlight as u32);
+                                }
+                                None => {
+                                    proptest::prop_assert_eq!(reason, Reason::ClientGone);
+                                    proptest::prop_assert_eq!(m.latest[&owner], ev.gen, "the owner started nothing since");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
         /// Whatever the interleaving of admits, finishes and clock advances: every step of a
         /// ladder comes out at most once, never before it is due, in ladder order.
         #[test]
