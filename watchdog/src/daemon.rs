@@ -24,7 +24,7 @@ use watchdog_common::{
 use crate::{
     actions::{self, Outcome},
     api::{self, Health, StatusRequest},
-    backstop::Backstop,
+    backstop::{Backstop, Plan},
     config::{Action, Config, Mode, Policy},
     diagnose,
     loader::{Kernel, LoadOptions, Origin, MAX_SLOTS},
@@ -216,9 +216,10 @@ pub async fn run(
                     batch.push(Event::decode(&item));
                 }
                 guard.clear_ready();
+                let mut facts = process::FactsCache::default();
                 for ev in batch {
                     match ev {
-                        Some(ev) => st.on_event(ev),
+                        Some(ev) => st.on_event(ev, &mut facts),
                         None => warn!("undecodable kernel event (layout mismatch?)"),
                     }
                 }
@@ -414,14 +415,14 @@ impl State {
         self.policies.iter().find(|q| q.name == p.name).cloned()
     }
 
-    fn on_event(&mut self, ev: Event) {
+    fn on_event(&mut self, ev: Event, facts: &mut process::FactsCache) {
         self.metrics.events.inc();
         let c = ev.conn;
         if !tracker::consistent(&c, self.kernel.conn(c.cookie).as_ref()) {
             debug!(port = c.local_port, peer = %peer_of(&c), "event read while the next request started; its own timer covers that one");
             return;
         }
-        let Some(facts) = process::facts(c.tgid, c.tid) else {
+        let Some(facts) = facts.get(c.tgid, c.tid) else {
             debug!(
                 pid = c.tgid,
                 tid = c.tid,
@@ -487,11 +488,17 @@ impl State {
     /// if their deadline event had arrived.
     fn sweep_if_needed(&mut self) {
         let now = now_ns();
-        if !self.backstop.due(self.backstop_failures(), now) {
-            return;
-        }
-        let conns = self.kernel.conns();
-        for (conn, why) in self.backstop.sweep(&conns, now) {
+        let recovered = match self.backstop.plan(self.backstop_failures(), now) {
+            Plan::Nothing => return,
+            Plan::Table => self.backstop.sweep(&self.kernel.conns(), now),
+            Plan::Marked(asked) => {
+                let conns: Vec<ConnInfo> =
+                    asked.iter().filter_map(|c| self.kernel.conn(*c)).collect();
+                self.backstop.recheck(&asked, &conns, now)
+            }
+        };
+        let mut facts = process::FactsCache::default();
+        for (conn, why) in recovered {
             self.metrics
                 .recovered
                 .get_or_create(&WhyLabels {
@@ -499,23 +506,27 @@ impl State {
                 })
                 .inc();
             debug!(port = conn.local_port, peer = %peer_of(&conn), why = why.label(), "backstop: over-budget request without a kernel event");
-            self.on_event(Event {
-                kind: EventKind::Deadline as u32,
-                version: watchdog_common::LAYOUT_VERSION,
-                ts_ns: now,
-                conn,
-            });
+            self.on_event(
+                Event {
+                    kind: EventKind::Deadline as u32,
+                    version: watchdog_common::LAYOUT_VERSION,
+                    ts_ns: now,
+                    conn,
+                },
+                &mut facts,
+            );
         }
     }
 
     fn run_due(&mut self) {
         // Connection tables as of the batch's start, read once per process.
         let mut cache = diagnose::Cache::default();
+        let mut facts = process::FactsCache::default();
         // Act on the whole batch first and report after: a deadline late in a batch does not
         // wait for the log lines and event writes of the ones before it.
         let mut done = Vec::new();
         for due in self.tracker.pop_due(now_ns()) {
-            let (outcome, record) = self.run_step(&due, &mut cache);
+            let (outcome, record) = self.run_step(&due, &mut cache, &mut facts);
             if matches!(
                 outcome,
                 Outcome::Ended | Outcome::TargetGone | Outcome::Refused(_)
@@ -540,13 +551,18 @@ impl State {
     }
 
     /// Takes one step of a ladder: diagnosis (first step only), the safety checks, the action.
-    fn run_step(&mut self, due: &Due, cache: &mut diagnose::Cache) -> (Outcome, ActionRecord) {
+    fn run_step(
+        &mut self,
+        due: &Due,
+        cache: &mut diagnose::Cache,
+        facts: &mut process::FactsCache,
+    ) -> (Outcome, ActionRecord) {
         let c = due.conn;
         let policy = &due.policy;
         let now = now_ns();
         let kernel = &self.kernel;
         let valid = || Self::still_valid(kernel, due.key, &c);
-        let facts = process::facts(c.tgid, c.tid).unwrap_or(ProcessFacts {
+        let facts = facts.get(c.tgid, c.tid).unwrap_or(ProcessFacts {
             pid: c.tgid,
             tid: c.tid,
             ..Default::default()

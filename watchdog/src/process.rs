@@ -1,8 +1,23 @@
 //! Facts about a process from /proc, for policy selection and the safety rules.
 
-use std::fs;
+use std::{collections::HashMap, fs};
 
 use crate::policy::ProcessFacts;
+
+/// `facts` read once per (process, thread) within one batch of kernel events or due steps: a
+/// burst of requests owned by one thread (an event loop) reads /proc once, not per request. A
+/// batch spans milliseconds; every action still re-checks the kernel's view first.
+#[derive(Default)]
+pub struct FactsCache(HashMap<(u32, u32), Option<ProcessFacts>>);
+
+impl FactsCache {
+    pub fn get(&mut self, pid: u32, tid: u32) -> Option<ProcessFacts> {
+        self.0
+            .entry((pid, tid))
+            .or_insert_with(|| facts(pid, tid))
+            .clone()
+    }
+}
 
 const PF_KTHREAD: u32 = 0x0020_0000;
 
