@@ -277,6 +277,12 @@ pub struct Selector {
     /// Globs on the cgroup v2 path (`/proc/PID/cgroup`, the `0::` line; v1 lines as fallback).
     #[serde(default)]
     pub cgroup: Vec<Glob>,
+    /// Globs on the Kubernetes pod UID read from the cgroup path (dashes, as the API shows it).
+    #[serde(default)]
+    pub pod_uid: Vec<Glob>,
+    /// Globs on the container id read from the cgroup path (64 hex digits; `abc123*` works).
+    #[serde(default)]
+    pub container_id: Vec<Glob>,
 }
 
 impl Selector {
@@ -285,6 +291,8 @@ impl Selector {
             && self.comm.is_empty()
             && self.exe.is_empty()
             && self.cgroup.is_empty()
+            && self.pod_uid.is_empty()
+            && self.container_id.is_empty()
     }
 }
 

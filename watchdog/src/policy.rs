@@ -26,10 +26,17 @@ pub struct ProcessFacts {
 /// Does `sel` cover this process? Every non-empty list must match (AND), any entry of a list
 /// may match (OR). An empty selector covers every process.
 pub fn selects(sel: &Selector, p: &ProcessFacts) -> bool {
+    let container = || crate::process::container_of(&p.cgroup);
+    // A process outside any pod has no pod UID or container id: a selector on them misses it.
+    let any = |globs: &[crate::config::Glob], value: Option<String>| {
+        globs.is_empty() || value.is_some_and(|v| globs.iter().any(|g| g.0.matches(&v)))
+    };
     (sel.pids.is_empty() || p.lineage.iter().any(|pid| sel.pids.contains(pid)))
         && (sel.comm.is_empty() || sel.comm.iter().any(|g| g.0.matches(&p.comm)))
         && (sel.exe.is_empty() || sel.exe.iter().any(|g| g.0.matches(&p.exe)))
         && (sel.cgroup.is_empty() || sel.cgroup.iter().any(|g| g.0.matches(&p.cgroup)))
+        && (sel.pod_uid.is_empty() || any(&sel.pod_uid, container().0))
+        && (sel.container_id.is_empty() || any(&sel.container_id, container().1))
 }
 
 /// The policy for a request on `port` owned by `p`: the first, in file order, whose ports and
@@ -167,6 +174,42 @@ mod tests {
 
     fn glob(s: &str) -> Glob {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn selectors_on_pod_uid_and_container_id_read_the_cgroup_path() {
+        const POD: &str = "3f2a1b4c-5d6e-7f80-9a1b-2c3d4e5f6a7b";
+        const CID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let in_pod = ProcessFacts {
+            // systemd driver, containerd: the UID's dashes are underscores in the path.
+            cgroup: format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CID}.scope",
+                POD.replace('-', "_")
+            ),
+            ..facts()
+        };
+        let by_pod = |g: &str| Selector {
+            pod_uid: vec![glob(g)],
+            ..Default::default()
+        };
+        let by_container = |g: &str| Selector {
+            container_id: vec![glob(g)],
+            ..Default::default()
+        };
+        assert!(selects(&by_pod(POD), &in_pod));
+        assert!(selects(&by_pod("3f2a1b4c-*"), &in_pod));
+        assert!(!selects(&by_pod("00000000-*"), &in_pod));
+        assert!(selects(&by_container("0123456789ab*"), &in_pod));
+        assert!(!selects(&by_container("fedcba*"), &in_pod));
+        // Not in a pod: no UID, no container id; even `*` does not select it.
+        let host = ProcessFacts {
+            cgroup: "/system.slice/nginx.service".into(),
+            ..facts()
+        };
+        assert!(!selects(&by_pod("*"), &host));
+        assert!(!selects(&by_container("*"), &host));
+        // The same keys protect: a protected pod is refused whatever the policy.
+        assert_eq!(guard(&in_pod, &by_pod(POD), 1234), Err(Refusal::Protected));
     }
 
     #[test]
