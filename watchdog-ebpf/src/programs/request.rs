@@ -12,8 +12,7 @@ use aya_ebpf::{
 use watchdog_common::{conn_flag, port_stat, stat, ReqState, DURATION_BUCKETS_MS};
 
 use crate::{
-    maps::ConnEntry,
-    maps::{count, port_config, port_count, task_life, SockState, CONNS, SOCKS},
+    maps::{count, port_config, port_count, task_life, ConnEntry, SockState, CONNS, SOCKS},
     programs::connection::init_timer,
 };
 
