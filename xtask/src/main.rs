@@ -132,7 +132,8 @@ fn main() -> Result<()> {
                 setup::toolchain()?;
                 setup::test_packages()?;
                 harness::remove_stale_pins()?;
-                cargo(&["build", "--release", "-p", "watchdog"])
+                cargo(&["build", "--release", "-p", "watchdog"])?;
+                reuse_ebpf_object()
             })?;
             // Unit and property tests: no root needed, run in parallel.
             stage("unit and property tests", &|| {
@@ -211,7 +212,35 @@ fn cargo_cmd(args: &[&str]) -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.args(args).current_dir(root());
     c.env("PATH", setup::path_with_cargo_bin());
+    // Test-profile and static builds reuse the eBPF object of the release build (see
+    // `reuse_ebpf_object`); plain release builds never do, so they never rebuild for it.
+    if let Some(object) = EBPF_OBJECT.get() {
+        if args.first() == Some(&"test") || args.contains(&"--target") {
+            c.env("WATCHDOG_EBPF_OBJECT", object);
+        }
+    }
     c
+}
+
+/// The eBPF object of the last release build, copied out of its build directory.
+static EBPF_OBJECT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// After a release build: keep its eBPF object so later builds in other profiles copy it
+/// (`watchdog/build.rs`) instead of running the nested nightly build again (~30 s each).
+fn reuse_ebpf_object() -> Result<()> {
+    let built = std::fs::read_dir(root().join("target/release/build"))?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("watchdog-"))
+        .map(|e| e.path().join("out/watchdog"))
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+        .context("no eBPF object under target/release/build after the release build")?;
+    let keep = root().join("target/ebpf-object/watchdog");
+    std::fs::create_dir_all(keep.parent().unwrap())?;
+    std::fs::copy(&built, &keep)?;
+    let _ = EBPF_OBJECT.set(keep);
+    Ok(())
 }
 
 fn cargo(args: &[&str]) -> Result<()> {

@@ -56,11 +56,11 @@ impl Plan {
         if quick {
             Self {
                 rounds: 1,
-                round_secs: 3,
-                slow_requests: 24,
+                round_secs: 2,
+                slow_requests: 12,
                 peer_requests: 4,
-                levels: vec![1_000],
-                bursts: vec![200],
+                levels: vec![500],
+                bursts: vec![100],
             }
         } else {
             Self {
