@@ -24,6 +24,10 @@ pub fn test(seconds: u32) -> Result<()> {
                 "+nightly",
                 "fuzz",
                 "run",
+                // No AddressSanitizer: the targets are safe Rust, looking for panics and hangs;
+                // the instrumented build took 85 s against 60 s without it.
+                "--sanitizer",
+                "none",
                 "--fuzz-dir",
                 "watchdog/fuzz",
                 target,
