@@ -358,29 +358,20 @@ mod tests {
         }
         fn start(&mut self, tid: u32) {
             let now = self.tick();
-            let Some(c) = self.conn.as_mut() else { return };
-            if c.state == ReqState::InFlight as u32 {
+            if self
+                .conn
+                .is_none_or(|c| c.state == ReqState::InFlight as u32)
+            {
                 return;
             }
-            self.gen += 1;
-            if !self.tasks.contains_key(&tid) {
-                self.serial += 1;
-                let t = TaskInfo {
-                    life: now,
-                    ..TaskInfo::default()
-                };
-                self.tasks.insert(tid, (t, self.serial));
-            }
-            let (t, serial) = self.tasks.get_mut(&tid).unwrap();
-            self.latest.insert(*serial, self.gen);
-            t.cur_cookie = 1;
-            t.cur_gen = self.gen;
+            let life = self.own(tid, 1, now);
+            let c = self.conn.as_mut().unwrap();
             *c = ConnInfo {
                 cookie: 1,
                 gen: self.gen,
                 state: ReqState::InFlight as u32,
                 tid,
-                owner_life: t.life,
+                owner_life: life,
                 start_ns: now,
                 ..*c
             };
@@ -390,6 +381,11 @@ mod tests {
         /// without touching connection 1.
         fn start_elsewhere(&mut self, tid: u32) {
             let now = self.tick();
+            self.own(tid, 2, now);
+        }
+        /// A new request generation owned by `tid` on `cookie`, as the kernel's `task_life`
+        /// records it (a tid not in the table is a new incarnation, stamped `now`). Its life.
+        fn own(&mut self, tid: u32, cookie: u64, now: u64) -> u64 {
             self.gen += 1;
             if !self.tasks.contains_key(&tid) {
                 self.serial += 1;
@@ -401,8 +397,9 @@ mod tests {
             }
             let (t, serial) = self.tasks.get_mut(&tid).unwrap();
             self.latest.insert(*serial, self.gen);
-            t.cur_cookie = 2;
+            t.cur_cookie = cookie;
             t.cur_gen = self.gen;
+            t.life
         }
         /// The timer fires or the peer hangs up: an event with the record as it is now.
         fn event(&mut self) {

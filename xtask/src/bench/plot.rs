@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{anyhow, Result};
-use plotters::prelude::*;
+use plotters::{coord::types::RangedCoordf64, prelude::*};
 use serde_json::Value;
 
 const SIZE: (u32, u32) = (800, 480);
@@ -67,18 +67,7 @@ fn overhead(o: &Value, path: &Path) -> Result<()> {
         .y_desc("latency (ms)")
         .draw()
         .map_err(e)?;
-    for (i, (label, s)) in series.iter().enumerate() {
-        let c = COLORS[i];
-        chart
-            .draw_series(LineSeries::new(s.iter().copied(), c.stroke_width(2)))
-            .map_err(e)?
-            .label(*label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
-        chart
-            .draw_series(s.iter().map(|p| Circle::new(*p, 3, c.filled())))
-            .map_err(e)?;
-    }
-    legend(&mut chart)?;
+    lines_with_points(&mut chart, &series)?;
     root.present().map_err(e)
 }
 
@@ -173,6 +162,18 @@ fn scale(s: &Value, path: &Path) -> Result<()> {
         .x_desc("tracked keep-alive connections")
         .draw()
         .map_err(e)?;
+    lines_with_points(&mut chart, &series)?;
+    root.present().map_err(e)
+}
+
+/// One line with a dot per point for each series, in `COLORS` order, then the legend.
+fn lines_with_points<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    series: &[(&str, Vec<(f64, f64)>)],
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
     for (i, (label, s)) in series.iter().enumerate() {
         let c = COLORS[i];
         chart
@@ -184,8 +185,7 @@ fn scale(s: &Value, path: &Path) -> Result<()> {
             .draw_series(s.iter().map(|p| Circle::new(*p, 3, c.filled())))
             .map_err(e)?;
     }
-    legend(&mut chart)?;
-    root.present().map_err(e)
+    legend(chart)
 }
 
 fn legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
