@@ -5,7 +5,7 @@
 
 use core::mem::size_of;
 
-use crate::ConnInfo;
+use crate::{head::HEAD_BYTES, ConnInfo};
 
 /// Why the kernel wrote an event.
 #[repr(u32)]
@@ -31,7 +31,7 @@ impl EventKind {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
     /// `EventKind` as u32.
     pub kind: u32,
@@ -41,9 +41,23 @@ pub struct Event {
     pub ts_ns: u64,
     /// The connection and its request as the kernel saw them at that instant.
     pub conn: ConnInfo,
+    /// The request's first bytes (`conn.head_len` of them).
+    pub head: [u8; HEAD_BYTES],
 }
 
-const _: () = assert!(size_of::<Event>() == 112);
+impl Default for Event {
+    fn default() -> Self {
+        Self {
+            kind: 0,
+            version: 0,
+            ts_ns: 0,
+            conn: ConnInfo::default(),
+            head: [0; HEAD_BYTES],
+        }
+    }
+}
+
+const _: () = assert!(size_of::<Event>() == 112 + HEAD_BYTES);
 
 impl Event {
     /// Decodes a ring buffer record. Returns `None` for a record of the wrong size or kind.

@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod event;
+pub mod head;
 pub mod names;
 pub mod probes;
 pub mod state;
@@ -13,12 +14,12 @@ pub mod state;
 pub use event::{Event, EventKind};
 pub use state::{
     conn_flag, ConnInfo, ConnRecord, Meta, PortConfig, ReqState, TaskInfo, PORT_CLIENT_GONE,
-    PORT_WATCHED,
+    PORT_ROUTES, PORT_WATCHED,
 };
 
 /// Bumped whenever the layout of any map key or value changes. Stamped into the `META` map so a
 /// daemon never reads pinned state written with another layout.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Capacity limits of the kernel tables. Fixed at build time; insert failures are counted.
 pub mod limits {
@@ -28,6 +29,13 @@ pub mod limits {
     pub const MAX_TASKS: u32 = 65_536;
     /// Distinct watched ports that get their own metrics slot. Slot 0 collects the rest.
     pub const MAX_PORT_SLOTS: u32 = 64;
+    /// Routes (over all policies) that get their own metrics slot, after the port slots.
+    pub const MAX_ROUTES: u32 = 128;
+    /// Metrics slots in all: ports first, then routes.
+    pub const MAX_STAT_SLOTS: u32 = MAX_PORT_SLOTS + MAX_ROUTES;
+    /// Entries of the kernel's route table: one per (port, method, pattern); a route without a
+    /// method takes one entry per method.
+    pub const ROUTE_ENTRIES: u32 = 16_384;
     /// Ring buffer for rare events (deadlines, client gone), in bytes.
     pub const EVENTS_BYTES: u32 = 256 * 1024;
     /// Every port number is an index into the ports array; index 0 is the wildcard entry.
@@ -51,8 +59,16 @@ pub mod port_stat {
     pub const STARTED: u32 = DURATION_SUM_NS + 1;
     /// Requests that ended without a response because the connection closed.
     pub const CLOSED_IN_FLIGHT: u32 = STARTED + 1;
+    /// Connections by protocol (port slots only): `PROTO + head::proto::*`.
+    pub const PROTO: u32 = CLOSED_IN_FLIGHT + 1;
+    /// Connections upgraded (`101 Switching Protocols`) and no longer tracked for requests.
+    pub const UPGRADED: u32 = PROTO + crate::head::proto::COUNT as u32;
+    /// Requests on a port with routes whose bytes could not be read: policy budget, route unknown.
+    pub const ROUTE_UNREADABLE: u32 = UPGRADED + 1;
+    /// Requests on a port with routes whose request line ended before its path: the same.
+    pub const ROUTE_SPLIT: u32 = ROUTE_UNREADABLE + 1;
     /// Entries per slot.
-    pub const STRIDE: u32 = CLOSED_IN_FLIGHT + 1;
+    pub const STRIDE: u32 = ROUTE_SPLIT + 1;
 }
 
 /// Global counters in the `STATS` per-CPU array.

@@ -12,6 +12,10 @@ pub const MAP_PORTS: &str = "PORTS";
 pub const MAP_SOCK_STATES: &str = "SOCK_STATES";
 /// Processes (tgids) that accepted a tracked connection: the syscall set's cheap first filter.
 pub const MAP_OWNERS: &str = "OWNERS";
+/// Routes of watched ports: LPM trie, (port, method, path prefix) -> `RouteValue`.
+pub const MAP_ROUTES: &str = "ROUTES";
+/// Per-CPU scratch space for building a route key. Kernel only.
+pub const MAP_SCRATCH: &str = "SCRATCH";
 /// Stamp of a pinned state: `Meta` at index 0. Written by userspace only.
 pub const MAP_META: &str = "META";
 /// Rare events for userspace: `Event`.
@@ -39,8 +43,9 @@ pub const PROG_FORK: &str = "task_fork";
 
 /// Maps a restarted daemon opens from the pin directory (the kernel-only maps stay referenced
 /// by the pinned programs).
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 8] = [
     MAP_CONNS,
+    MAP_ROUTES,
     MAP_TASKS,
     MAP_PORTS,
     MAP_EVENTS,

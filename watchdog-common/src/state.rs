@@ -2,6 +2,8 @@
 
 use core::mem::size_of;
 
+use crate::head::HEAD_BYTES;
+
 /// A watched port (or, at index 0, every port): what the kernel needs at accept and request start.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -19,6 +21,8 @@ pub struct PortConfig {
 pub const PORT_WATCHED: u32 = 1;
 /// Report a peer FIN/RST that arrives while a request is in flight.
 pub const PORT_CLIENT_GONE: u32 = 2;
+/// The port has routes: look an HTTP/1.x request's method and path up in `ROUTES`.
+pub const PORT_ROUTES: u32 = 4;
 
 /// Request state of a tracked connection.
 #[repr(u32)]
@@ -59,24 +63,36 @@ pub struct ConnInfo {
     pub slot: u16,
     /// Address family (AF_INET = 2, AF_INET6 = 10).
     pub family: u16,
-    /// `conn_flag` bits about the current request's deadline.
+    /// `conn_flag` bits about the connection and its current request's deadline.
     pub flags: u32,
-    pub _pad: u32,
+    /// `head::proto` of the connection (decided at its first request).
+    pub proto: u8,
+    /// `head::head_state` of the current request.
+    pub head_state: u8,
+    /// Bytes of `ConnRecord::head` / `Event::head` that belong to the current request.
+    pub head_len: u16,
 }
 
-/// `ConnInfo::flags`: the kernel's deadline path failed for the current request and userspace's
-/// backstop sweep (`backstop.rs`) must enforce it instead. Cleared when the next request starts.
+/// `ConnInfo::flags`. `UNARMED` and `EVENT_LOST`: the kernel's deadline path failed for the
+/// current request and userspace's backstop sweep (`backstop.rs`) must enforce it instead.
+/// Cleared when the next request starts.
 pub mod conn_flag {
     /// The deadline timer could not be armed (`bpf_timer_init` allocates with GFP_ATOMIC and
     /// fails with ENOMEM when the daemon's memory cgroup is under pressure).
     pub const UNARMED: u32 = 1;
     /// The timer fired on a request in flight but the ring buffer was full: the event was lost.
     pub const EVENT_LOST: u32 = 2;
+    /// The current request's route has `budget = "off"` in every policy that may apply: no
+    /// timer, no client-gone event, no backstop.
+    pub const NO_DEADLINE: u32 = 4;
+    /// The server answered `101 Switching Protocols`: the connection carries messages, not
+    /// requests, and is no longer tracked for requests. Never cleared.
+    pub const UPGRADED: u32 = 8;
 }
 
 /// The `CONNS` value: an opaque `struct bpf_timer` first, then the readable part.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct ConnRecord {
     /// Kernel-owned timer; reads as zero from userspace.
     pub timer: [u64; 2],
@@ -85,6 +101,19 @@ pub struct ConnRecord {
     /// 0 before the first request. A request starting while the timer is armed for an earlier
     /// moment leaves it alone: the callback re-arms for the request then in flight.
     pub armed_ns: u64,
+    /// The current request's first bytes (`info.head_len` of them), copied at its start.
+    pub head: [u8; HEAD_BYTES],
+}
+
+impl Default for ConnRecord {
+    fn default() -> Self {
+        Self {
+            timer: [0; 2],
+            info: ConnInfo::default(),
+            armed_ns: 0,
+            head: [0; HEAD_BYTES],
+        }
+    }
 }
 
 /// A live task that owned a request. Deleted when the task exits.
@@ -121,7 +150,7 @@ pub struct Meta {
 const _: () = assert!(size_of::<Meta>() == 24);
 const _: () = assert!(size_of::<PortConfig>() == 16);
 const _: () = assert!(size_of::<ConnInfo>() == 96);
-const _: () = assert!(size_of::<ConnRecord>() == 120);
+const _: () = assert!(size_of::<ConnRecord>() == 120 + HEAD_BYTES);
 const _: () = assert!(size_of::<TaskInfo>() == 24);
 
 #[cfg(feature = "user")]
@@ -132,4 +161,5 @@ mod user {
     unsafe impl aya::Pod for super::ConnRecord {}
     unsafe impl aya::Pod for super::TaskInfo {}
     unsafe impl aya::Pod for super::Meta {}
+    unsafe impl aya::Pod for crate::head::RouteValue {}
 }

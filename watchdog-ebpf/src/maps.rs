@@ -2,15 +2,20 @@
 
 use aya_ebpf::{
     bindings::{bpf_timer, BPF_NOEXIST},
-    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, SkStorage},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, SkStorage},
     macros::btf_map,
 };
 use watchdog_common::{
-    limits::{EVENTS_BYTES, MAX_CONNS, MAX_PORT_SLOTS, MAX_TASKS, PORTS as PORT_ENTRIES},
+    head::{RouteValue, ROUTE_KEY_DATA},
+    limits::{
+        EVENTS_BYTES, MAX_CONNS, MAX_STAT_SLOTS, MAX_TASKS, PORTS as PORT_ENTRIES, ROUTE_ENTRIES,
+    },
     port_stat,
     probes::{self, KernelOffsets},
-    stat, ConnInfo, Event, Meta, PortConfig, TaskInfo,
+    stat, ConnInfo, Event, EventKind, Meta, PortConfig, TaskInfo, LAYOUT_VERSION,
 };
+
+use crate::programs::head::RouteKey;
 
 /// Which probe set the daemon chose (`probes::SOCK` or `probes::SYSCALLS`). Read-only, set at
 /// load time: the verifier treats it as a constant and prunes the other set's branches.
@@ -57,8 +62,12 @@ pub struct SockState {
     pub state: u32,
     /// Metrics slot of the local port.
     pub slot: u32,
-    /// `SOCK_PEER_FIN` once the peer has sent FIN.
+    /// `SOCK_PEER_FIN`, `SOCK_UPGRADED`.
     pub flags: u32,
+    /// Metrics slot of the current request: its route's, or the port's.
+    pub stat_slot: u32,
+    /// `head::proto` of the connection, decided at its first request.
+    pub proto: u32,
 }
 
 /// `CONNS` value. Same layout as `watchdog_common::ConnRecord`; the timer must be a field of
@@ -69,6 +78,8 @@ pub struct ConnEntry {
     pub info: ConnInfo,
     /// See `ConnRecord::armed_ns`.
     pub armed_ns: u64,
+    /// See `ConnRecord::head`.
+    pub head: [u8; watchdog_common::head::HEAD_BYTES],
 }
 
 const _: () = assert!(
@@ -77,6 +88,8 @@ const _: () = assert!(
 
 /// The peer sent FIN: a later RST is the answer to our own write, not a new hang-up.
 pub const SOCK_PEER_FIN: u32 = 1;
+/// The server answered `101 Switching Protocols`: no more requests on this connection.
+pub const SOCK_UPGRADED: u32 = 2;
 
 #[btf_map]
 pub static SOCKS: SkStorage<SockState> = SkStorage::new();
@@ -111,8 +124,18 @@ pub static EVENTS: RingBuf<Event, { EVENTS_BYTES as usize }> = RingBuf::new();
 pub static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map]
-pub static PORT_STATS: PerCpuArray<u64, { (MAX_PORT_SLOTS * port_stat::STRIDE) as usize }> =
+pub static PORT_STATS: PerCpuArray<u64, { (MAX_STAT_SLOTS * port_stat::STRIDE) as usize }> =
     PerCpuArray::new();
+
+/// Routes: (port index, method code, path prefix) -> deadline and metrics slot. Written by
+/// userspace; longest-prefix lookup (see `watchdog_common::head::route_key`).
+#[btf_map]
+pub static ROUTES: LpmTrie<[u8; ROUTE_KEY_DATA], RouteValue, { ROUTE_ENTRIES as usize }> =
+    LpmTrie::new();
+
+/// Per-CPU room for building a route key.
+#[btf_map]
+pub static SCRATCH: PerCpuArray<RouteKey, 1> = PerCpuArray::new();
 
 #[inline(always)]
 pub fn count(index: u32) {
@@ -121,7 +144,7 @@ pub fn count(index: u32) {
 
 #[inline(always)]
 pub fn port_count(slot: u32, index: u32, value: u64) {
-    if slot < MAX_PORT_SLOTS {
+    if slot < MAX_STAT_SLOTS {
         add(&PORT_STATS, slot * port_stat::STRIDE + index, value);
     }
 }
@@ -134,15 +157,16 @@ fn add<const N: usize>(map: &PerCpuArray<u64, N>, index: u32, value: u64) {
     }
 }
 
-/// The config of `port`, falling back to the wildcard entry at index 0.
+/// The config of `port`, falling back to the wildcard entry at index 0; with the index used
+/// (the port of its route-table keys).
 #[inline(always)]
-pub fn port_config(port: u32) -> Option<&'static PortConfig> {
+pub fn port_config(port: u32) -> Option<(u16, &'static PortConfig)> {
     let cfg = PORTS.get(port)?;
     if cfg.flags != 0 {
-        return Some(cfg);
+        return Some((port as u16, cfg));
     }
     let any = PORTS.get(0)?;
-    (any.flags != 0).then_some(any)
+    (any.flags != 0).then_some((0, any))
 }
 
 /// Records the current task as a request owner; returns its life stamp (0 if the table is full).
@@ -169,12 +193,24 @@ pub fn task_life(tid: u32, now: u64, cookie: u64, gen: u32) -> u64 {
     now
 }
 
-/// Writes an event; counts it as lost when the ring buffer is full.
+/// Writes an event about the connection in `e` as it is now; counts it as lost when the ring
+/// buffer is full.
 #[inline(always)]
-pub fn emit(ev: &Event) -> bool {
-    if EVENTS.output(ev, 0).is_err() {
+pub fn emit(kind: EventKind, ts_ns: u64, e: *const ConnEntry) -> bool {
+    let Some(mut slot) = EVENTS.reserve(0) else {
         count(stat::EVENTS_LOST);
         return false;
+    };
+    let ev = slot.as_mut_ptr();
+    // SAFETY: `ev` is the reserved record (submitted below, never read before it is written);
+    // `e` points into CONNS.
+    unsafe {
+        (*ev).kind = kind as u32;
+        (*ev).version = LAYOUT_VERSION;
+        (*ev).ts_ns = ts_ns;
+        (*ev).conn = (*e).info;
+        (*ev).head = (*e).head;
     }
+    slot.submit(0);
     true
 }

@@ -15,6 +15,8 @@ use std::{
 use nix::sys::signal::Signal;
 use serde::{de, Deserialize, Deserializer};
 
+use crate::routes::{Method, Pattern, Route, RouteBudget};
+
 /// Largest config file accepted: it decides what gets killed, it has no reason to be large.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -38,6 +40,14 @@ pub enum ConfigError {
     #[error("{path}: {field}: {reason}")]
     Invalid {
         path: String,
+        field: String,
+        reason: String,
+    },
+    /// The same, for a value whose place in the file is known.
+    #[error("{path}: line {line}: {field}: {reason}")]
+    InvalidAt {
+        path: String,
+        line: usize,
         field: String,
         reason: String,
     },
@@ -259,6 +269,7 @@ struct RawDaemon {
     max_connections: Option<u32>,
     event_buffer_kib: Option<u32>,
     nice: Option<i32>,
+    record_query_string: Option<bool>,
 }
 
 /// Which processes a policy (or the protect list) covers. Empty lists match everything.
@@ -313,6 +324,17 @@ struct RawPolicy {
     client_gone: Option<RawClientGone>,
     breaker: Option<RawBreaker>,
     min_workers: Option<u32>,
+    routes: Option<toml::Spanned<Vec<toml::Spanned<RawRoute>>>>,
+}
+
+/// One entry of a policy's `routes`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    method: Option<Method>,
+    path: Pattern,
+    budget: RouteBudget,
+    steps: Option<Vec<RawStep>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -342,7 +364,7 @@ impl<'de> Deserialize<'de> for PortOrAny {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawStep {
+pub(crate) struct RawStep {
     after: Dur,
     signal: Option<Sig>,
     action: Option<String>,
@@ -440,11 +462,32 @@ pub struct Policy {
     pub client_gone: Option<ClientGone>,
     pub breaker: BreakerConfig,
     pub min_workers: Option<u32>,
+    /// Budgets per endpoint, tried in file order (`routes.rs`). Empty: one budget for all.
+    pub routes: Vec<Route>,
 }
 
 impl Policy {
     pub fn covers_port(&self, port: u16) -> bool {
         self.ports.is_empty() || self.ports.iter().any(|r| r.contains(port))
+    }
+    /// Could this policy and `other` both apply to some port?
+    pub fn shares_a_port_with(&self, other: &Policy) -> bool {
+        self.ports.is_empty()
+            || other.ports.is_empty()
+            || self.ports.iter().any(|a| {
+                other
+                    .ports
+                    .iter()
+                    .any(|b| a.first <= b.last && b.first <= a.last)
+            })
+    }
+    /// The ladder of a request on `route` (`None`: the policy's own), and its budget; `None`
+    /// when the route is never enforced.
+    pub fn ladder_for(&self, route: Option<usize>) -> Option<(Duration, &[Step])> {
+        match route.and_then(|i| self.routes.get(i)) {
+            None => Some((self.budget, &self.steps)),
+            Some(r) => r.budget.map(|b| (b, r.steps.as_slice())),
+        }
     }
     /// When the kernel must wake us for a request of this policy.
     pub fn first_deadline(&self) -> Duration {
@@ -469,6 +512,8 @@ pub struct Config {
     pub event_buffer_kib: u32,
     /// The daemon's own scheduling niceness: it must get the CPU when runaway workers hold it.
     pub nice: i32,
+    /// Show a request's query string in records (it often carries tokens: off by default).
+    pub record_query_string: bool,
     pub protect: Selector,
     pub policies: Vec<Policy>,
 }
@@ -499,6 +544,7 @@ impl Config {
             client_gone: None,
             breaker: BreakerConfig::default(),
             min_workers: None,
+            routes: vec![],
         }])
     }
 
@@ -514,6 +560,7 @@ impl Config {
             max_connections: watchdog_common::limits::MAX_CONNS,
             event_buffer_kib: watchdog_common::limits::EVENTS_BYTES / 1024,
             nice: DEFAULT_NICE,
+            record_query_string: false,
             protect: Selector::default(),
             policies,
         }
@@ -596,6 +643,7 @@ impl Config {
             client_gone,
             breaker: BreakerConfig::default(),
             min_workers: None,
+            routes: vec![],
         }]);
         if f.observe {
             cfg.mode = Mode::Observe;
@@ -615,7 +663,7 @@ impl Config {
             path: origin.into(),
             message: e.to_string().trim_end().replace('\n', "\n  "),
         })?;
-        validate(raw, origin)
+        validate(raw, origin, text)
     }
 }
 
@@ -668,7 +716,7 @@ fn read_config_file(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
-fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
+fn validate(raw: RawConfig, origin: &str, text: &str) -> Result<Config, ConfigError> {
     let invalid = |field: String, reason: &str| ConfigError::Invalid {
         path: origin.into(),
         field,
@@ -701,6 +749,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     if let Some(n) = raw.daemon.nice {
         cfg.nice = n;
     }
+    cfg.record_query_string = raw.daemon.record_query_string.unwrap_or(false);
     cfg.check_limits()
         .map_err(|(field, reason)| invalid(format!("daemon.{field}"), &reason))?;
     cfg.protect = raw.protect;
@@ -809,6 +858,10 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
                 })
                 .collect()
         };
+        let routes = match &rp.routes {
+            None => vec![],
+            Some(list) => routes(list, &ladder, target, &at("routes"), origin, text)?,
+        };
         let policy = Policy {
             name: rp.name.clone(),
             ports,
@@ -819,7 +872,24 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             client_gone,
             breaker,
             min_workers: rp.min_workers,
+            routes,
         };
+        if let (Some(list), Some(earlier)) = (
+            &rp.routes,
+            cfg.policies
+                .iter()
+                .find(|p| !p.routes.is_empty() && p.shares_a_port_with(&policy)),
+        ) {
+            return Err(ConfigError::InvalidAt {
+                path: origin.into(),
+                line: line_of(text, list.span().start),
+                field: at("routes"),
+                reason: format!(
+                    "policy {:?} has routes on some of the same ports; a port's routes come from one policy",
+                    earlier.name
+                ),
+            });
+        }
         // Overlap rule: policies are tried in file order and the first that matches wins, so a
         // later policy with the same ports and the same selector could never apply: reject it.
         if let Some(earlier) = cfg.policies.iter().find(|p| shadows(p, &policy)) {
@@ -835,7 +905,118 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         }
         cfg.policies.push(policy);
     }
+    check_route_tables(&cfg, origin)?;
     Ok(cfg)
+}
+
+/// Line (1-based) of a byte offset in the config text.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// A policy's `routes`, validated: each gets its ladder (its own `steps`, or the policy's moved
+/// to its budget).
+fn routes(
+    list: &toml::Spanned<Vec<toml::Spanned<RawRoute>>>,
+    policy_steps: &[Step],
+    target: Target,
+    field: &str,
+    origin: &str,
+    text: &str,
+) -> Result<Vec<Route>, ConfigError> {
+    if list.get_ref().len() > watchdog_common::limits::MAX_ROUTES as usize {
+        return Err(ConfigError::InvalidAt {
+            path: origin.into(),
+            line: line_of(text, list.span().start),
+            field: field.into(),
+            reason: format!(
+                "{} routes; the kernel's table holds {} in all",
+                list.get_ref().len(),
+                watchdog_common::limits::MAX_ROUTES
+            ),
+        });
+    }
+    let mut out = Vec::new();
+    for (i, r) in list.get_ref().iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        let invalid = |reason: &str| ConfigError::InvalidAt {
+            path: origin.into(),
+            line: line_of(text, r.span().start),
+            field: at.clone(),
+            reason: reason.into(),
+        };
+        let raw = r.get_ref();
+        let budget = match raw.budget {
+            RouteBudget::Off => None,
+            RouteBudget::After(d) => Some(d),
+        };
+        let steps = match (&raw.steps, budget) {
+            (Some(_), None) => return Err(invalid("a route with `budget = \"off\"` has no steps")),
+            (Some(s), Some(b)) => {
+                let s = steps(s, target, &format!("{at}.steps"), origin)?;
+                if s.first().is_none_or(|first| first.after < b) {
+                    return Err(invalid(
+                        "the first step comes before the route's budget is spent",
+                    ));
+                }
+                s
+            }
+            (None, Some(b)) => crate::routes::shifted(policy_steps, b),
+            (None, None) => vec![],
+        };
+        out.push(Route {
+            method: raw.method,
+            pattern: raw.path.clone(),
+            budget,
+            steps,
+        });
+    }
+    Ok(out)
+}
+
+/// Routes over all policies fit the kernel's tables: metrics slots and route-table entries.
+fn check_route_tables(cfg: &Config, origin: &str) -> Result<(), ConfigError> {
+    use watchdog_common::{
+        head::METHODS,
+        limits::{MAX_ROUTES, ROUTE_ENTRIES},
+    };
+    let total: usize = cfg.policies.iter().map(|p| p.routes.len()).sum();
+    let entries: usize = cfg
+        .policies
+        .iter()
+        .map(|p| {
+            let ports = if p.ports.is_empty() {
+                1
+            } else {
+                p.ports
+                    .iter()
+                    .map(|r| usize::from(r.last - r.first) + 1)
+                    .sum()
+            };
+            let keys: usize = p
+                .routes
+                .iter()
+                .map(|r| if r.method.is_some() { 1 } else { METHODS.len() })
+                .sum();
+            ports * keys
+        })
+        .sum();
+    let invalid = |reason: String| ConfigError::Invalid {
+        path: origin.into(),
+        field: "policy.routes".into(),
+        reason,
+    };
+    if total > MAX_ROUTES as usize {
+        return Err(invalid(format!(
+            "{total} routes in all; the kernel's table holds {MAX_ROUTES}"
+        )));
+    }
+    if entries > ROUTE_ENTRIES as usize {
+        return Err(invalid(format!(
+            "routes x ports x methods = {entries} kernel entries; the table holds {ROUTE_ENTRIES} (give routes a `method`, or fewer ports)"
+        )));
+    }
+    Ok(())
 }
 
 /// `a` takes every request `b` could: same selector and `a`'s ports include all of `b`'s.

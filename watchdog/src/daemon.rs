@@ -17,9 +17,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
 use tracing::{debug, error, info, warn};
-use watchdog_common::{
-    ConnInfo, Event, EventKind, PortConfig, ReqState, PORT_CLIENT_GONE, PORT_WATCHED,
-};
+use watchdog_common::{conn_flag, head::proto, ConnInfo, Event, EventKind, PortConfig, ReqState};
 
 use crate::{
     actions::{self, Outcome},
@@ -27,11 +25,12 @@ use crate::{
     backstop::{Backstop, Plan},
     config::{Action, Config, Mode, Policy},
     diagnose,
-    loader::{Kernel, LoadOptions, Origin, MAX_SLOTS},
+    loader::{Kernel, LoadOptions, Origin},
     metrics::{ActionLabels, Metrics, PolicyLabels, PortLabels, SlotLabel, SlotMap, WhyLabels},
+    plan::{self, describe_ports},
     policy::{self, Breaker, BreakerVerdict, ProcessFacts},
-    process,
-    tracker::{self, Due, Key, Reason, Tracker},
+    process, request,
+    tracker::{self, About, Due, Key, Reason, Tracker},
 };
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
@@ -68,6 +67,12 @@ fn release_load_memory() {
 pub struct ActionRecord {
     pub event: &'static str,
     pub policy: String,
+    /// What was stopped: `GET /reports/2024`, a statement's first bytes (`None`: not readable).
+    pub request: Option<String>,
+    /// The route's pattern, `default` or `unknown`.
+    pub route: String,
+    /// The connection's protocol (`http1`, `http2`, `postgres`, ...).
+    pub protocol: &'static str,
     pub reason: Reason,
     pub step: usize,
     pub action: String,
@@ -283,14 +288,17 @@ pub fn peer_of(c: &ConnInfo) -> String {
 impl State {
     /// Applies a validated config: kernel port table, metrics slots, policies.
     fn apply(&mut self, cfg: Config) -> anyhow::Result<()> {
-        let plan = port_plan(&cfg);
+        let plan = plan::plan(&cfg);
+        // Routes before ports: a port that gains routes finds them in place; one that loses
+        // them misses its old ones (the port's default) until its flag is cleared.
+        self.kernel.set_routes(&plan.routes)?;
         for old in std::mem::take(&mut self.watched_ports) {
-            if !plan.iter().any(|(p, _, _)| *p == old) {
+            if !plan.ports.iter().any(|(p, _, _)| *p == old) {
                 self.kernel.set_port(old, PortConfig::default())?;
             }
         }
-        let mut labels = Vec::new();
-        for (port, pc, label) in &plan {
+        let mut labels = plan.route_slots.clone();
+        for (port, pc, label) in &plan.ports {
             self.kernel.set_port(*port, *pc)?;
             self.watched_ports.push(*port);
             if !labels.iter().any(|l: &SlotLabel| l.slot == pc.slot) {
@@ -311,6 +319,7 @@ impl State {
                 ports = %describe_ports(p),
                 budget = %humantime::format_duration(p.budget),
                 steps = p.steps.len(),
+                routes = p.routes.len(),
                 client_gone = p.client_gone.is_some(),
                 mode = ?mode,
                 "policy applied"
@@ -434,9 +443,22 @@ impl State {
             debug!(pid = c.tgid, comm = %facts.comm, port = c.local_port, "no policy selects this process; not acting");
             return;
         };
+        let (route, index) = request::route_of(&c, &ev.head, &policy.routes);
+        let Some((budget, steps)) = policy.ladder_for(index) else {
+            debug!(port = c.local_port, peer = %peer_of(&c), route, "route never enforced (budget = \"off\")");
+            return;
+        };
+        let steps = steps.to_vec();
+        let about = Arc::new(About {
+            request: request::describe(&c, &ev.head, self.cfg.record_query_string),
+            route: route.clone(),
+            protocol: proto::label(c.proto),
+            budget,
+        });
         let labels = PortLabels {
             policy: policy.name.clone(),
             port: c.local_port.to_string(),
+            route,
         };
         match EventKind::from_u32(ev.kind) {
             Some(EventKind::Deadline) => {
@@ -445,8 +467,7 @@ impl State {
                     gen: c.gen,
                     reason: Reason::Budget,
                 };
-                let steps = policy.steps.clone();
-                if self.tracker.admit(key, c, policy, steps, c.start_ns) {
+                if self.tracker.admit(key, c, about, policy, steps, c.start_ns) {
                     self.metrics.budget_exceeded.get_or_create(&labels).inc();
                 }
             }
@@ -465,7 +486,7 @@ impl State {
                     reason: Reason::ClientGone,
                 };
                 let base = ev.ts_ns.saturating_add(policy::nanos(cg.grace));
-                if self.tracker.admit(key, c, policy, cg.steps, base) {
+                if self.tracker.admit(key, c, about, policy, cg.steps, base) {
                     self.metrics.client_gone.get_or_create(&labels).inc();
                     info!(
                         policy = %labels.policy, port = c.local_port, peer = %peer_of(&c), pid = c.tgid, tid = c.tid,
@@ -506,12 +527,19 @@ impl State {
                 })
                 .inc();
             debug!(port = conn.local_port, peer = %peer_of(&conn), why = why.label(), "backstop: over-budget request without a kernel event");
+            let head = self
+                .kernel
+                .record(conn.cookie)
+                .filter(|r| r.info.gen == conn.gen)
+                .map(|r| r.head)
+                .unwrap_or([0; watchdog_common::head::HEAD_BYTES]);
             self.on_event(
                 Event {
                     kind: EventKind::Deadline as u32,
                     version: watchdog_common::LAYOUT_VERSION,
                     ts_ns: now,
                     conn,
+                    head,
                 },
                 &mut facts,
             );
@@ -633,6 +661,7 @@ impl State {
             .actions
             .get_or_create(&ActionLabels {
                 policy: policy.name.clone(),
+                route: due.about.route.clone(),
                 action: action.clone(),
                 result: outcome.label().into(),
                 reason: due.key.reason.label().into(),
@@ -646,6 +675,9 @@ impl State {
         let record = ActionRecord {
             event: "action",
             policy: policy.name.clone(),
+            request: due.about.request.clone(),
+            route: due.about.route.clone(),
+            protocol: due.about.protocol,
             reason: due.key.reason,
             step: due.index,
             action,
@@ -658,7 +690,7 @@ impl State {
             tid: c.tid,
             comm: facts.comm.clone(),
             elapsed_ms: done.saturating_sub(c.start_ns) / 1_000_000,
-            budget_ms: policy.budget.as_millis() as u64,
+            budget_ms: due.about.budget.as_millis() as u64,
             lateness_ms: lateness as f64 / 1e6,
             diagnosis_ms: diagnosed.saturating_sub(now) as f64 / 1e6,
             mode,
@@ -687,14 +719,18 @@ impl State {
 
     fn log_action(&self, r: &ActionRecord) {
         let d = r.diagnosis.as_ref();
+        // Reads the way Baseplate's does: `GET /reports/2024 on :8080 over its 60s budget`.
+        let what = r.request.as_deref().unwrap_or("request");
+        let budget = humantime::format_duration(Duration::from_millis(r.budget_ms));
         let msg = match r.reason {
-            Reason::Budget => "request over budget",
-            Reason::ClientGone => "request abandoned by its client",
+            Reason::Budget => format!("{what} on :{} over its {budget} budget", r.port),
+            Reason::ClientGone => format!("{what} on :{} abandoned by its client", r.port),
         };
         macro_rules! emit {
             ($lvl:ident) => {
                 $lvl!(
-                    policy = %r.policy, reason = r.reason.label(), port = r.port, peer = %r.peer, pid = r.pid, tid = r.tid,
+                    policy = %r.policy, route = %r.route, request = r.request.as_deref().unwrap_or(""), protocol = r.protocol,
+                    reason = r.reason.label(), port = r.port, peer = %r.peer, pid = r.pid, tid = r.tid,
                     comm = %r.comm, elapsed_ms = r.elapsed_ms, budget_ms = r.budget_ms, step = r.step,
                     action = %r.action, target = ?r.target, result = r.result, detail = r.detail.as_deref().unwrap_or(""),
                     lateness_ms = r.lateness_ms, mode = ?r.mode,
@@ -722,6 +758,9 @@ impl State {
         #[derive(Serialize)]
         struct InFlight {
             port: u16,
+            request: Option<String>,
+            route: String,
+            protocol: &'static str,
             peer: String,
             pid: u32,
             tid: u32,
@@ -741,32 +780,64 @@ impl State {
             client_gone: bool,
         }
         #[derive(Serialize)]
+        struct Connections {
+            tracked: usize,
+            /// Answered `101 Switching Protocols`: no longer tracked for requests.
+            upgraded: usize,
+            by_protocol: std::collections::BTreeMap<&'static str, usize>,
+        }
+        #[derive(Serialize)]
         struct Status<'a> {
             version: &'static str,
+            connections: Connections,
             in_flight: Vec<InFlight>,
             policies: Vec<PolicyView>,
             ladders_active: usize,
             recent_actions: Vec<&'a ActionRecord>,
         }
         let now = now_ns();
-        let in_flight = self
-            .kernel
-            .conns()
-            .into_iter()
-            .filter(|c| c.state == ReqState::InFlight as u32)
-            .map(|c| {
+        let records = self.kernel.records();
+        let mut connections = Connections {
+            tracked: records.len(),
+            upgraded: 0,
+            by_protocol: Default::default(),
+        };
+        for r in &records {
+            if r.info.flags & conn_flag::UPGRADED != 0 {
+                connections.upgraded += 1;
+            }
+            *connections
+                .by_protocol
+                .entry(proto::label(r.info.proto))
+                .or_default() += 1;
+        }
+        let in_flight = records
+            .iter()
+            .filter(|r| r.info.state == ReqState::InFlight as u32)
+            .map(|r| {
+                let c = r.info;
                 let facts = process::facts(c.tgid, c.tid);
                 let policy = facts
                     .as_ref()
                     .and_then(|f| self.policy_for(c.local_port, f));
+                let (route, index) = policy
+                    .as_ref()
+                    .map(|p| request::route_of(&c, &r.head, &p.routes))
+                    .unwrap_or(("default".into(), None));
                 InFlight {
                     port: c.local_port,
+                    request: request::describe(&c, &r.head, self.cfg.record_query_string),
+                    route,
+                    protocol: proto::label(c.proto),
                     peer: peer_of(&c),
                     pid: c.tgid,
                     tid: c.tid,
                     comm: facts.map(|f| f.comm).unwrap_or_default(),
                     age_ms: now.saturating_sub(c.start_ns) / 1_000_000,
-                    budget_ms: policy.as_ref().map(|p| p.budget.as_millis() as u64),
+                    budget_ms: policy
+                        .as_ref()
+                        .and_then(|p| p.ladder_for(index))
+                        .map(|(b, _)| b.as_millis() as u64),
                     policy: policy.map(|p| p.name.clone()),
                 }
             })
@@ -800,6 +871,7 @@ impl State {
             .collect();
         let doc = Status {
             version: env!("CARGO_PKG_VERSION"),
+            connections,
             in_flight,
             policies,
             ladders_active: self.tracker.len(),
@@ -807,102 +879,6 @@ impl State {
         };
         serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
     }
-}
-
-fn describe_ports(p: &Policy) -> String {
-    if p.ports.is_empty() {
-        return "*".into();
-    }
-    p.ports
-        .iter()
-        .map(|r| {
-            if r.first == r.last {
-                r.first.to_string()
-            } else {
-                format!("{}-{}", r.first, r.last)
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// What the kernel's port table should hold: (index, config, metrics labels). Index 0 is the
-/// wildcard entry used by every port without its own. A port's deadline is the earliest first
-/// step of any policy that could apply there; the daemon times later steps itself.
-pub fn port_plan(cfg: &Config) -> Vec<(u16, PortConfig, PortLabels)> {
-    let flags_of = |ps: &[&Policy]| {
-        PORT_WATCHED
-            | if ps.iter().any(|p| p.client_gone.is_some()) {
-                PORT_CLIENT_GONE
-            } else {
-                0
-            }
-    };
-    let deadline_of = |ps: &[&Policy]| {
-        ps.iter()
-            .map(|p| policy::nanos(p.first_deadline()))
-            .min()
-            .unwrap_or(u64::MAX)
-    };
-    let names = |ps: &[&Policy]| {
-        ps.iter()
-            .map(|p| p.name.as_str())
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let wild: Vec<&Policy> = cfg.policies.iter().filter(|p| p.ports.is_empty()).collect();
-    let mut out = Vec::new();
-    if !wild.is_empty() {
-        let pc = PortConfig {
-            deadline_ns: deadline_of(&wild),
-            slot: 0,
-            flags: flags_of(&wild),
-        };
-        out.push((
-            0,
-            pc,
-            PortLabels {
-                policy: names(&wild),
-                port: "any".into(),
-            },
-        ));
-    }
-    let mut ports: Vec<u16> = cfg
-        .policies
-        .iter()
-        .flat_map(|p| p.ports.iter().flat_map(|r| r.first..=r.last))
-        .collect();
-    ports.sort_unstable();
-    ports.dedup();
-    for (next_slot, port) in (1..).zip(ports) {
-        let ps: Vec<&Policy> = cfg
-            .policies
-            .iter()
-            .filter(|p| p.covers_port(port))
-            .collect();
-        let slot = if next_slot < MAX_SLOTS { next_slot } else { 0 };
-        let label = if slot == 0 {
-            PortLabels {
-                policy: "*".into(),
-                port: "other".into(),
-            }
-        } else {
-            PortLabels {
-                policy: names(&ps),
-                port: port.to_string(),
-            }
-        };
-        out.push((
-            port,
-            PortConfig {
-                deadline_ns: deadline_of(&ps),
-                slot,
-                flags: flags_of(&ps),
-            },
-            label,
-        ));
-    }
-    out
 }
 
 /// Live processes the selector covers (for the `min_workers` floor).
@@ -914,49 +890,4 @@ fn count_selected(sel: &crate::config::Selector) -> usize {
         .filter_map(|p| process::facts(p.pid as u32, p.pid as u32))
         .filter(|f| !f.kernel_thread && policy::selects(sel, f))
         .count()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn port_plan_takes_the_earliest_deadline_and_keeps_the_wildcard_apart() {
-        let cfg = Config::parse(
-            r#"
-[[policy]]
-name = "fast"
-ports = [8080]
-budget = "1s"
-match = { comm = ["a"] }
-[[policy]]
-name = "slow"
-ports = ["8080-8081"]
-budget = "5s"
-client_gone = { signal = "SIGKILL" }
-[[policy]]
-name = "rest"
-budget = "30s"
-match = { comm = ["zzz"] }
-"#,
-            "t",
-        )
-        .unwrap();
-        let plan = port_plan(&cfg);
-        let get = |p: u16| plan.iter().find(|(q, _, _)| *q == p).unwrap();
-        assert_eq!(get(0).1.deadline_ns, 30_000_000_000);
-        assert_eq!(
-            get(8080).1.deadline_ns,
-            1_000_000_000,
-            "earliest policy on the port"
-        );
-        assert_eq!(
-            get(8080).2.policy,
-            "fast,slow,rest",
-            "the wildcard policy may apply too"
-        );
-        assert_eq!(get(8081).1.deadline_ns, 5_000_000_000);
-        assert_ne!(get(8080).1.flags & PORT_CLIENT_GONE, 0);
-        assert_ne!(get(8080).1.slot, get(8081).1.slot);
-    }
 }

@@ -10,7 +10,10 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, HashMap, Map, MapData, PerCpuArray, RingBuf,
+    },
     programs::{
         links::{CgroupAttachMode, FdLink, PinnedLink},
         BtfTracePoint, SockOps,
@@ -19,6 +22,7 @@ use aya::{
 };
 use tracing::{info, warn};
 use watchdog_common::{
+    head::{proto, RouteValue, ROUTE_KEY_DATA},
     limits, names, port_stat, stat, ConnInfo, ConnRecord, Meta, PortConfig, TaskInfo,
     LAYOUT_VERSION,
 };
@@ -26,6 +30,7 @@ use watchdog_common::{
 use crate::{
     config::Probes,
     kernel_btf::{self, KernelBtf, ProbeSet},
+    routes,
 };
 
 /// Errors of loading and attaching. Each says what is missing and how to fix it.
@@ -120,6 +125,7 @@ pub struct Kernel {
     conns: HashMap<MapData, u64, ConnRecord>,
     tasks: HashMap<MapData, u32, TaskInfo>,
     ports: Array<MapData, PortConfig>,
+    routes: LpmTrie<MapData, [u8; ROUTE_KEY_DATA], RouteValue>,
     meta: Array<MapData, Meta>,
     counters: Arc<Counters>,
     events: Option<RingBuf<MapData>>,
@@ -155,6 +161,14 @@ pub struct SlotStats {
     pub duration_sum_ns: u64,
     pub started: u64,
     pub closed_in_flight: u64,
+    /// Connections by `head::proto` (port slots).
+    pub protocols: Vec<u64>,
+    /// Connections upgraded (`101`) and no longer tracked for requests.
+    pub upgraded: u64,
+    /// Requests on a routed port whose bytes could not be read.
+    pub route_unreadable: u64,
+    /// Requests on a routed port whose request line ended before the path.
+    pub route_split: u64,
 }
 
 impl SlotStats {
@@ -306,6 +320,8 @@ impl Kernel {
                 .map_err(|e| LoadError::Map(names::MAP_TASKS, e))?,
             ports: Array::try_from(take(names::MAP_PORTS)?)
                 .map_err(|e| LoadError::Map(names::MAP_PORTS, e))?,
+            routes: LpmTrie::try_from(take(names::MAP_ROUTES)?)
+                .map_err(|e| LoadError::Map(names::MAP_ROUTES, e))?,
             meta: Array::try_from(take(names::MAP_META)?)
                 .map_err(|e| LoadError::Map(names::MAP_META, e))?,
             counters: Arc::new(Counters {
@@ -335,6 +351,30 @@ impl Kernel {
             .map_err(|e| LoadError::MapOp(names::MAP_PORTS, e))
     }
 
+    /// Makes the kernel's route table hold exactly `entries`: new and changed ones are written
+    /// first, stale ones removed last, so a request never finds a route of neither config.
+    pub fn set_routes(&mut self, entries: &[routes::Entry]) -> Result<(), LoadError> {
+        let err = |e| LoadError::MapOp(names::MAP_ROUTES, e);
+        for e in entries {
+            self.routes
+                .insert(&LpmKey::new(e.bits, e.data), e.value, 0)
+                .map_err(err)?;
+        }
+        let stale: Vec<LpmKey<[u8; ROUTE_KEY_DATA]>> = self
+            .routes
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                let (bits, data) = (k.prefix_len(), k.data());
+                !entries.iter().any(|e| e.bits == bits && e.data == data)
+            })
+            .collect();
+        for k in stale {
+            self.routes.remove(&k).map_err(err)?;
+        }
+        Ok(())
+    }
+
     /// Ports (0 = wildcard) with a non-empty entry in the kernel's port table.
     pub fn configured_ports(&self) -> Vec<u16> {
         (0..=u16::MAX)
@@ -349,6 +389,20 @@ impl Kernel {
     /// The tracked connection with this cookie, as the kernel has it now.
     pub fn conn(&self, cookie: u64) -> Option<ConnInfo> {
         self.conns.get(&cookie, 0).ok().map(|r| r.info)
+    }
+
+    /// The tracked connection with this cookie and its current request's first bytes.
+    pub fn record(&self, cookie: u64) -> Option<ConnRecord> {
+        self.conns.get(&cookie, 0).ok()
+    }
+
+    /// Every tracked connection with its current request's first bytes (for status).
+    pub fn records(&self) -> Vec<ConnRecord> {
+        self.conns
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, r)| r)
+            .collect()
     }
 
     /// The live task with this tid, if it owned a request and has not exited.
@@ -435,6 +489,12 @@ impl Counters {
             duration_sum_ns: get(port_stat::DURATION_SUM_NS),
             started: get(port_stat::STARTED),
             closed_in_flight: get(port_stat::CLOSED_IN_FLIGHT),
+            protocols: (0..u32::from(proto::COUNT))
+                .map(|p| get(port_stat::PROTO + p))
+                .collect(),
+            upgraded: get(port_stat::UPGRADED),
+            route_unreadable: get(port_stat::ROUTE_UNREADABLE),
+            route_split: get(port_stat::ROUTE_SPLIT),
         }
     }
 }
@@ -540,6 +600,7 @@ fn adopt(
         let map = match name {
             names::MAP_CONNS | names::MAP_TASKS => Map::HashMap(data),
             names::MAP_PORTS | names::MAP_META => Map::Array(data),
+            names::MAP_ROUTES => Map::LpmTrie(data),
             names::MAP_STATS | names::MAP_PORT_STATS => Map::PerCpuArray(data),
             _ => Map::RingBuf(data),
         };

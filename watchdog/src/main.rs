@@ -11,8 +11,11 @@ mod diagnose;
 mod kernel_btf;
 mod loader;
 mod metrics;
+mod plan;
 mod policy;
 mod process;
+mod request;
+mod routes;
 mod status;
 mod tracker;
 

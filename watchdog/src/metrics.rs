@@ -1,6 +1,7 @@
 //! Prometheus metrics. Request counts, durations and in-flight gauges are read straight from the
 //! kernel's per-CPU counters at scrape time (no per-request work in userspace); enforcement
-//! metrics are counted by the daemon as it acts. Labels are bounded: policy, port, action, result,
+//! metrics are counted by the daemon as it acts. Labels are bounded: policy, port, route (a
+//! pattern from the config, `default` or `unknown`; never a raw path), protocol, action, result,
 //! reason; never pids or peers.
 
 use std::sync::{Arc, RwLock};
@@ -10,7 +11,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, MetricType},
     registry::Registry,
 };
-use watchdog_common::DURATION_BUCKETS_MS;
+use watchdog_common::{head::proto, DURATION_BUCKETS_MS};
 
 use crate::loader::Counters;
 
@@ -18,11 +19,13 @@ use crate::loader::Counters;
 pub struct PortLabels {
     pub policy: String,
     pub port: String,
+    pub route: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabels {
     pub policy: String,
+    pub route: String,
     pub action: String,
     pub result: String,
     pub reason: String,
@@ -53,7 +56,7 @@ pub struct SetLabels {
     pub set: String,
 }
 
-/// Which metrics slot stands for which port and policies (replaced on reload).
+/// Which metrics slot stands for which port (or route) and policies (replaced on reload).
 #[derive(Clone, Debug, Default)]
 pub struct SlotLabel {
     pub slot: u32,
@@ -227,6 +230,56 @@ impl prometheus_client::collector::Collector for KernelCollector {
         for (s, st) in &stats {
             e.encode_family(&s.labels)?
                 .encode_counter::<PortLabels, u64, f64>(&st.closed_in_flight, None)?;
+        }
+        // Connection-level counters exist for port slots only (a route has no connections).
+        let ports: Vec<_> = stats
+            .iter()
+            .filter(|(s, _)| s.slot < watchdog_common::limits::MAX_PORT_SLOTS)
+            .collect();
+        let port_labels = |s: &SlotLabel, extra: Option<(&str, &str)>| {
+            let mut l = vec![
+                ("policy".to_string(), s.labels.policy.clone()),
+                ("port".to_string(), s.labels.port.clone()),
+            ];
+            if let Some((k, v)) = extra {
+                l.push((k.to_string(), v.to_string()));
+            }
+            l
+        };
+        let mut e = enc.encode_descriptor(
+            "watchdog_connections",
+            "Tracked connections by the protocol their first request showed",
+            None,
+            MetricType::Counter,
+        )?;
+        for (s, st) in &ports {
+            for (p, n) in st.protocols.iter().enumerate() {
+                let l = port_labels(s, Some(("protocol", proto::label(p as u8))));
+                e.encode_family(&l)?
+                    .encode_counter::<PortLabels, u64, f64>(n, None)?;
+            }
+        }
+        let mut e = enc.encode_descriptor(
+            "watchdog_connections_upgraded",
+            "Connections that answered 101 Switching Protocols (WebSocket...) and are no longer tracked for requests",
+            None,
+            MetricType::Counter,
+        )?;
+        for (s, st) in &ports {
+            e.encode_family(&port_labels(s, None))?
+                .encode_counter::<PortLabels, u64, f64>(&st.upgraded, None)?;
+        }
+        let mut e = enc.encode_descriptor(
+            "watchdog_requests_route_unknown",
+            "Requests on a port with routes that ran on the policy's budget because their route could not be read",
+            None,
+            MetricType::Counter,
+        )?;
+        for (s, st) in &ports {
+            for (why, n) in [("unreadable", st.route_unreadable), ("split", st.route_split)] {
+                e.encode_family(&port_labels(s, Some(("why", why))))?
+                    .encode_counter::<PortLabels, u64, f64>(&n, None)?;
+            }
         }
 
         let k = self.counters.stats();

@@ -44,9 +44,22 @@ pub struct Key {
     pub reason: Reason,
 }
 
+/// What a ladder is about, for its records: the request as the kernel saw it and its route.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct About {
+    /// `GET /reports/2024`, a statement's start; `None` if its bytes were not readable.
+    pub request: Option<String>,
+    /// The route's pattern, `default` or `unknown` (a bounded metrics label).
+    pub route: String,
+    pub protocol: &'static str,
+    /// The budget that ran out: the route's, or the policy's.
+    pub budget: std::time::Duration,
+}
+
 #[derive(Clone, Debug)]
 pub struct Ladder {
     pub conn: ConnInfo,
+    pub about: Arc<About>,
     /// The policy as it was when the ladder started: a reload does not change it.
     pub policy: Arc<Policy>,
     pub steps: Vec<Step>,
@@ -72,6 +85,7 @@ pub struct Due {
     /// When it was due.
     pub due_ns: u64,
     pub conn: ConnInfo,
+    pub about: Arc<About>,
     pub policy: Arc<Policy>,
 }
 
@@ -92,6 +106,7 @@ impl Tracker {
         &mut self,
         key: Key,
         conn: ConnInfo,
+        about: Arc<About>,
         policy: Arc<Policy>,
         steps: Vec<Step>,
         base_ns: u64,
@@ -101,6 +116,7 @@ impl Tracker {
         }
         let ladder = Ladder {
             conn,
+            about,
             policy,
             steps,
             base_ns,
@@ -135,6 +151,7 @@ impl Tracker {
                 index,
                 due_ns: t,
                 conn: l.conn,
+                about: l.about.clone(),
                 policy: l.policy.clone(),
             });
             l.next += 1;
@@ -239,6 +256,7 @@ mod tests {
             client_gone: None,
             breaker: BreakerConfig::default(),
             min_workers: None,
+            routes: vec![],
         })
     }
 
@@ -257,6 +275,7 @@ mod tests {
         assert!(t.admit(
             key(1, 1),
             ConnInfo::default(),
+            Arc::default(),
             p.clone(),
             p.steps.clone(),
             1000 * MS
@@ -273,6 +292,7 @@ mod tests {
             !t.admit(
                 key(1, 1),
                 ConnInfo::default(),
+                Arc::default(),
                 p.clone(),
                 p.steps.clone(),
                 0
@@ -283,6 +303,7 @@ mod tests {
             t.admit(
                 key(1, 2),
                 ConnInfo::default(),
+                Arc::default(),
                 p.clone(),
                 p.steps.clone(),
                 0
@@ -322,6 +343,7 @@ mod tests {
         t.admit(
             key(1, 1),
             ConnInfo::default(),
+            Arc::default(),
             p.clone(),
             p.steps.clone(),
             0,
@@ -471,7 +493,7 @@ mod tests {
             let mut seen: HashMap<Key, Vec<usize>> = HashMap::new();
             for (op, cookie, gen, dt) in ops {
                 match op {
-                    0 => { t.admit(key(cookie, gen), ConnInfo::default(), p.clone(), p.steps.clone(), now); }
+                    0 => { t.admit(key(cookie, gen), ConnInfo::default(), Arc::default(), p.clone(), p.steps.clone(), now); }
                     1 => t.finish(key(cookie, gen)),
                     _ => {
                         now += dt * MS;

@@ -15,9 +15,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SockOpsContext},
     EbpfContext,
 };
-use watchdog_common::{
-    conn_flag, stat, ConnInfo, Event, EventKind, ReqState, LAYOUT_VERSION, PORT_CLIENT_GONE,
-};
+use watchdog_common::{conn_flag, stat, ConnInfo, EventKind, ReqState, PORT_CLIENT_GONE};
 
 use crate::maps::{
     count, emit, port_config, port_count, syscall_set, ConnEntry, SockState, CONNS, SOCKS,
@@ -61,7 +59,7 @@ fn addr(family: u32, v4: u32, v6: [u32; 4]) -> [u8; 16] {
 /// A connection was accepted: track it if its local port is watched.
 fn on_accept(ctx: &SockOpsContext) {
     let local_port = ctx.local_port();
-    let Some(cfg) = port_config(local_port) else {
+    let Some((_, cfg)) = port_config(local_port) else {
         return;
     };
     let sk = sk_of(ctx);
@@ -103,11 +101,9 @@ fn on_accept(ctx: &SockOpsContext) {
         family: family as u16,
         ..ConnInfo::default()
     };
-    let entry = ConnEntry {
-        timer: unsafe { core::mem::zeroed() },
-        info,
-        armed_ns: 0,
-    };
+    // SAFETY: an all-zero ConnEntry is its valid initial state (the timer is initialised below).
+    let mut entry: ConnEntry = unsafe { core::mem::zeroed() };
+    entry.info = info;
     if CONNS.insert(cookie, entry, BPF_NOEXIST.into()).is_err() {
         count(stat::CONNS_TABLE_FULL);
         return;
@@ -127,6 +123,8 @@ fn on_accept(ctx: &SockOpsContext) {
         state: ReqState::Idle as u32,
         slot: cfg.slot,
         flags: 0,
+        stat_slot: cfg.slot,
+        proto: 0,
     };
     if !create_state(sk, &init) {
         let _ = CONNS.remove(cookie);
@@ -164,7 +162,7 @@ fn on_state(ctx: &SockOpsContext) {
     // Closed: the request (if any) ends without a response; forget the connection.
     if in_flight {
         st.state = ReqState::Idle as u32;
-        port_count(st.slot, watchdog_common::port_stat::CLOSED_IN_FLIGHT, 1);
+        port_count(st.stat_slot, watchdog_common::port_stat::CLOSED_IN_FLIGHT, 1);
     }
     let cookie = st.cookie;
     if syscall_set() {
@@ -236,22 +234,20 @@ fn peer_gone(cookie: u64, kind: EventKind) {
     };
     // SAFETY: map value pointer from a successful lookup.
     let info = unsafe { (*e).info };
-    let Some(cfg) = port_config(info.local_port as u32) else {
+    let Some((_, cfg)) = port_config(info.local_port as u32) else {
         return;
     };
-    if cfg.flags & PORT_CLIENT_GONE == 0 || info.state != ReqState::InFlight as u32 {
+    if cfg.flags & PORT_CLIENT_GONE == 0
+        || info.state != ReqState::InFlight as u32
+        || info.flags & conn_flag::NO_DEADLINE != 0
+    {
         return;
     }
     // SAFETY: helper without arguments.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
     // A lost client-gone event is counted (`EVENTS_LOST`), not recovered: its request still has
     // its deadline.
-    let _ = emit(&Event {
-        kind: kind as u32,
-        version: LAYOUT_VERSION,
-        ts_ns,
-        conn: info,
-    });
+    let _ = emit(kind, ts_ns, e);
 }
 
 /// `tcp_receive_reset(struct sock *sk)`: the peer sent RST.
@@ -287,7 +283,7 @@ pub fn conn_enter_receive_reset(ctx: BtfTracePointContext) -> u32 {
 unsafe extern "C" fn on_deadline(_map: *mut c_void, _key: *mut u64, e: *mut ConnEntry) -> i32 {
     // SAFETY: the kernel passes the map value this timer lives in.
     let info = unsafe { (*e).info };
-    if info.state != ReqState::InFlight as u32 {
+    if info.state != ReqState::InFlight as u32 || info.flags & conn_flag::NO_DEADLINE != 0 {
         count(stat::DEADLINES_STALE);
         return 0;
     }
@@ -316,12 +312,7 @@ unsafe extern "C" fn on_deadline(_map: *mut c_void, _key: *mut u64, e: *mut Conn
         return 0;
     }
     count(stat::DEADLINES_FIRED);
-    let sent = emit(&Event {
-        kind: EventKind::Deadline as u32,
-        version: LAYOUT_VERSION,
-        ts_ns,
-        conn: info,
-    });
+    let sent = emit(EventKind::Deadline, ts_ns, e);
     if !sent {
         // SAFETY: as above; userspace's backstop sweep looks for this flag.
         unsafe { (*e).info.flags |= conn_flag::EVENT_LOST };

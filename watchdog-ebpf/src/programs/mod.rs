@@ -1,4 +1,6 @@
+pub mod abi;
 pub mod connection;
+pub mod head;
 pub mod request;
 mod syscalls;
 mod task;

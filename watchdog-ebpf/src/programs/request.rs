@@ -9,11 +9,21 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use watchdog_common::{conn_flag, port_stat, stat, ReqState, DURATION_BUCKETS_MS};
+use watchdog_common::{
+    conn_flag,
+    head::{classify, head_state, proto, ROUTE_OFF},
+    port_stat, stat, ReqState, DURATION_BUCKETS_MS, PORT_ROUTES,
+};
 
 use crate::{
-    maps::{count, port_config, port_count, task_life, ConnEntry, SockState, CONNS, SOCKS},
-    programs::connection::init_timer,
+    maps::{
+        count, port_config, port_count, task_life, ConnEntry, SockState, CONNS, SOCKS,
+        SOCK_UPGRADED,
+    },
+    programs::{
+        connection::init_timer,
+        head::{self, Route},
+    },
 };
 
 /// `MSG_PEEK`: a peek reads bytes without consuming them; it starts nothing.
@@ -44,17 +54,23 @@ pub fn request_enter_recv(ctx: BtfTracePointContext) -> u32 {
     if st.state != ReqState::Idle as u32 {
         return 0;
     }
-    start_request(st);
+    start_request(st, head::current_regs(), ret as u64);
     0
 }
 
 /// Bytes came in on an idle tracked connection: a request starts, owned by the current thread.
+/// `regs` are the receiving task's saved user registers and `ret` the bytes received: the
+/// request's first bytes are copied from that buffer (see `head.rs`).
 #[inline(always)]
-pub fn start_request(st: &mut SockState) {
+pub fn start_request(st: &mut SockState, regs: *const u64, ret: u64) {
+    if st.flags & SOCK_UPGRADED != 0 {
+        return;
+    }
     st.state = ReqState::InFlight as u32;
     st.gen = st.gen.wrapping_add(1);
-    port_count(st.slot, port_stat::STARTED, 1);
+    st.stat_slot = st.slot;
     let Some(e) = CONNS.get_ptr_mut(st.cookie) else {
+        port_count(st.slot, port_stat::STARTED, 1);
         return;
     };
     // SAFETY: helpers without arguments.
@@ -63,19 +79,58 @@ pub fn start_request(st: &mut SockState) {
     let life = task_life(tid, now, st.cookie, st.gen);
     // SAFETY: `e` points into CONNS.
     let info = unsafe { &mut (*e).info };
-    let Some(cfg) = port_config(info.local_port as u32) else {
+    let Some((port_index, cfg)) = port_config(info.local_port as u32) else {
+        port_count(st.slot, port_stat::STARTED, 1);
         return;
     };
+    // The request's first bytes: not for encrypted connections.
+    let (state, len) = if st.proto == proto::TLS as u32 {
+        (head_state::NONE, 0)
+    } else {
+        head::capture(e, regs, ret)
+    };
+    if st.gen == 1 {
+        // SAFETY: `e` points into CONNS; `len` bytes of its head were just written.
+        st.proto = u32::from(classify(unsafe { &(*e).head }, usize::from(len)));
+        port_count(st.slot, port_stat::PROTO + st.proto, 1);
+    }
+    let mut deadline_ns = cfg.deadline_ns;
+    let mut flags = 0;
+    let mut head_state = state;
+    if cfg.flags & PORT_ROUTES != 0 && st.proto == proto::HTTP1 as u32 {
+        if state != head_state::READ {
+            port_count(st.slot, port_stat::ROUTE_UNREADABLE, 1);
+        } else {
+            match head::route(port_index, e, len) {
+                Route::Found(r) => {
+                    deadline_ns = r.deadline_ns;
+                    st.stat_slot = r.slot;
+                    if r.flags & ROUTE_OFF != 0 {
+                        flags = conn_flag::NO_DEADLINE;
+                    }
+                }
+                Route::Default => {}
+                Route::Split => {
+                    head_state = head_state::SPLIT;
+                    port_count(st.slot, port_stat::ROUTE_SPLIT, 1);
+                }
+            }
+        }
+    }
+    port_count(st.stat_slot, port_stat::STARTED, 1);
     info.start_ns = now;
     info.gen = st.gen;
     info.tid = tid;
     info.tgid = (pid_tgid >> 32) as u32;
     info.owner_life = life;
-    info.deadline_ns = cfg.deadline_ns;
+    info.deadline_ns = deadline_ns;
     info.state = ReqState::InFlight as u32;
-    info.flags = 0;
-    if life != 0 {
-        arm_for(e, now.saturating_add(cfg.deadline_ns), cfg.deadline_ns);
+    info.flags = flags;
+    info.proto = st.proto as u8;
+    info.head_state = head_state;
+    info.head_len = len;
+    if life != 0 && flags & conn_flag::NO_DEADLINE == 0 {
+        arm_for(e, now.saturating_add(deadline_ns), deadline_ns);
     }
 }
 
@@ -132,27 +187,39 @@ pub fn request_exit_send(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     // SAFETY: non-null storage pointer.
-    end_request(unsafe { &mut *st });
+    let st = unsafe { &mut *st };
+    if st.state == ReqState::InFlight as u32 {
+        end_request(st, head::current_regs(), ret as u64);
+    }
     0
 }
 
-/// The first byte went out on a tracked connection: its request (if any) is answered.
+/// The first byte went out on a tracked connection: its request (if any) is answered. On an
+/// HTTP/1.x connection, a `101 Switching Protocols` answer ends request tracking for good.
 #[inline(always)]
-pub fn end_request(st: &mut SockState) {
+pub fn end_request(st: &mut SockState, regs: *const u64, ret: u64) {
     if st.state != ReqState::InFlight as u32 {
         return;
     }
     st.state = ReqState::Idle as u32;
+    let upgraded = st.proto == proto::HTTP1 as u32 && head::is_switching_protocols(regs, ret);
+    if upgraded {
+        st.flags |= SOCK_UPGRADED;
+        port_count(st.slot, port_stat::UPGRADED, 1);
+    }
     let Some(e) = CONNS.get_ptr_mut(st.cookie) else {
         return;
     };
     // SAFETY: `e` points into CONNS.
     let info = unsafe { &mut (*e).info };
     info.state = ReqState::Idle as u32;
+    if upgraded {
+        info.flags |= conn_flag::UPGRADED;
+    }
     // SAFETY: helper without arguments.
     let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(info.start_ns);
-    port_count(st.slot, port_stat::BUCKETS + bucket(elapsed), 1);
-    port_count(st.slot, port_stat::DURATION_SUM_NS, elapsed);
+    port_count(st.stat_slot, port_stat::BUCKETS + bucket(elapsed), 1);
+    port_count(st.stat_slot, port_stat::DURATION_SUM_NS, elapsed);
 }
 
 /// Index of the histogram bucket for a duration (the last index is `+Inf`).

@@ -22,33 +22,11 @@ use watchdog_common::ReqState;
 
 use crate::{
     maps::{offsets, syscall_set, OWNERS, SOCK_STATES},
-    programs::request::{end_request, start_request, MSG_PEEK},
+    programs::{
+        abi::{nr, reg, regs},
+        request::{end_request, start_request, MSG_PEEK},
+    },
 };
-
-/// x86-64 `struct pt_regs`, in u64 words: the syscall's saved arguments and number.
-mod regs {
-    pub const R10: usize = 7;
-    pub const DX: usize = 12;
-    pub const DI: usize = 14;
-    pub const ORIG_AX: usize = 15;
-}
-
-/// x86-64 syscall numbers.
-mod nr {
-    pub const READ: u64 = 0;
-    pub const WRITE: u64 = 1;
-    pub const READV: u64 = 19;
-    pub const WRITEV: u64 = 20;
-    pub const SENDFILE: u64 = 40;
-    pub const ACCEPT: u64 = 43;
-    pub const SENDTO: u64 = 44;
-    pub const RECVFROM: u64 = 45;
-    pub const SENDMSG: u64 = 46;
-    pub const RECVMSG: u64 = 47;
-    pub const ACCEPT4: u64 = 288;
-    pub const RECVMMSG: u64 = 299;
-    pub const SENDMMSG: u64 = 307;
-}
 
 /// `sys_exit(struct pt_regs *regs, long ret)`, in the task that made the syscall.
 #[btf_tracepoint(function = "sys_exit")]
@@ -61,34 +39,24 @@ pub fn syscall_exit(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     let regs: *const u64 = ctx.arg(0);
-    // SAFETY: `regs` is the tracepoint's typed `pt_regs` pointer; constant-offset field loads.
-    let (sysno, fd) = unsafe {
-        (
-            core::ptr::read_volatile(regs.add(regs::ORIG_AX)),
-            core::ptr::read_volatile(regs.add(regs::DI)),
-        )
-    };
+    let (sysno, fd) = (reg(regs, regs::ORIG_AX), reg(regs, regs::DI));
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     match sysno {
         nr::ACCEPT | nr::ACCEPT4 => on_accept(tgid, ret as u64),
         nr::READ | nr::READV | nr::RECVFROM | nr::RECVMSG | nr::RECVMMSG if ret > 0 => {
             let flags = match sysno {
-                // SAFETY: as above.
-                nr::RECVMSG => unsafe { core::ptr::read_volatile(regs.add(regs::DX)) },
-                // SAFETY: as above.
-                nr::RECVFROM | nr::RECVMMSG => unsafe {
-                    core::ptr::read_volatile(regs.add(regs::R10))
-                },
+                nr::RECVMSG => reg(regs, regs::DX),
+                nr::RECVFROM | nr::RECVMMSG => reg(regs, regs::R10),
                 _ => 0,
             };
             if flags & MSG_PEEK as u64 == 0 {
-                on_bytes_in(tgid, fd);
+                on_bytes_in(tgid, fd, regs, ret as u64);
             }
         }
         nr::WRITE | nr::WRITEV | nr::SENDTO | nr::SENDMSG | nr::SENDMMSG | nr::SENDFILE
             if ret > 0 =>
         {
-            on_bytes_out(tgid, fd)
+            on_bytes_out(tgid, fd, regs, ret as u64)
         }
         _ => {}
     }
@@ -106,7 +74,7 @@ fn on_accept(tgid: u32, fd: u64) {
 }
 
 #[inline(always)]
-fn on_bytes_in(tgid: u32, fd: u64) {
+fn on_bytes_in(tgid: u32, fd: u64, regs: *const u64, ret: u64) {
     if OWNERS.get_ptr(tgid).is_none() {
         return;
     }
@@ -117,13 +85,13 @@ fn on_bytes_in(tgid: u32, fd: u64) {
         // SAFETY: map value pointer from a successful lookup.
         let st = unsafe { &mut *st };
         if st.state == ReqState::Idle as u32 {
-            start_request(st);
+            start_request(st, regs, ret);
         }
     }
 }
 
 #[inline(always)]
-fn on_bytes_out(tgid: u32, fd: u64) {
+fn on_bytes_out(tgid: u32, fd: u64, regs: *const u64, ret: u64) {
     if OWNERS.get_ptr(tgid).is_none() {
         return;
     }
@@ -132,7 +100,7 @@ fn on_bytes_out(tgid: u32, fd: u64) {
     };
     if let Some(st) = SOCK_STATES.get_ptr_mut(cookie) {
         // SAFETY: map value pointer from a successful lookup.
-        end_request(unsafe { &mut *st });
+        end_request(unsafe { &mut *st }, regs, ret);
     }
 }
 

@@ -1,0 +1,224 @@
+//! What the kernel's tables should hold for a config: the port table (deadline, metrics slot,
+//! flags per port), the route table, and which metrics labels each slot stands for. Pure: the
+//! daemon writes the plan (`daemon.rs` `apply`), tests read it.
+
+use watchdog_common::{
+    limits::MAX_PORT_SLOTS, PortConfig, PORT_CLIENT_GONE, PORT_ROUTES, PORT_WATCHED,
+};
+
+use crate::{
+    config::{Config, Policy},
+    loader::MAX_SLOTS,
+    metrics::{PortLabels, SlotLabel},
+    policy,
+    routes::{self, Entry},
+};
+
+/// The `route` label of requests that take no route of their policy.
+pub const DEFAULT_ROUTE: &str = "default";
+
+/// The kernel tables for one config.
+pub struct Plan {
+    /// (index, config, labels of its slot); index 0 is the wildcard entry.
+    pub ports: Vec<(u16, PortConfig, PortLabels)>,
+    /// Every route-table entry.
+    pub routes: Vec<Entry>,
+    /// Labels of the route slots (after the port slots).
+    pub route_slots: Vec<SlotLabel>,
+}
+
+/// The plan of `cfg`.
+pub fn plan(cfg: &Config) -> Plan {
+    let ports = port_plan(cfg);
+    // Route slots: one per route, in policy then file order, after the port slots.
+    let mut route_slots = Vec::new();
+    let mut slots_of: Vec<Vec<u32>> = Vec::new();
+    for p in &cfg.policies {
+        let mut mine = Vec::new();
+        for r in &p.routes {
+            let slot = MAX_PORT_SLOTS + route_slots.len() as u32;
+            mine.push(slot);
+            route_slots.push(SlotLabel {
+                slot,
+                labels: PortLabels {
+                    policy: p.name.clone(),
+                    port: describe_ports(p),
+                    route: r.label(),
+                },
+            });
+        }
+        slots_of.push(mine);
+    }
+    let mut entries = Vec::new();
+    for (index, _, _) in &ports {
+        let here: Vec<(usize, &Policy)> = cfg
+            .policies
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| if *index == 0 { p.ports.is_empty() } else { p.covers_port(*index) })
+            .collect();
+        let Some(&(ri, routed)) = here.iter().find(|(_, p)| !p.routes.is_empty()) else {
+            continue;
+        };
+        let others = here
+            .iter()
+            .filter(|(i, _)| *i != ri)
+            .map(|(_, p)| p.first_deadline())
+            .min();
+        entries.extend(routes::table(*index, &routed.routes, &slots_of[ri], others));
+    }
+    Plan {
+        ports,
+        routes: entries,
+        route_slots,
+    }
+}
+
+/// Ports as a label: `8080,9000-9010`, or `*` for every port.
+pub fn describe_ports(p: &Policy) -> String {
+    if p.ports.is_empty() {
+        return "*".into();
+    }
+    p.ports
+        .iter()
+        .map(|r| {
+            if r.first == r.last {
+                r.first.to_string()
+            } else {
+                format!("{}-{}", r.first, r.last)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// What the kernel's port table should hold: (index, config, metrics labels). Index 0 is the
+/// wildcard entry used by every port without its own. A port's deadline is the earliest first
+/// step of any policy that could apply there; the daemon times later steps itself.
+pub fn port_plan(cfg: &Config) -> Vec<(u16, PortConfig, PortLabels)> {
+    let flags_of = |ps: &[&Policy]| {
+        let mut f = PORT_WATCHED;
+        if ps.iter().any(|p| p.client_gone.is_some()) {
+            f |= PORT_CLIENT_GONE;
+        }
+        if ps.iter().any(|p| !p.routes.is_empty()) {
+            f |= PORT_ROUTES;
+        }
+        f
+    };
+    let deadline_of = |ps: &[&Policy]| {
+        ps.iter()
+            .map(|p| policy::nanos(p.first_deadline()))
+            .min()
+            .unwrap_or(u64::MAX)
+    };
+    let names = |ps: &[&Policy]| {
+        ps.iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let wild: Vec<&Policy> = cfg.policies.iter().filter(|p| p.ports.is_empty()).collect();
+    let mut out = Vec::new();
+    if !wild.is_empty() {
+        let pc = PortConfig {
+            deadline_ns: deadline_of(&wild),
+            slot: 0,
+            flags: flags_of(&wild),
+        };
+        out.push((
+            0,
+            pc,
+            PortLabels {
+                policy: names(&wild),
+                port: "any".into(),
+                route: DEFAULT_ROUTE.into(),
+            },
+        ));
+    }
+    let mut ports: Vec<u16> = cfg
+        .policies
+        .iter()
+        .flat_map(|p| p.ports.iter().flat_map(|r| r.first..=r.last))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    for (next_slot, port) in (1..).zip(ports) {
+        let ps: Vec<&Policy> = cfg
+            .policies
+            .iter()
+            .filter(|p| p.covers_port(port))
+            .collect();
+        let slot = if next_slot < MAX_SLOTS { next_slot } else { 0 };
+        let label = if slot == 0 {
+            PortLabels {
+                policy: "*".into(),
+                port: "other".into(),
+                route: DEFAULT_ROUTE.into(),
+            }
+        } else {
+            PortLabels {
+                policy: names(&ps),
+                port: port.to_string(),
+                route: DEFAULT_ROUTE.into(),
+            }
+        };
+        out.push((
+            port,
+            PortConfig {
+                deadline_ns: deadline_of(&ps),
+                slot,
+                flags: flags_of(&ps),
+            },
+            label,
+        ));
+    }
+    out
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_plan_takes_the_earliest_deadline_and_keeps_the_wildcard_apart() {
+        let cfg = Config::parse(
+            r#"
+[[policy]]
+name = "fast"
+ports = [8080]
+budget = "1s"
+match = { comm = ["a"] }
+[[policy]]
+name = "slow"
+ports = ["8080-8081"]
+budget = "5s"
+client_gone = { signal = "SIGKILL" }
+[[policy]]
+name = "rest"
+budget = "30s"
+match = { comm = ["zzz"] }
+"#,
+            "t",
+        )
+        .unwrap();
+        let plan = port_plan(&cfg);
+        let get = |p: u16| plan.iter().find(|(q, _, _)| *q == p).unwrap();
+        assert_eq!(get(0).1.deadline_ns, 30_000_000_000);
+        assert_eq!(
+            get(8080).1.deadline_ns,
+            1_000_000_000,
+            "earliest policy on the port"
+        );
+        assert_eq!(
+            get(8080).2.policy,
+            "fast,slow,rest",
+            "the wildcard policy may apply too"
+        );
+        assert_eq!(get(8081).1.deadline_ns, 5_000_000_000);
+        assert_ne!(get(8080).1.flags & PORT_CLIENT_GONE, 0);
+        assert_ne!(get(8080).1.slot, get(8081).1.slot);
+    }
+}
+
