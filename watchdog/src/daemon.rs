@@ -722,14 +722,20 @@ impl State {
         // Reads the way Baseplate's does: `GET /reports/2024 on :8080 over its 60s budget`.
         let what = r.request.as_deref().unwrap_or("request");
         let budget = humantime::format_duration(Duration::from_millis(r.budget_ms));
-        let msg = match r.reason {
-            Reason::Budget => format!("{what} on :{} over its {budget} budget", r.port),
-            Reason::ClientGone => format!("{what} on :{} abandoned by its client", r.port),
+        let (kind, msg) = match r.reason {
+            Reason::Budget => (
+                "request over budget",
+                format!("{what} on :{} over its {budget} budget", r.port),
+            ),
+            Reason::ClientGone => (
+                "request abandoned by its client",
+                format!("{what} on :{} abandoned by its client", r.port),
+            ),
         };
         macro_rules! emit {
             ($lvl:ident) => {
                 $lvl!(
-                    policy = %r.policy, route = %r.route, request = r.request.as_deref().unwrap_or(""), protocol = r.protocol,
+                    kind, policy = %r.policy, route = %r.route, request = r.request.as_deref().unwrap_or(""), protocol = r.protocol,
                     reason = r.reason.label(), port = r.port, peer = %r.peer, pid = r.pid, tid = r.tid,
                     comm = %r.comm, elapsed_ms = r.elapsed_ms, budget_ms = r.budget_ms, step = r.step,
                     action = %r.action, target = ?r.target, result = r.result, detail = r.detail.as_deref().unwrap_or(""),

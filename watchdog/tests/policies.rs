@@ -126,6 +126,10 @@ fn postgres_query_is_cancelled_at_its_budget_and_the_session_goes_on() {
         ),
         1.0
     );
+    // What was stopped: the statement, read by the kernel from the backend's receive buffer.
+    let line = &d.log_events("request over budget")[0];
+    assert_eq!(line["request"], "SELECT pg_sleep(30)", "{line}");
+    assert_eq!(line["protocol"], "postgres", "{line}");
 }
 
 #[test]

@@ -259,12 +259,13 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    /// Log lines (JSON objects) whose message is `msg`.
+    /// Log lines (JSON objects) whose message, or for action records whose `kind` ("request
+    /// over budget", "request abandoned by its client"), is `msg`.
     pub fn log_events(&self, msg: &str) -> Vec<serde_json::Value> {
         self.log_text()
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["message"] == msg)
+            .filter(|v| v["message"] == msg || v["kind"] == msg)
             .collect()
     }
 }
