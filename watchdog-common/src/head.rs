@@ -124,7 +124,11 @@ pub fn classify(head: &[u8; HEAD_BYTES], len: usize) -> u8 {
     if len == 0 {
         return proto::UNKNOWN;
     }
-    if len >= 4 && at(head, 0) == b'P' && at(head, 1) == b'R' && at(head, 2) == b'I' && at(head, 3) == b' '
+    if len >= 4
+        && at(head, 0) == b'P'
+        && at(head, 1) == b'R'
+        && at(head, 2) == b'I'
+        && at(head, 3) == b' '
     {
         return proto::HTTP2;
     }
@@ -199,7 +203,12 @@ pub fn route_key(
 
 /// The key data of a route pattern: exact patterns end with the 0 terminator, prefix patterns
 /// (given without their `*`) do not. `None` if the pattern is too long for a key.
-pub fn pattern_key(port: u16, method: u8, path: &[u8], prefix: bool) -> Option<(u32, [u8; ROUTE_KEY_DATA])> {
+pub fn pattern_key(
+    port: u16,
+    method: u8,
+    path: &[u8],
+    prefix: bool,
+) -> Option<(u32, [u8; ROUTE_KEY_DATA])> {
     if path.len() > ROUTE_PATTERN_MAX {
         return None;
     }
@@ -247,7 +256,10 @@ mod tests {
     fn route_keys_end_at_the_query_and_report_split_lines() {
         let mut d = [0u8; ROUTE_KEY_DATA];
         let (h, n) = head(b"POST /upload/a?x=1 HTTP/1.1\r\n");
-        assert_eq!(route_key(8080, &h, n, &mut d), KeyOutcome::Key((3 + 9 + 1) * 8));
+        assert_eq!(
+            route_key(8080, &h, n, &mut d),
+            KeyOutcome::Key((3 + 9 + 1) * 8)
+        );
         assert_eq!(&d[..3], &[0x1f, 0x90, 3]);
         assert_eq!(&d[3..13], b"/upload/a\0");
         let (h, n) = head(b"GET /slo");
@@ -256,7 +268,10 @@ mod tests {
         assert_eq!(route_key(1, &h, n, &mut d), KeyOutcome::NotHttp);
         let long = [b"GET /".as_slice(), &[b'a'; 200]].concat();
         let (h, n) = head(&long);
-        assert_eq!(route_key(1, &h, n, &mut d), KeyOutcome::Key((ROUTE_KEY_DATA * 8) as u32));
+        assert_eq!(
+            route_key(1, &h, n, &mut d),
+            KeyOutcome::Key((ROUTE_KEY_DATA * 8) as u32)
+        );
     }
 
     #[test]

@@ -276,7 +276,10 @@ impl prometheus_client::collector::Collector for KernelCollector {
             MetricType::Counter,
         )?;
         for (s, st) in &ports {
-            for (why, n) in [("unreadable", st.route_unreadable), ("split", st.route_split)] {
+            for (why, n) in [
+                ("unreadable", st.route_unreadable),
+                ("split", st.route_split),
+            ] {
                 e.encode_family(&port_labels(s, Some(("why", why))))?
                     .encode_counter::<PortLabels, u64, f64>(&n, None)?;
             }

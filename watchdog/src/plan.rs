@@ -55,7 +55,13 @@ pub fn plan(cfg: &Config) -> Plan {
             .policies
             .iter()
             .enumerate()
-            .filter(|(_, p)| if *index == 0 { p.ports.is_empty() } else { p.covers_port(*index) })
+            .filter(|(_, p)| {
+                if *index == 0 {
+                    p.ports.is_empty()
+                } else {
+                    p.covers_port(*index)
+                }
+            })
             .collect();
         let Some(&(ri, routed)) = here.iter().find(|(_, p)| !p.routes.is_empty()) else {
             continue;
@@ -176,7 +182,6 @@ pub fn port_plan(cfg: &Config) -> Vec<(u16, PortConfig, PortLabels)> {
     out
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,5 +225,69 @@ match = { comm = ["zzz"] }
         assert_ne!(get(8080).1.flags & PORT_CLIENT_GONE, 0);
         assert_ne!(get(8080).1.slot, get(8081).1.slot);
     }
-}
 
+    #[test]
+    fn routed_ports_get_the_flag_and_entries_at_their_own_index() {
+        let cfg = Config::parse(
+            r#"
+[[policy]]
+name = "api"
+ports = [8080]
+budget = "5s"
+routes = [{ path = "/healthz", budget = "1s" }, { method = "GET", path = "/r/*", budget = "off" }]
+[[policy]]
+name = "other"
+ports = [8080]
+budget = "3s"
+match = { comm = ["x"] }
+[[policy]]
+name = "any"
+budget = "9s"
+match = { comm = ["y"] }
+routes = [{ path = "/w", budget = "2s" }]
+"#,
+            "t",
+        );
+        // Two policies with routes can both apply to 8080 (the wildcard one covers it).
+        assert!(cfg.unwrap_err().to_string().contains("one policy"));
+        let cfg = Config::parse(
+            r#"
+[[policy]]
+name = "api"
+ports = [8080]
+budget = "5s"
+routes = [{ path = "/healthz", budget = "1s" }, { method = "GET", path = "/r/*", budget = "off" }]
+[[policy]]
+name = "other"
+ports = [8080, 9090]
+budget = "3s"
+match = { comm = ["x"] }
+"#,
+            "t",
+        )
+        .unwrap();
+        let p = plan(&cfg);
+        let port = |n: u16| p.ports.iter().find(|(q, _, _)| *q == n).unwrap().1;
+        assert_ne!(port(8080).flags & PORT_ROUTES, 0);
+        assert_eq!(port(9090).flags & PORT_ROUTES, 0);
+        // /healthz: 9 method entries; GET /r/*: 1.
+        assert_eq!(p.routes.len(), 10);
+        assert!(p
+            .routes
+            .iter()
+            .all(|e| e.data[..2] == 8080u16.to_be_bytes()));
+        let healthz = p
+            .routes
+            .iter()
+            .find(|e| e.data[3..11] == *b"/healthz")
+            .unwrap();
+        assert_eq!(healthz.value.deadline_ns, 1_000_000_000);
+        let off = p.routes.iter().find(|e| e.data[3..6] == *b"/r/").unwrap();
+        // "off" in `api`, but `other` may own the request: the timer fires at its 3 s.
+        assert_eq!(off.value.deadline_ns, 3_000_000_000);
+        assert_eq!(off.value.flags & watchdog_common::head::ROUTE_OFF, 0);
+        assert_eq!(p.route_slots.len(), 2);
+        assert_eq!(p.route_slots[1].labels.route, "GET /r/*");
+        assert_eq!(p.route_slots[0].slot, MAX_PORT_SLOTS);
+    }
+}

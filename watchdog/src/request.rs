@@ -36,7 +36,12 @@ pub fn line(head: &[u8]) -> Option<Line<'_>> {
     let query = match end {
         Some(i) if rest[i] == b'?' => {
             let q = &rest[i + 1..];
-            Some(&q[..q.iter().position(|b| ends_path(*b) && *b != b'?').unwrap_or(q.len())])
+            Some(
+                &q[..q
+                    .iter()
+                    .position(|b| ends_path(*b) && *b != b'?')
+                    .unwrap_or(q.len())],
+            )
         }
         _ => None,
     };
@@ -159,7 +164,11 @@ mod tests {
     }
 
     fn http(bytes: &[u8], keep: bool) -> Option<String> {
-        describe(&conn(proto::HTTP1, head_state::READ, bytes.len()), bytes, keep)
+        describe(
+            &conn(proto::HTTP1, head_state::READ, bytes.len()),
+            bytes,
+            keep,
+        )
     }
 
     #[test]
@@ -167,7 +176,10 @@ mod tests {
         let r = b"GET /reports/2024?token=s3cret HTTP/1.1\r\nHost: x\r\n";
         assert_eq!(http(r, false).unwrap(), "GET /reports/2024?…");
         assert_eq!(http(r, true).unwrap(), "GET /reports/2024?token=s3cret");
-        assert_eq!(http(b"POST /a\x01b HTTP/1.1", false).unwrap(), "POST /a\\x01b");
+        assert_eq!(
+            http(b"POST /a\x01b HTTP/1.1", false).unwrap(),
+            "POST /a\\x01b"
+        );
         assert_eq!(http(b"GET /slo", false).unwrap(), "GET /slo…");
         assert_eq!(http(b"\x00garbage", false), None);
     }

@@ -11,7 +11,9 @@
 use std::{fmt, str::FromStr, time::Duration};
 
 use serde::{de, Deserialize, Deserializer};
-use watchdog_common::head::{pattern_key, RouteValue, METHODS, ROUTE_KEY_DATA, ROUTE_OFF, ROUTE_PATTERN_MAX};
+use watchdog_common::head::{
+    pattern_key, RouteValue, METHODS, ROUTE_KEY_DATA, ROUTE_OFF, ROUTE_PATTERN_MAX,
+};
 
 use crate::config::{Dur, Step};
 
@@ -159,7 +161,8 @@ impl Route {
 
     /// When the kernel must wake the daemon for this route (`None`: never).
     pub fn first_deadline(&self) -> Option<Duration> {
-        self.budget.map(|b| self.steps.first().map_or(b, |s| s.after))
+        self.budget
+            .map(|b| self.steps.first().map_or(b, |s| s.after))
     }
 }
 
@@ -177,7 +180,9 @@ pub fn shifted(steps: &[Step], budget: Duration) -> Vec<Step> {
 
 /// The route a request takes: the first in file order that matches.
 pub fn first_match(routes: &[Route], method: u8, path: &[u8], complete: bool) -> Option<usize> {
-    routes.iter().position(|r| r.matches(method, path, complete))
+    routes
+        .iter()
+        .position(|r| r.matches(method, path, complete))
 }
 
 /// Method codes a route's kernel entries are written for.
@@ -236,13 +241,19 @@ pub fn table(port: u16, routes: &[Route], slots: &[u32], others: Option<Duration
                 bits,
                 data,
                 value: RouteValue {
-                    deadline_ns: deadline.map_or(0, crate::policy::nanos),
+                    deadline_ns: deadline.map_or(0, nanos),
                     slot: slots[first],
                     flags: if deadline.is_none() { ROUTE_OFF } else { 0 },
                 },
             }
         })
         .collect()
+}
+
+/// A duration in nanoseconds, saturating (as `policy::nanos`; this module stands alone so
+/// the config fuzz target can include it).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Are the first `bits` bits of `a` and `b` the same? (`bits` is a whole number of bytes here.)
@@ -292,7 +303,10 @@ mod tests {
     fn patterns_are_exact_or_a_trailing_prefix() {
         assert!("/a/*".parse::<Pattern>().unwrap().prefix);
         assert!(!"/healthz".parse::<Pattern>().unwrap().prefix);
-        assert!("/a/*/b".parse::<Pattern>().unwrap_err().contains("`*` may only end"));
+        assert!("/a/*/b"
+            .parse::<Pattern>()
+            .unwrap_err()
+            .contains("`*` may only end"));
         assert!("healthz".parse::<Pattern>().is_err());
         assert!("/a?b=1".parse::<Pattern>().is_err());
         assert!("/a b".parse::<Pattern>().is_err());
@@ -312,12 +326,24 @@ mod tests {
             route(None, "/reports/fast", Some(1)),
         ];
         assert_eq!(first_match(&routes, 1, b"/reports/2024", true), Some(0));
-        assert_eq!(first_match(&routes, 1, b"/reports/fast", true), Some(0), "shadowed");
+        assert_eq!(
+            first_match(&routes, 1, b"/reports/fast", true),
+            Some(0),
+            "shadowed"
+        );
         assert_eq!(first_match(&routes, 3, b"/upload/x", true), Some(1));
-        assert_eq!(first_match(&routes, 1, b"/upload/x", true), None, "GET is not POST");
+        assert_eq!(
+            first_match(&routes, 1, b"/upload/x", true),
+            None,
+            "GET is not POST"
+        );
         assert_eq!(first_match(&routes, 1, b"/healthz", true), Some(2));
         assert_eq!(first_match(&routes, 1, b"/healthzz", true), None);
-        assert_eq!(first_match(&routes, 1, b"/healthz", false), None, "longer than read");
+        assert_eq!(
+            first_match(&routes, 1, b"/healthz", false),
+            None,
+            "longer than read"
+        );
     }
 
     #[test]
@@ -330,6 +356,106 @@ mod tests {
         let moved = shifted(&[s(5_000), s(6_000), s(9_000)], Duration::from_secs(60));
         let at: Vec<u64> = moved.iter().map(|s| s.after.as_millis() as u64).collect();
         assert_eq!(at, vec![60_000, 61_000, 64_000]);
+    }
+
+    const EXAMPLE: &str = r#"
+[[policy]]
+name = "api"
+ports = [8080]
+budget = "5s"
+steps = [{ after = "5s", signal = "SIGTERM" }, { after = "7s", signal = "SIGKILL" }]
+routes = [
+  { path = "/reports/*", budget = "60s" },
+  { method = "POST", path = "/upload/*", budget = "2m" },
+  { path = "/v1/stream/*", budget = "off" },   # never enforced
+  { path = "/healthz", budget = "1s", steps = [{ after = "1s", signal = "SIGKILL" }] },
+]
+"#;
+
+    #[test]
+    fn the_documented_routes_parse_with_their_ladders() {
+        let cfg = crate::config::Config::parse(EXAMPLE, "f.toml").unwrap();
+        let p = &cfg.policies[0];
+        let at = |i: usize| -> Vec<u64> {
+            p.routes[i]
+                .steps
+                .iter()
+                .map(|s| s.after.as_secs())
+                .collect()
+        };
+        assert_eq!(at(0), vec![60, 62], "moved to the route's budget, same gap");
+        assert_eq!(at(1), vec![120, 122]);
+        assert_eq!(p.routes[2].budget, None);
+        assert!(p.ladder_for(Some(2)).is_none());
+        assert_eq!(at(3), vec![1]);
+        assert_eq!(p.routes[1].label(), "POST /upload/*");
+        assert_eq!(p.ladder_for(None).unwrap().0, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_routes_are_refused_naming_file_line_and_field() {
+        let policy = |routes: &str| {
+            format!("[[policy]]\nname = \"a\"\nports = [80]\nbudget = \"2s\"\nroutes = [\n{routes}\n]\n")
+        };
+        let err = |routes: &str| {
+            crate::config::Config::parse(&policy(routes), "f.toml")
+                .unwrap_err()
+                .to_string()
+        };
+        let cases = [
+            (
+                r#"{ path = "/a", budget = "1s", colour = 1 },"#,
+                "unknown field `colour`",
+            ),
+            (
+                r#"{ method = "get", path = "/a", budget = "1s" },"#,
+                "unknown method \"get\"",
+            ),
+            (
+                r#"{ path = "/a/*/b", budget = "1s" },"#,
+                "may only end a path",
+            ),
+            (r#"{ path = "/a", budget = "0s" },"#, "above zero"),
+            (
+                r#"{ path = "/a", budget = "off", steps = [{ after = "1s", signal = "KILL" }] },"#,
+                "has no steps",
+            ),
+            (
+                r#"{ path = "/a", budget = "2s", steps = [{ after = "1s", signal = "KILL" }] },"#,
+                "before the route's budget",
+            ),
+        ];
+        for (route, want) in cases {
+            let e = err(&format!(
+                "  {{ path = \"/ok\", budget = \"1s\" }},\n  {route}"
+            ));
+            assert!(
+                e.contains("f.toml") && e.contains("line 7") && e.contains(want),
+                "{route}: {e}"
+            );
+        }
+        let long = format!(
+            "  {{ path = \"/{}\", budget = \"1s\" }},",
+            "a".repeat(ROUTE_PATTERN_MAX)
+        );
+        let e = err(&long);
+        assert!(e.contains("line 6") && e.contains("at most"), "{e}");
+        let many: String = (0..=watchdog_common::limits::MAX_ROUTES)
+            .map(|i| format!("  {{ path = \"/r{i}\", budget = \"1s\" }},\n"))
+            .collect();
+        let e = err(&many);
+        assert!(
+            e.contains("line 5") && e.contains("routes") && e.contains("holds"),
+            "{e}"
+        );
+        let two = format!(
+            "{}[[policy]]\nname = \"b\"\nports = [\"70-90\"]\nbudget = \"2s\"\nmatch = {{ comm = [\"x\"] }}\nroutes = [{{ path = \"/b\", budget = \"1s\" }}]\n",
+            policy(r#"{ path = "/a", budget = "1s" },"#)
+        );
+        let e = crate::config::Config::parse(&two, "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 13") && e.contains("one policy"), "{e}");
     }
 
     fn request_key(port: u16, line: &[u8]) -> Option<(u32, [u8; ROUTE_KEY_DATA])> {
@@ -386,7 +512,7 @@ mod tests {
                         (a, b) => a.or(b),
                     };
                     prop_assert_eq!(v.flags & ROUTE_OFF != 0, want.is_none());
-                    prop_assert_eq!(v.deadline_ns, want.map_or(0, crate::policy::nanos));
+                    prop_assert_eq!(v.deadline_ns, want.map_or(0, nanos));
                 }
                 None => prop_assert_eq!(got, None),
             }

@@ -45,28 +45,48 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
                 .unwrap_or_default()
         );
     }
+    let c = &v["connections"];
+    println!(
+        "CONNECTIONS  tracked {}  upgraded (no longer tracked for requests) {}  by protocol {}",
+        s(c, "tracked"),
+        s(c, "upgraded"),
+        c["by_protocol"]
+            .as_object()
+            .map(|m| m
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", "))
+            .unwrap_or_default()
+    );
     println!("IN FLIGHT");
     println!(
-        "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  POLICY",
-        "PORT", "PID", "TID", "COMM", "PEER", "AGE_MS", "BUDGET_MS"
+        "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  {:<12} {:<16} REQUEST",
+        "PORT", "PID", "TID", "COMM", "PEER", "AGE_MS", "BUDGET_MS", "POLICY", "ROUTE"
     );
     for r in v["in_flight"].as_array().into_iter().flatten() {
+        let budget = match r["budget_ms"].as_u64() {
+            Some(b) => b.to_string(),
+            None => "off".into(),
+        };
         println!(
-            "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  {}",
+            "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  {:<12} {:<16} {}",
             s(r, "port"),
             s(r, "pid"),
             s(r, "tid"),
             s(r, "comm"),
             s(r, "peer"),
             s(r, "age_ms"),
-            s(r, "budget_ms"),
-            s(r, "policy")
+            budget,
+            s(r, "policy"),
+            s(r, "route"),
+            r["request"].as_str().unwrap_or("-")
         );
     }
     println!("RECENT ACTIONS");
     for a in v["recent_actions"].as_array().into_iter().flatten() {
         println!(
-            "  {:<12} {:<10} pid {:<8} tid {:<8} {:<10} {:<11} after {}ms (lateness {:.2}ms)",
+            "  {:<12} {:<10} pid {:<8} tid {:<8} {:<10} {:<11} after {}ms (lateness {:.2}ms)  {} [{}]",
             s(a, "policy"),
             s(a, "action"),
             s(a, "pid"),
@@ -74,7 +94,9 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
             s(a, "result"),
             s(a, "reason"),
             s(a, "elapsed_ms"),
-            a["lateness_ms"].as_f64().unwrap_or(0.0)
+            a["lateness_ms"].as_f64().unwrap_or(0.0),
+            a["request"].as_str().unwrap_or("-"),
+            s(a, "route"),
         );
     }
     Ok(())

@@ -8,6 +8,8 @@ use crate::run;
 
 /// Debian packages the end-to-end tests drive for real.
 const TEST_PACKAGES: &[&str] = &["nginx", "haproxy", "postgresql", "curl", "iproute2"];
+/// Python client and server libraries of the end-to-end tests (PyPI), pinned.
+const PYTHON_PACKAGES: &[&str] = &["websockets==17.4", "grpcio==1.85.3"];
 
 fn home() -> PathBuf {
     PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
@@ -91,6 +93,7 @@ pub fn toolchain() -> Result<()> {
 
 /// The Debian packages of the end-to-end tests (only as root, only when missing).
 pub fn test_packages() -> Result<()> {
+    python_packages()?;
     if !ensure_packages(TEST_PACKAGES)? {
         return Ok(());
     }
@@ -99,6 +102,31 @@ pub fn test_packages() -> Result<()> {
         let _ = Command::new("service").args([svc, "stop"]).output();
     }
     Ok(())
+}
+
+/// Installs the pinned PyPI packages the tests import, unless that exact version is there.
+fn python_packages() -> Result<()> {
+    let missing: Vec<&str> = PYTHON_PACKAGES
+        .iter()
+        .copied()
+        .filter(|spec| {
+            let (name, version) = spec.split_once("==").expect("pinned as name==version");
+            let probe = format!(
+                "import importlib.metadata as m; assert m.version({name:?}) == {version:?}"
+            );
+            !Command::new("python3")
+                .args(["-c", &probe])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {} from PyPI", missing.join(" "));
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(&missing))
 }
 
 /// Installs the Debian packages of `list` that are missing; true if it installed any.

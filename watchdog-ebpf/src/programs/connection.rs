@@ -162,7 +162,11 @@ fn on_state(ctx: &SockOpsContext) {
     // Closed: the request (if any) ends without a response; forget the connection.
     if in_flight {
         st.state = ReqState::Idle as u32;
-        port_count(st.stat_slot, watchdog_common::port_stat::CLOSED_IN_FLIGHT, 1);
+        port_count(
+            st.stat_slot,
+            watchdog_common::port_stat::CLOSED_IN_FLIGHT,
+            1,
+        );
     }
     let cookie = st.cookie;
     if syscall_set() {

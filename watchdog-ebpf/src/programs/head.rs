@@ -44,7 +44,11 @@ const MSGHDR_IOV: u64 = 16;
 /// The first user buffer of the current recv/send syscall, and its size.
 #[inline(always)]
 fn user_buffer(regs: *const u64) -> Option<(u64, u64)> {
-    let (sysno, si, dx) = (reg(regs, regs::ORIG_AX), reg(regs, regs::SI), reg(regs, regs::DX));
+    let (sysno, si, dx) = (
+        reg(regs, regs::ORIG_AX),
+        reg(regs, regs::SI),
+        reg(regs, regs::DX),
+    );
     let iov = match sysno {
         nr::READ | nr::WRITE | nr::RECVFROM | nr::SENDTO => return Some((si, dx)),
         nr::READV | nr::WRITEV => si,

@@ -5,6 +5,9 @@
 #[allow(dead_code)]
 #[path = "../../src/config.rs"]
 mod config;
+#[allow(dead_code)]
+#[path = "../../src/routes.rs"]
+mod routes;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -16,6 +19,14 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             assert!(!p.budget.is_zero(), "accepted a zero budget");
             assert!(!p.name.trim().is_empty() && p.name.len() <= 64);
             assert!(p.ports.iter().all(|r| r.first >= 1 && r.first <= r.last));
+            for r in &p.routes {
+                // A route's ladder never starts before its budget; an "off" route has none.
+                match r.budget {
+                    Some(b) => assert!(r.steps.first().is_some_and(|s| s.after >= b)),
+                    None => assert!(r.steps.is_empty()),
+                }
+                assert!(r.pattern.path.starts_with('/') && !r.pattern.path.contains('*'));
+            }
         }
     }
 });

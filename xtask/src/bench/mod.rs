@@ -10,6 +10,7 @@
 mod lateness;
 mod overhead;
 mod plot;
+mod routes;
 mod scale;
 
 use std::{
@@ -75,8 +76,8 @@ impl Plan {
     }
 }
 
-/// Runs the suite; `only` (overhead, lateness, scale) runs one part, for working on it, and
-/// records nothing outside target/.
+/// Runs the suite; `only` (overhead, routes, lateness, scale) runs one part, for working on it,
+/// and records nothing outside target/.
 pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     setup::ensure_packages(PACKAGES)?;
     for svc in ["nginx", "uwsgi"] {
@@ -97,12 +98,16 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
 
     let wanted = |part: &str| only.is_none_or(|o| o == part);
     anyhow::ensure!(
-        only.is_none_or(|o| ["overhead", "lateness", "scale"].contains(&o)),
-        "--only takes overhead, lateness or scale"
+        only.is_none_or(|o| ["overhead", "routes", "lateness", "scale"].contains(&o)),
+        "--only takes overhead, routes, lateness or scale"
     );
     let mut overhead = Value::Null;
     if wanted("overhead") {
         overhead = overhead::run(&plan, &work).context("overhead benchmark")?;
+    }
+    let mut routes = Value::Null;
+    if wanted("routes") {
+        routes = routes::run(&plan, &work).context("routes benchmark")?;
     }
     let mut lateness = Value::Null;
     if wanted("lateness") {
@@ -117,6 +122,7 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
         "quick": quick,
         "seconds": started.elapsed().as_secs(),
         "overhead": overhead,
+        "routes": routes,
         "lateness": lateness,
         "scale": scale,
     });
@@ -205,6 +211,23 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `watchdog run --config <config>` and waits until it is ready.
     pub fn start(work: &Path, name: &str, config: &str, extra: &[&str]) -> Result<Self> {
+        Self::start_bin(
+            &root().join("target/release/watchdog"),
+            work,
+            name,
+            config,
+            extra,
+        )
+    }
+
+    /// `start` with another build of the daemon (a baseline to compare with).
+    pub fn start_bin(
+        bin: &Path,
+        work: &Path,
+        name: &str,
+        config: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
         let dir = work.join(name);
         std::fs::create_dir_all(&dir)?;
         let cfg = dir.join("watchdog.toml");
@@ -217,7 +240,7 @@ impl Daemon {
         ));
         let log = dir.join("watchdog.log");
         let guard = Guard(
-            Command::new(root().join("target/release/watchdog"))
+            Command::new(bin)
                 .args(["--log-format", "json", "run", "--config"])
                 .arg(&cfg)
                 .args(["--metrics-addr", &metrics])

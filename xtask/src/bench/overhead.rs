@@ -11,7 +11,7 @@ use super::{spawn_server, spread, sysctl, wait_port, Daemon, Plan};
 use crate::harness::{cpu_secs, free_port, rss_kib, status_kib};
 
 /// wrk's Lua hook: prints the totals and a latency percentile curve (µs).
-const WRK_SCRIPT: &str = r#"
+pub(super) const WRK_SCRIPT: &str = r#"
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("RESULT %d %d %d\n", summary.requests, summary.duration,
@@ -267,7 +267,7 @@ fn median_round(v: &[Wrk]) -> Value {
 }
 
 /// Per program: (ns per run, runs per request).
-type ProgramCosts = Vec<(&'static str, (f64, f64))>;
+pub(super) type ProgramCosts = Vec<(&'static str, (f64, f64))>;
 
 /// One wrk turn with bpf_stats on: the cost of each program, and all programs' ns per request.
 fn cost_turn(
@@ -277,10 +277,22 @@ fn cost_turn(
     conns: usize,
     secs: u64,
 ) -> Result<(ProgramCosts, f64)> {
+    cost_turn_on(d, dir, port, "/", conns, secs)
+}
+
+/// `cost_turn` with wrk asking for `path`.
+pub(super) fn cost_turn_on(
+    d: &Daemon,
+    dir: &Path,
+    port: u16,
+    path: &str,
+    conns: usize,
+    secs: u64,
+) -> Result<(ProgramCosts, f64)> {
     std::thread::sleep(Duration::from_millis(500));
     let ids = d.prog_ids()?;
     let before = prog_stats(&ids)?;
-    let w = wrk(dir, port, conns, secs)?;
+    let w = wrk_on(dir, port, path, conns, secs)?;
     let after = prog_stats(&ids)?;
     let mut total_ns = 0.0;
     let mut out = Vec::new();
@@ -296,7 +308,7 @@ fn cost_turn(
     Ok((out, total_ns / w.requests))
 }
 
-fn spawn_nginx(dir: &Path) -> Result<crate::harness::Guard> {
+pub(super) fn spawn_nginx(dir: &Path) -> Result<crate::harness::Guard> {
     // nginx prints nothing when it starts: wrap it so spawn_server sees a ready line.
     spawn_server(
         Command::new("sh").arg("-c").arg(format!(
@@ -308,13 +320,17 @@ fn spawn_nginx(dir: &Path) -> Result<crate::harness::Guard> {
 }
 
 fn wrk(dir: &Path, port: u16, conns: usize, secs: u64) -> Result<Wrk> {
+    wrk_on(dir, port, "/", conns, secs)
+}
+
+fn wrk_on(dir: &Path, port: u16, path: &str, conns: usize, secs: u64) -> Result<Wrk> {
     let out = Command::new("taskset")
         .args(["-c", "1", "wrk", "-t1"])
         .arg(format!("-c{conns}"))
         .arg(format!("-d{secs}s"))
         .arg("-s")
         .arg(dir.join("pct.lua"))
-        .arg(format!("http://127.0.0.1:{port}/"))
+        .arg(format!("http://127.0.0.1:{port}{path}"))
         .output()
         .context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout);
