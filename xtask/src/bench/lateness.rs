@@ -182,7 +182,7 @@ application = app  # the name uWSGI looks for
 "#;
 
 /// One over-budget request as its client saw it, in CLOCK_MONOTONIC seconds.
-struct Sample {
+pub(super) struct Sample {
     /// The client's local port (the server notes it with the request's start).
     port: u16,
     sent: f64,
@@ -209,7 +209,7 @@ fn monotonic() -> f64 {
 /// Sends `GET /slow` on one new connection per entry of `ports`, all at once, and waits for
 /// the server to close each. With `answer_ok`, an answer also ends the wait: gunicorn's timeout
 /// aborts the handler and answers 500.
-fn wave(ports: &[u16], answer_ok: bool) -> Result<Vec<Sample>> {
+pub(super) fn wave(ports: &[u16], answer_ok: bool) -> Result<Vec<Sample>> {
     let threads: Vec<_> = ports
         .iter()
         .map(|&port| {

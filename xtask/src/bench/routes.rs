@@ -5,6 +5,10 @@
 //! without routes, watched with 16 routes (wrk asks for a path the last one matches), and the
 //! same with the syscall probe set. With `WATCHDOG_BENCH_BASELINE=/path/to/watchdog` (an older
 //! build), its watched turn runs beside them: the cost before this code existed.
+//!
+//! Then lateness with and without routes: the pre-fork test app, waves of over-budget requests,
+//! in alternating blocks under a policy with a 500 ms budget and under one with a 5 s budget
+//! whose 16th route gives the path 500 ms (so only the route can end it in time).
 
 use std::{path::Path, path::PathBuf};
 
@@ -12,10 +16,11 @@ use anyhow::Result;
 use serde_json::{json, Value};
 
 use super::{
+    distribution, lateness,
     overhead::{cost_turn_on, spawn_nginx, WRK_SCRIPT},
-    sysctl, wait_port, Daemon, Plan,
+    spawn_server, sysctl, wait_port, Daemon, Plan,
 };
-use crate::harness::free_port;
+use crate::{harness::free_port, root};
 
 /// The path wrk asks for: the 16th route matches it.
 const PATH: &str = "/api/v1/items/42";
@@ -23,6 +28,10 @@ const PATH: &str = "/api/v1/items/42";
 /// 16 routes: 15 that do not match `PATH` (prefixes, exact paths, method-only ones), then one
 /// that does.
 fn routes_toml() -> String {
+    routes_toml_ending("  { path = \"/api/*\", budget = \"30s\" },")
+}
+
+fn routes_toml_ending(last: &str) -> String {
     let mut r: Vec<String> = (0..15)
         .map(|i| match i % 3 {
             0 => format!("  {{ path = \"/r{i}/*\", budget = \"20s\" }},"),
@@ -30,7 +39,7 @@ fn routes_toml() -> String {
             _ => format!("  {{ method = \"POST\", path = \"/api/v{i}/*\", budget = \"20s\" }},"),
         })
         .collect();
-    r.push("  { path = \"/api/*\", budget = \"30s\" },".into());
+    r.push(last.into());
     format!("routes = [\n{}\n]\n", r.join("\n"))
 }
 
@@ -144,5 +153,58 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
     out.insert("rounds".into(), json!(rounds));
     out.insert("round_secs".into(), json!(plan.round_secs));
     out.insert("path".into(), json!(PATH));
+    out.insert("lateness".into(), lateness_with_routes(plan, work)?);
     Ok(Value::Object(out))
+}
+
+/// Daemon-measured lateness (ms) of 500 ms deadlines, without and with 16 routes.
+fn lateness_with_routes(plan: &Plan, work: &Path) -> Result<Value> {
+    const WORKERS: usize = 4;
+    let port = free_port()?;
+    let _app = spawn_server(
+        std::process::Command::new("python3")
+            .arg(root().join("watchdog/tests/fixtures/app.py"))
+            .arg(port.to_string())
+            .arg(WORKERS.to_string()),
+        "READY",
+    )?;
+    wait_port(port)?;
+    let breaker = "breaker = { max_actions = 100000, window = \"1m\", cooldown = \"1s\" }\n";
+    let plain = format!(
+        "[[policy]]\nname = \"plain\"\nports = [{port}]\nbudget = \"500ms\"\nsignal = \"SIGKILL\"\n{breaker}"
+    );
+    let routed = format!(
+        "[[policy]]\nname = \"routed\"\nports = [{port}]\nbudget = \"5s\"\nsignal = \"SIGKILL\"\n{breaker}{}",
+        routes_toml_ending("  { path = \"/slow\", budget = \"500ms\" },")
+    );
+    let waves = plan.slow_requests.div_ceil(WORKERS * 2).max(2);
+    let blocks = 4;
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for b in 0..blocks {
+        let (name, config, out) = if b % 2 == 0 {
+            ("plain", &plain, &mut without)
+        } else {
+            ("routed", &routed, &mut with)
+        };
+        let d = Daemon::start(work, &format!("routes-lateness-{name}-{b}"), config, &[])?;
+        for _ in 0..waves.div_ceil(blocks / 2) {
+            let samples = lateness::wave(&[port; WORKERS], false)?;
+            anyhow::ensure!(samples.len() == WORKERS);
+            // Let the app re-fork its killed workers.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let events = d.events()?;
+        for e in &events {
+            anyhow::ensure!(
+                e["budget_ms"] == 500,
+                "acted at another budget than the route's: {e}"
+            );
+        }
+        out.extend(events.iter().filter_map(|e| e["lateness_ms"].as_f64()));
+    }
+    Ok(json!({
+        "without_routes": distribution(&without),
+        "with_16_routes": distribution(&with),
+    }))
 }

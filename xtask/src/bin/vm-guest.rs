@@ -5,8 +5,10 @@
 //! offers, printing `VMTEST PASS|FAIL <scenario> <detail>` lines and a final
 //! `VMTEST DONE pass=N fail=M` that the host parses from the serial console.
 //! `vm-guest serve PORT` is the test server: a thread per connection, keep-alive, with
-//! `/fast`, `/spin` (a CPU loop that never answers) and `/tid` (waits for SIGUSR1, then reports
-//! which thread owned the request and which one got the signal).
+//! `/fast`, `/spin` (a CPU loop that never answers; any path ending in it), `/tid` (waits for
+//! SIGUSR1, then reports which thread owned the request and which one got the signal) and
+//! `/upgrade` (answers `101 Switching Protocols`, then each line it reads with `late` two
+//! seconds later, as a WebSocket-style message protocol does).
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -139,6 +141,66 @@ fn run_set(r: &mut Report, set: &str) -> Option<String> {
         );
     } else {
         r.check(false, &name("thread_target"), "watchdog not ready".into());
+    }
+    let _ = wd.kill();
+    let _ = wd.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+
+    // 3. The kernel reads the request's first bytes: a route's budget, an upgraded connection
+    //    left alone (policy budget 10 s, route /r/* 1 s, messages answered after 2 s).
+    let cfg = "/tmp/wd-routes.toml";
+    let _ = std::fs::write(
+        cfg,
+        format!(
+            "[[policy]]\nname = \"vm\"\nports = [{PORT}]\nbudget = \"10s\"\nsignal = \"SIGKILL\"\n\
+             routes = [{{ path = \"/r/*\", budget = \"1s\" }}]\n"
+        ),
+    );
+    let mut server = spawn_server();
+    let mut wd = Command::new("/bin/watchdog")
+        .args(["run", "--config", cfg, "--probes", set])
+        .args(["--metrics-addr", METRICS, "--status-socket", "/run/wd.sock"])
+        .spawn()
+        .expect("spawn /bin/watchdog");
+    if wait_ready().is_some() {
+        let upgraded = (|| -> std::io::Result<String> {
+            let mut c = connect()?;
+            c.write_all(b"GET /upgrade HTTP/1.1\r\nUpgrade: test\r\n\r\n")?;
+            let mut r = BufReader::new(c.try_clone()?);
+            let mut line = String::new();
+            while line != "\r\n" {
+                line.clear();
+                if r.read_line(&mut line)? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            c.write_all(b"message\n")?;
+            line.clear();
+            r.read_line(&mut line)?;
+            Ok(line)
+        })();
+        r.check(
+            upgraded.as_deref().is_ok_and(|l| l.starts_with("late")) && alive(&mut server),
+            &name("upgraded_left_alone"),
+            format!("message answered after 2 s on a 101 connection, budget 1 s: {upgraded:?}"),
+        );
+        let start = Instant::now();
+        let slow = connect().and_then(|mut c| {
+            c.write_all(b"GET /r/spin HTTP/1.1\r\n\r\n")?;
+            let mut buf = Vec::new();
+            c.read_to_end(&mut buf).map(|_| buf.len())
+        });
+        let elapsed = start.elapsed();
+        let status = wait_exit(&mut server, Duration::from_secs(10));
+        let killed = status.and_then(|s| s.signal()) == Some(libc::SIGKILL);
+        r.check(
+            killed && elapsed >= Duration::from_secs(1) && elapsed < Duration::from_secs(1) + SLACK,
+            &name("route_budget"),
+            format!("/r/spin ended after {elapsed:?} (route 1 s, policy 10 s; {slow:?}), server exit {status:?}"),
+        );
+    } else {
+        r.check(false, &name("route_budget"), "watchdog not ready".into());
     }
     let _ = wd.kill();
     let _ = wd.wait();
@@ -289,9 +351,20 @@ fn handle(c: TcpStream) -> std::io::Result<()> {
             }
         }
         let body = match first.split_whitespace().nth(1).unwrap_or("") {
-            "/spin" => loop {
+            p if p.ends_with("/spin") => loop {
                 std::hint::spin_loop();
             },
+            "/upgrade" => {
+                w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: test\r\nConnection: Upgrade\r\n\r\n")?;
+                loop {
+                    let mut msg = String::new();
+                    if r.read_line(&mut msg)? == 0 {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_secs(2));
+                    w.write_all(b"late\n")?;
+                }
+            }
             "/tid" => {
                 // SAFETY: plain syscall.
                 let owner = unsafe { libc::gettid() };
