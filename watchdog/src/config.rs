@@ -86,6 +86,17 @@ pub enum Probes {
     Syscalls,
 }
 
+/// What SIGINT (Ctrl-C) does to the pinned kernel state. SIGTERM always keeps it.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnInterrupt {
+    /// Detach the kernel programs, as `watchdog unload` does: a terminal session leaves nothing.
+    #[default]
+    Unload,
+    /// Keep them pinned for the next start, as SIGTERM does.
+    Keep,
+}
+
 /// A duration written as `250ms`, `2s`, `1m`, ... (humantime syntax).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
@@ -259,6 +270,8 @@ struct RawDaemon {
     max_connections: Option<u32>,
     event_buffer_kib: Option<u32>,
     nice: Option<i32>,
+    kubelet_logs: Option<PathBuf>,
+    on_interrupt: Option<OnInterrupt>,
 }
 
 /// Which processes a policy (or the protect list) covers. Empty lists match everything.
@@ -283,6 +296,16 @@ pub struct Selector {
     /// Globs on the container id read from the cgroup path (64 hex digits; `abc123*` works).
     #[serde(default)]
     pub container_id: Vec<Glob>,
+    /// Kubernetes namespace names (globs work too), from the kubelet's log directories
+    /// (`pods.rs`).
+    #[serde(default)]
+    pub namespace: Vec<Glob>,
+    /// Globs on the pod name (`api-*`), from the same directories.
+    #[serde(default)]
+    pub pod: Vec<Glob>,
+    /// Globs on the container name as the pod spec gives it (`app`), from the same directories.
+    #[serde(default)]
+    pub container: Vec<Glob>,
 }
 
 impl Selector {
@@ -293,6 +316,9 @@ impl Selector {
             && self.cgroup.is_empty()
             && self.pod_uid.is_empty()
             && self.container_id.is_empty()
+            && self.namespace.is_empty()
+            && self.pod.is_empty()
+            && self.container.is_empty()
     }
 }
 
@@ -469,6 +495,10 @@ pub struct Config {
     pub event_buffer_kib: u32,
     /// The daemon's own scheduling niceness: it must get the CPU when runaway workers hold it.
     pub nice: i32,
+    /// The directory holding the kubelet's `pods/` and `containers/` log directories.
+    pub kubelet_logs: PathBuf,
+    /// What SIGINT does to the pinned kernel state.
+    pub on_interrupt: OnInterrupt,
     pub protect: Selector,
     pub policies: Vec<Policy>,
 }
@@ -514,6 +544,8 @@ impl Config {
             max_connections: watchdog_common::limits::MAX_CONNS,
             event_buffer_kib: watchdog_common::limits::EVENTS_BYTES / 1024,
             nice: DEFAULT_NICE,
+            kubelet_logs: crate::pods::DEFAULT_KUBELET_LOGS.into(),
+            on_interrupt: OnInterrupt::Unload,
             protect: Selector::default(),
             policies,
         }
@@ -537,6 +569,12 @@ impl Config {
         }
         if !(-20..=19).contains(&self.nice) {
             return Err(("nice", format!("{} is outside -20..=19", self.nice)));
+        }
+        if !self.kubelet_logs.is_absolute() {
+            return Err((
+                "kubelet_logs",
+                format!("{} must be an absolute path", self.kubelet_logs.display()),
+            ));
         }
         if !self.state_dir.is_absolute() {
             return Err((
@@ -701,6 +739,10 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     if let Some(n) = raw.daemon.nice {
         cfg.nice = n;
     }
+    if let Some(d) = raw.daemon.kubelet_logs {
+        cfg.kubelet_logs = d;
+    }
+    cfg.on_interrupt = raw.daemon.on_interrupt.unwrap_or_default();
     cfg.check_limits()
         .map_err(|(field, reason)| invalid(format!("daemon.{field}"), &reason))?;
     cfg.protect = raw.protect;
@@ -1002,6 +1044,39 @@ breaker = { max_actions = 5, window = "10s", cooldown = "1m" }
         let e = Config::parse(&two(""), "f").unwrap_err().to_string();
         assert!(e.contains("would never apply"), "{e}");
         assert!(Config::parse(&two("match = { comm = [\"x\"] }\n"), "f").is_ok());
+    }
+
+    #[test]
+    fn kubernetes_names_and_daemon_keys() {
+        let cfg = Config::parse(
+            "[daemon]\nkubelet_logs = \"/tmp/k\"\non_interrupt = \"keep\"\n\
+             [protect]\nnamespace = [\"kube-system\"]\n\
+             [[policy]]\nname = \"a\"\nbudget = \"1s\"\n\
+             match = { namespace = [\"payments\"], pod = [\"api-*\"], container = [\"app\"] }\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(cfg.kubelet_logs, PathBuf::from("/tmp/k"));
+        assert_eq!(cfg.on_interrupt, OnInterrupt::Keep);
+        assert!(!cfg.protect.is_empty());
+        let sel = &cfg.policies[0].selector;
+        assert_eq!(sel.namespace[0].0.as_str(), "payments");
+        assert!(sel.pod[0].0.matches("api-7d9f8-x2x4q"));
+        assert_eq!(sel.container[0].0.as_str(), "app");
+        let d = Config::parse("[[policy]]\nname = \"a\"\nbudget = \"1s\"\n", "f").unwrap();
+        assert_eq!(
+            d.on_interrupt,
+            OnInterrupt::Unload,
+            "Ctrl-C leaves nothing by default"
+        );
+        assert_eq!(d.kubelet_logs, PathBuf::from("/var/log"));
+        let e = Config::parse(
+            "[daemon]\nkubelet_logs = \"var/log\"\n[[policy]]\nname = \"a\"\nbudget = \"1s\"\n",
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("kubelet_logs") && e.contains("absolute"), "{e}");
     }
 
     #[test]

@@ -11,8 +11,10 @@ mod diagnose;
 mod kernel_btf;
 mod loader;
 mod metrics;
+mod pods;
 mod policy;
 mod process;
+mod shutdown;
 mod status;
 mod tracker;
 
@@ -127,6 +129,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(k) = a.event_buffer_kib {
                 cfg.event_buffer_kib = k;
+            }
+            if let Some(o) = a.on_interrupt {
+                cfg.on_interrupt = o;
             }
             cfg.check_limits().map_err(|(field, reason)| {
                 anyhow::anyhow!("--{}: {reason}", field.replace('_', "-"))
