@@ -6,8 +6,17 @@ use anyhow::{bail, Context, Result};
 
 use crate::run;
 
-/// Debian packages the end-to-end tests drive for real.
-const TEST_PACKAGES: &[&str] = &["nginx", "haproxy", "postgresql", "curl", "iproute2"];
+/// Debian packages the end-to-end tests drive for real (bpftool: kernel links in
+/// `tests/interrupt.rs`; prometheus and promtool: the deploy stage's rules and dashboard).
+const TEST_PACKAGES: &[&str] = &[
+    "nginx",
+    "haproxy",
+    "postgresql",
+    "curl",
+    "iproute2",
+    "bpftool",
+    "prometheus",
+];
 
 fn home() -> PathBuf {
     PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
@@ -95,7 +104,7 @@ pub fn test_packages() -> Result<()> {
         return Ok(());
     }
     // Debian starts the services it installs; the tests run their own instances.
-    for svc in ["nginx", "haproxy", "postgresql"] {
+    for svc in ["nginx", "haproxy", "postgresql", "prometheus"] {
         let _ = Command::new("service").args([svc, "stop"]).output();
     }
     Ok(())
