@@ -27,6 +27,14 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
             .map(|x| x.to_string().trim_matches('"').to_string())
             .unwrap_or_default()
     };
+    // namespace/pod/container of a Kubernetes owner; empty on the host.
+    let pod = |v: &serde_json::Value| {
+        ["namespace", "pod", "container"]
+            .iter()
+            .filter_map(|k| v.get(*k).and_then(|x| x.as_str()))
+            .collect::<Vec<_>>()
+            .join("/")
+    };
     println!("POLICIES");
     for p in v["policies"].as_array().into_iter().flatten() {
         println!(
@@ -47,12 +55,12 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     println!("IN FLIGHT");
     println!(
-        "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  POLICY",
-        "PORT", "PID", "TID", "COMM", "PEER", "AGE_MS", "BUDGET_MS"
+        "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  {:<16} POD",
+        "PORT", "PID", "TID", "COMM", "PEER", "AGE_MS", "BUDGET_MS", "POLICY"
     );
     for r in v["in_flight"].as_array().into_iter().flatten() {
         println!(
-            "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  {}",
+            "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  {:<16} {}",
             s(r, "port"),
             s(r, "pid"),
             s(r, "tid"),
@@ -60,13 +68,14 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
             s(r, "peer"),
             s(r, "age_ms"),
             s(r, "budget_ms"),
-            s(r, "policy")
+            s(r, "policy"),
+            pod(r)
         );
     }
     println!("RECENT ACTIONS");
     for a in v["recent_actions"].as_array().into_iter().flatten() {
         println!(
-            "  {:<12} {:<10} pid {:<8} tid {:<8} {:<10} {:<11} after {}ms (lateness {:.2}ms)",
+            "  {:<12} {:<10} pid {:<8} tid {:<8} {:<10} {:<11} after {}ms (lateness {:.2}ms) {}",
             s(a, "policy"),
             s(a, "action"),
             s(a, "pid"),
@@ -74,7 +83,8 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
             s(a, "result"),
             s(a, "reason"),
             s(a, "elapsed_ms"),
-            a["lateness_ms"].as_f64().unwrap_or(0.0)
+            a["lateness_ms"].as_f64().unwrap_or(0.0),
+            pod(a)
         );
     }
     Ok(())

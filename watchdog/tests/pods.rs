@@ -297,6 +297,16 @@ fn namespace_pod_and_container_names_select_and_protect_pods_as_they_come_and_go
     assert_eq!(in_flight["pod"], "api-7d9f8-x2x4q", "{in_flight}");
     assert_eq!(in_flight["container"], "app", "{in_flight}");
     assert_eq!(in_flight["policy"], "payments-api", "{in_flight}");
+    let text = Command::new(BIN)
+        .args(["status", "--status-socket"])
+        .arg(&d.status)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("payments/api-7d9f8-x2x4q/app"),
+        "`watchdog status` does not name the pod:\n{text}"
+    );
     closed_within(&mut s, BUDGET * 3).expect("the pod's worker was not killed");
     let at = sent.elapsed();
     assert!(
