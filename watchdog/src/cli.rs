@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Dur, LogFormat, PortRange, Probes, Sig, Target};
+use crate::config::{Dur, LogFormat, OnInterrupt, PortRange, Probes, Sig, Target};
 
 /// Stops requests that run past their time budget, from the kernel, for any server.
 #[derive(Debug, Parser)]
@@ -84,6 +84,10 @@ pub struct RunArgs {
     /// Kernel-to-daemon event ring buffer in KiB (power of two).
     #[arg(long)]
     pub event_buffer_kib: Option<u32>,
+    /// What SIGINT (Ctrl-C) does: detach the kernel programs (default) or keep them pinned as
+    /// SIGTERM does.
+    #[arg(long, value_enum)]
+    pub on_interrupt: Option<OnInterrupt>,
 }
 
 impl RunArgs {

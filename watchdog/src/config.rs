@@ -96,6 +96,17 @@ pub enum Probes {
     Syscalls,
 }
 
+/// What SIGINT (Ctrl-C) does to the pinned kernel state. SIGTERM always keeps it.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnInterrupt {
+    /// Detach the kernel programs, as `watchdog unload` does: a terminal session leaves nothing.
+    #[default]
+    Unload,
+    /// Keep them pinned for the next start, as SIGTERM does.
+    Keep,
+}
+
 /// A duration written as `250ms`, `2s`, `1m`, ... (humantime syntax).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
@@ -270,6 +281,8 @@ struct RawDaemon {
     event_buffer_kib: Option<u32>,
     nice: Option<i32>,
     record_query_string: Option<bool>,
+    kubelet_logs: Option<PathBuf>,
+    on_interrupt: Option<OnInterrupt>,
 }
 
 /// Which processes a policy (or the protect list) covers. Empty lists match everything.
@@ -294,6 +307,16 @@ pub struct Selector {
     /// Globs on the container id read from the cgroup path (64 hex digits; `abc123*` works).
     #[serde(default)]
     pub container_id: Vec<Glob>,
+    /// Kubernetes namespace names (globs work too), from the kubelet's log directories
+    /// (`pods.rs`).
+    #[serde(default)]
+    pub namespace: Vec<Glob>,
+    /// Globs on the pod name (`api-*`), from the same directories.
+    #[serde(default)]
+    pub pod: Vec<Glob>,
+    /// Globs on the container name as the pod spec gives it (`app`), from the same directories.
+    #[serde(default)]
+    pub container: Vec<Glob>,
 }
 
 impl Selector {
@@ -304,6 +327,9 @@ impl Selector {
             && self.cgroup.is_empty()
             && self.pod_uid.is_empty()
             && self.container_id.is_empty()
+            && self.namespace.is_empty()
+            && self.pod.is_empty()
+            && self.container.is_empty()
     }
 }
 
@@ -514,6 +540,10 @@ pub struct Config {
     pub nice: i32,
     /// Show a request's query string in records (it often carries tokens: off by default).
     pub record_query_string: bool,
+    /// The directory holding the kubelet's `pods/` and `containers/` log directories.
+    pub kubelet_logs: PathBuf,
+    /// What SIGINT does to the pinned kernel state.
+    pub on_interrupt: OnInterrupt,
     pub protect: Selector,
     pub policies: Vec<Policy>,
 }
@@ -521,6 +551,8 @@ pub struct Config {
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
 pub const DEFAULT_STATUS_SOCKET: &str = "/run/watchdog/status.sock";
 pub const DEFAULT_STATE_DIR: &str = "/sys/fs/bpf/watchdog";
+/// Where the kubelet writes pod and container logs on a node (`pods.rs` reads their names).
+pub const DEFAULT_KUBELET_LOGS: &str = "/var/log";
 /// Ahead of ordinary workers when they saturate the CPUs (earlyoom runs at -20 for the same
 /// reason; at -10 the daemon's p99 lateness with twelve spinning workers on two CPUs was twice
 /// as high), short of the realtime class: a daemon bug cannot starve the machine.
@@ -561,6 +593,8 @@ impl Config {
             event_buffer_kib: watchdog_common::limits::EVENTS_BYTES / 1024,
             nice: DEFAULT_NICE,
             record_query_string: false,
+            kubelet_logs: DEFAULT_KUBELET_LOGS.into(),
+            on_interrupt: OnInterrupt::Unload,
             protect: Selector::default(),
             policies,
         }
@@ -584,6 +618,12 @@ impl Config {
         }
         if !(-20..=19).contains(&self.nice) {
             return Err(("nice", format!("{} is outside -20..=19", self.nice)));
+        }
+        if !self.kubelet_logs.is_absolute() {
+            return Err((
+                "kubelet_logs",
+                format!("{} must be an absolute path", self.kubelet_logs.display()),
+            ));
         }
         if !self.state_dir.is_absolute() {
             return Err((
@@ -750,6 +790,10 @@ fn validate(raw: RawConfig, origin: &str, text: &str) -> Result<Config, ConfigEr
         cfg.nice = n;
     }
     cfg.record_query_string = raw.daemon.record_query_string.unwrap_or(false);
+    if let Some(d) = raw.daemon.kubelet_logs {
+        cfg.kubelet_logs = d;
+    }
+    cfg.on_interrupt = raw.daemon.on_interrupt.unwrap_or_default();
     cfg.check_limits()
         .map_err(|(field, reason)| invalid(format!("daemon.{field}"), &reason))?;
     cfg.protect = raw.protect;
@@ -1183,6 +1227,39 @@ breaker = { max_actions = 5, window = "10s", cooldown = "1m" }
         let e = Config::parse(&two(""), "f").unwrap_err().to_string();
         assert!(e.contains("would never apply"), "{e}");
         assert!(Config::parse(&two("match = { comm = [\"x\"] }\n"), "f").is_ok());
+    }
+
+    #[test]
+    fn kubernetes_names_and_daemon_keys() {
+        let cfg = Config::parse(
+            "[daemon]\nkubelet_logs = \"/tmp/k\"\non_interrupt = \"keep\"\n\
+             [protect]\nnamespace = [\"kube-system\"]\n\
+             [[policy]]\nname = \"a\"\nbudget = \"1s\"\n\
+             match = { namespace = [\"payments\"], pod = [\"api-*\"], container = [\"app\"] }\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(cfg.kubelet_logs, PathBuf::from("/tmp/k"));
+        assert_eq!(cfg.on_interrupt, OnInterrupt::Keep);
+        assert!(!cfg.protect.is_empty());
+        let sel = &cfg.policies[0].selector;
+        assert_eq!(sel.namespace[0].0.as_str(), "payments");
+        assert!(sel.pod[0].0.matches("api-7d9f8-x2x4q"));
+        assert_eq!(sel.container[0].0.as_str(), "app");
+        let d = Config::parse("[[policy]]\nname = \"a\"\nbudget = \"1s\"\n", "f").unwrap();
+        assert_eq!(
+            d.on_interrupt,
+            OnInterrupt::Unload,
+            "Ctrl-C leaves nothing by default"
+        );
+        assert_eq!(d.kubelet_logs, PathBuf::from("/var/log"));
+        let e = Config::parse(
+            "[daemon]\nkubelet_logs = \"var/log\"\n[[policy]]\nname = \"a\"\nbudget = \"1s\"\n",
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("kubelet_logs") && e.contains("absolute"), "{e}");
     }
 
     #[test]

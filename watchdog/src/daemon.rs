@@ -92,6 +92,13 @@ pub struct ActionRecord {
     pub mode: Mode,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub diagnosis: Option<diagnose::Diagnosis>,
+    /// Kubernetes names of the owner (`pods.rs`); absent outside a pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 const RECENT_ACTIONS: usize = 50;
@@ -122,6 +129,7 @@ pub async fn run(
     observe_forced: bool,
 ) -> anyhow::Result<()> {
     set_nice(cfg.nice);
+    crate::pods::configure(&cfg.kubelet_logs);
     let mut kernel = Kernel::load(&LoadOptions {
         probes: cfg.probes,
         state_dir: Some(cfg.state_dir.clone()),
@@ -247,7 +255,7 @@ pub async fn run(
                 st.housekeeping();
             }
             _ = sigterm.recv() => { info!("SIGTERM: exiting; the kernel side stays pinned for the next start (`watchdog unload` detaches it)"); break; }
-            _ = sigint.recv() => { info!("SIGINT: exiting; the kernel side stays pinned for the next start (`watchdog unload` detaches it)"); break; }
+            _ = sigint.recv() => { crate::shutdown::on_interrupt(st.cfg.on_interrupt, &st.cfg.state_dir); break; }
         }
     }
     http_task.abort();
@@ -665,6 +673,10 @@ impl State {
                 action: action.clone(),
                 result: outcome.label().into(),
                 reason: due.key.reason.label().into(),
+                namespace: self
+                    .metrics
+                    .namespaces
+                    .label(facts.pod.as_ref().map(|n| n.namespace.as_str())),
             })
             .inc();
         let detail = match &outcome {
@@ -695,6 +707,9 @@ impl State {
             diagnosis_ms: diagnosed.saturating_sub(now) as f64 / 1e6,
             mode,
             diagnosis,
+            namespace: facts.pod.as_ref().map(|n| n.namespace.clone()),
+            pod: facts.pod.as_ref().map(|n| n.pod.clone()),
+            container: facts.pod.as_ref().and_then(|n| n.container.clone()),
         };
         (outcome, record)
     }
@@ -740,6 +755,8 @@ impl State {
                     comm = %r.comm, elapsed_ms = r.elapsed_ms, budget_ms = r.budget_ms, step = r.step,
                     action = %r.action, target = ?r.target, result = r.result, detail = r.detail.as_deref().unwrap_or(""),
                     lateness_ms = r.lateness_ms, mode = ?r.mode,
+                    namespace = r.namespace.as_deref().unwrap_or(""), pod = r.pod.as_deref().unwrap_or(""),
+                    container = r.container.as_deref().unwrap_or(""),
                     thread_state = d.map_or("", |d| d.thread_state.as_str()),
                     syscall = d.map_or("", |d| d.syscall.as_str()),
                     waiting_on = d.and_then(|d| d.waiting_on.as_deref()).unwrap_or(""),
@@ -774,6 +791,8 @@ impl State {
             age_ms: u64,
             policy: Option<String>,
             budget_ms: Option<u64>,
+            #[serde(flatten)]
+            pod: Option<crate::pods::PodNames>,
         }
         #[derive(Serialize)]
         struct PolicyView {
@@ -838,6 +857,7 @@ impl State {
                     peer: peer_of(&c),
                     pid: c.tgid,
                     tid: c.tid,
+                    pod: facts.as_ref().and_then(|f| f.pod.clone()),
                     comm: facts.map(|f| f.comm).unwrap_or_default(),
                     age_ms: now.saturating_sub(c.start_ns) / 1_000_000,
                     budget_ms: policy

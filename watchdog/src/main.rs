@@ -12,10 +12,12 @@ mod kernel_btf;
 mod loader;
 mod metrics;
 mod plan;
+mod pods;
 mod policy;
 mod process;
 mod request;
 mod routes;
+mod shutdown;
 mod status;
 mod tracker;
 
@@ -130,6 +132,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(k) = a.event_buffer_kib {
                 cfg.event_buffer_kib = k;
+            }
+            if let Some(o) = a.on_interrupt {
+                cfg.on_interrupt = o;
             }
             cfg.check_limits().map_err(|(field, reason)| {
                 anyhow::anyhow!("--{}: {reason}", field.replace('_', "-"))

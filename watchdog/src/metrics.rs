@@ -29,6 +29,8 @@ pub struct ActionLabels {
     pub action: String,
     pub result: String,
     pub reason: String,
+    /// The owner's Kubernetes namespace, bounded (`pods::NamespaceLabels`); empty outside pods.
+    pub namespace: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -76,6 +78,8 @@ pub struct Metrics {
     pub observe_only: Family<PolicyLabels, Gauge>,
     pub events: Counter,
     pub recovered: Family<WhyLabels, Counter>,
+    /// Which namespaces keep a label of their own on `actions`.
+    pub namespaces: crate::pods::NamespaceLabels,
 }
 
 impl Metrics {
@@ -99,6 +103,7 @@ impl Metrics {
             observe_only: Family::default(),
             events: Counter::default(),
             recovered: Family::default(),
+            namespaces: crate::pods::NamespaceLabels::default(),
         };
         registry.register(
             "watchdog_budget_exceeded",

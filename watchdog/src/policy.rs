@@ -21,6 +21,9 @@ pub struct ProcessFacts {
     pub lineage: Vec<u32>,
     /// A kernel thread (PF_KTHREAD).
     pub kernel_thread: bool,
+    /// Kubernetes namespace, pod and container names (`pods.rs`); `None` outside a pod or
+    /// when the kubelet's files do not name it.
+    pub pod: Option<crate::pods::PodNames>,
 }
 
 /// Does `sel` cover this process? Every non-empty list must match (AND), any entry of a list
@@ -28,6 +31,7 @@ pub struct ProcessFacts {
 pub fn selects(sel: &Selector, p: &ProcessFacts) -> bool {
     let container = || crate::process::container_of(&p.cgroup);
     // A process outside any pod has no pod UID or container id: a selector on them misses it.
+    let names = |f: fn(&crate::pods::PodNames) -> Option<String>| p.pod.as_ref().and_then(f);
     let any = |globs: &[crate::config::Glob], value: Option<String>| {
         globs.is_empty() || value.is_some_and(|v| globs.iter().any(|g| g.0.matches(&v)))
     };
@@ -37,6 +41,9 @@ pub fn selects(sel: &Selector, p: &ProcessFacts) -> bool {
         && (sel.cgroup.is_empty() || sel.cgroup.iter().any(|g| g.0.matches(&p.cgroup)))
         && (sel.pod_uid.is_empty() || any(&sel.pod_uid, container().0))
         && (sel.container_id.is_empty() || any(&sel.container_id, container().1))
+        && (sel.namespace.is_empty() || any(&sel.namespace, names(|n| Some(n.namespace.clone()))))
+        && (sel.pod.is_empty() || any(&sel.pod, names(|n| Some(n.pod.clone()))))
+        && (sel.container.is_empty() || any(&sel.container, names(|n| n.container.clone())))
 }
 
 /// The policy for a request on `port` owned by `p`: the first, in file order, whose ports and
@@ -169,6 +176,7 @@ mod tests {
             cgroup: "/kubepods/pod1/abc".into(),
             lineage: vec![200, 100, 1],
             kernel_thread: false,
+            pod: None,
         }
     }
 
@@ -210,6 +218,58 @@ mod tests {
         assert!(!selects(&by_container("*"), &host));
         // The same keys protect: a protected pod is refused whatever the policy.
         assert_eq!(guard(&in_pod, &by_pod(POD), 1234), Err(Refusal::Protected));
+    }
+
+    #[test]
+    fn selectors_on_namespace_pod_and_container_names() {
+        let in_pod = ProcessFacts {
+            pod: Some(crate::pods::PodNames {
+                namespace: "payments".into(),
+                pod: "api-7d9f8-x2x4q".into(),
+                container: Some("app".into()),
+            }),
+            ..facts()
+        };
+        let sandbox = ProcessFacts {
+            pod: Some(crate::pods::PodNames {
+                container: None,
+                ..in_pod.pod.clone().unwrap()
+            }),
+            ..facts()
+        };
+        let sel = |ns: &[&str], pod: &[&str], c: &[&str]| Selector {
+            namespace: ns.iter().map(|g| glob(g)).collect(),
+            pod: pod.iter().map(|g| glob(g)).collect(),
+            container: c.iter().map(|g| glob(g)).collect(),
+            ..Default::default()
+        };
+        assert!(selects(&sel(&["payments"], &[], &[]), &in_pod));
+        assert!(selects(
+            &sel(&["other", "payments"], &["api-*"], &["app"]),
+            &in_pod
+        ));
+        assert!(!selects(&sel(&["shop"], &[], &[]), &in_pod));
+        assert!(!selects(&sel(&["payments"], &["web-*"], &[]), &in_pod));
+        assert!(!selects(
+            &sel(&["payments"], &["api-*"], &["sidecar"]),
+            &in_pod
+        ));
+        // The pod is known but not the container: a container selector misses it.
+        assert!(selects(&sel(&["payments"], &["api-*"], &[]), &sandbox));
+        assert!(!selects(&sel(&[], &[], &["*"]), &sandbox));
+        // Outside any pod: even `*` selects nothing.
+        for s in [
+            sel(&["*"], &[], &[]),
+            sel(&[], &["*"], &[]),
+            sel(&[], &[], &["*"]),
+        ] {
+            assert!(!selects(&s, &facts()));
+        }
+        assert_eq!(
+            guard(&in_pod, &sel(&["payments"], &[], &[]), 1234),
+            Err(Refusal::Protected)
+        );
+        assert_eq!(guard(&facts(), &sel(&["payments"], &[], &[]), 1234), Ok(()));
     }
 
     #[test]

@@ -28,12 +28,14 @@ pub fn facts(pid: u32, tid: u32) -> Option<ProcessFacts> {
     let exe = fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.display().to_string())
         .unwrap_or_default();
+    let cgroup = cgroup_path(pid).unwrap_or_default();
     Some(ProcessFacts {
         pid,
         tid,
         comm: stat.comm.clone(),
         exe,
-        cgroup: cgroup_path(pid).unwrap_or_default(),
+        pod: crate::pods::names_of_cgroup(&cgroup),
+        cgroup,
         lineage: lineage(pid, stat.ppid as u32),
         kernel_thread: stat.flags & PF_KTHREAD != 0,
     })

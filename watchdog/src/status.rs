@@ -27,6 +27,14 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
             .map(|x| x.to_string().trim_matches('"').to_string())
             .unwrap_or_default()
     };
+    // namespace/pod/container of a Kubernetes owner; empty on the host.
+    let pod = |v: &serde_json::Value| {
+        ["namespace", "pod", "container"]
+            .iter()
+            .filter_map(|k| v.get(*k).and_then(|x| x.as_str()))
+            .collect::<Vec<_>>()
+            .join("/")
+    };
     println!("POLICIES");
     for p in v["policies"].as_array().into_iter().flatten() {
         println!(
@@ -61,8 +69,8 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
     );
     println!("IN FLIGHT");
     println!(
-        "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  {:<12} {:<16} REQUEST",
-        "PORT", "PID", "TID", "COMM", "PEER", "AGE_MS", "BUDGET_MS", "POLICY", "ROUTE"
+        "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  {:<12} {:<16} {:<16} REQUEST",
+        "PORT", "PID", "TID", "COMM", "PEER", "AGE_MS", "BUDGET_MS", "POLICY", "ROUTE", "POD"
     );
     for r in v["in_flight"].as_array().into_iter().flatten() {
         let budget = match r["budget_ms"].as_u64() {
@@ -70,7 +78,7 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
             None => "off".into(),
         };
         println!(
-            "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  {:<12} {:<16} {}",
+            "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  {:<12} {:<16} {:<16} {}",
             s(r, "port"),
             s(r, "pid"),
             s(r, "tid"),
@@ -80,13 +88,14 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
             budget,
             s(r, "policy"),
             s(r, "route"),
+            pod(r),
             r["request"].as_str().unwrap_or("-")
         );
     }
     println!("RECENT ACTIONS");
     for a in v["recent_actions"].as_array().into_iter().flatten() {
         println!(
-            "  {:<12} {:<10} pid {:<8} tid {:<8} {:<10} {:<11} after {}ms (lateness {:.2}ms)  {} [{}]",
+            "  {:<12} {:<10} pid {:<8} tid {:<8} {:<10} {:<11} after {}ms (lateness {:.2}ms)  {} [{}] {}",
             s(a, "policy"),
             s(a, "action"),
             s(a, "pid"),
@@ -97,6 +106,7 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
             a["lateness_ms"].as_f64().unwrap_or(0.0),
             a["request"].as_str().unwrap_or("-"),
             s(a, "route"),
+            pod(a)
         );
     }
     Ok(())

@@ -180,6 +180,11 @@ pub fn check() -> Result<()> {
     checkov(&deploy.join("kubernetes"))?;
     steps.done("checkov: no finding beyond the waivers in .checkov.yaml");
 
+    operator_overlay(&kubectl, &deploy)?;
+    steps.done("overlays/prometheus-operator: the base, a PodMonitor on its metrics port, the PrometheusRule = deploy/prometheus/rules.yml");
+    crate::prometheus::check(&binary)?;
+    steps.done("deploy/prometheus: promtool check + test rules, a real Prometheus scraping a real daemon (action, alert, dashboard)");
+
     systemd_verify(&binary, &deploy.join("systemd/watchdog.service"))?;
     steps.done("systemd-analyze verify deploy/systemd/watchdog.service");
 
@@ -330,6 +335,62 @@ fn yaml_to_json(file: &Path) -> Result<Vec<Value>> {
             .arg(file),
     )?;
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The operator overlay renders the base unchanged plus a PodMonitor that scrapes the
+/// DaemonSet's pods on a port they declare, and a PrometheusRule holding exactly the groups of
+/// deploy/prometheus/rules.yml (the file promtool and the real Prometheus check).
+fn operator_overlay(kubectl: &Path, deploy: &Path) -> Result<()> {
+    let src = deploy.join("kubernetes/overlays/prometheus-operator");
+    let out = checked(Command::new(kubectl).arg("kustomize").arg(&src))?;
+    let file = work().join("prometheus-operator.yaml");
+    fs::write(&file, &out.stdout)?;
+    let objects = yaml_to_json(&file)?;
+    let base = yaml_to_json(&work().join("base.yaml"))?;
+    let of = |kind: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind)
+            .with_context(|| format!("overlays/prometheus-operator renders no {kind}"))
+    };
+    let rest: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["kind"] != "PodMonitor" && o["kind"] != "PrometheusRule")
+        .collect();
+    ensure!(
+        rest == base.iter().collect::<Vec<_>>(),
+        "overlays/prometheus-operator changes the base objects"
+    );
+    let (pm, rule) = (of("PodMonitor")?, of("PrometheusRule")?);
+    let pod = &daemonset(&objects)?["spec"]["template"];
+    ensure!(
+        pm["metadata"]["namespace"] == daemonset(&objects)?["metadata"]["namespace"],
+        "the PodMonitor is not in the DaemonSet's namespace"
+    );
+    for (k, v) in pm["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .context("PodMonitor without matchLabels")?
+    {
+        ensure!(
+            &pod["metadata"]["labels"][k] == v,
+            "PodMonitor selects {k}={v}, which the DaemonSet's pods do not carry"
+        );
+    }
+    let port = &pm["spec"]["podMetricsEndpoints"][0]["port"];
+    ensure!(
+        pod["spec"]["containers"][0]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| &p["name"] == port),
+        "PodMonitor scrapes port {port}, which the container does not name"
+    );
+    let rules = yaml_to_json(&deploy.join("prometheus/rules.yml"))?;
+    ensure!(
+        rule["spec"]["groups"] == rules[0]["groups"],
+        "overlays/prometheus-operator/prometheusrule.yaml differs from deploy/prometheus/rules.yml: regenerate it (its header says how)"
+    );
+    Ok(())
 }
 
 fn daemonset(objects: &[Value]) -> Result<&Value> {
@@ -976,6 +1037,10 @@ fn pod_flags(pod: &Value, config_dir: &Path, caps: &[String]) -> Result<Vec<Stri
             .context("a mount without its volume")?;
         let ro = if m["readOnly"] == true { ":ro" } else { "" };
         if let Some(host) = v["hostPath"]["path"].as_str() {
+            if v["hostPath"]["type"] == "DirectoryOrCreate" && !Path::new(host).exists() {
+                // What the kubelet does for this type (the kubelet's log directories here).
+                fs::create_dir_all(host).with_context(|| format!("creating {host}"))?;
+            }
             ensure!(
                 Path::new(host).exists(),
                 "host path {host} does not exist here"

@@ -9,6 +9,7 @@ mod build;
 mod deploy;
 mod fuzz;
 mod harness;
+mod prometheus;
 mod setup;
 mod soak;
 mod vm;
@@ -66,6 +67,10 @@ enum Cmd {
         /// policy loaded by the daemon, the systemd unit verified, the image built and run.
         #[arg(long)]
         deploy: bool,
+        /// Only deploy/prometheus: promtool checks and unit tests, then a real Prometheus
+        /// scraping a real daemon (also part of `--deploy`).
+        #[arg(long)]
+        prometheus: bool,
     },
     /// Build the container image (static binary, FROM scratch) with podman.
     Image,
@@ -102,6 +107,13 @@ fn main() -> Result<()> {
         Cmd::Bench { quick, only } => {
             setup::toolchain()?;
             bench::bench(quick, only.as_deref())
+        }
+        Cmd::Test {
+            prometheus: true, ..
+        } => {
+            setup::toolchain()?;
+            cargo(&["build", "--release", "-p", "watchdog"])?;
+            prometheus::check(&root().join("target/release/watchdog"))
         }
         Cmd::Test { deploy: true, .. } => {
             setup::toolchain()?;

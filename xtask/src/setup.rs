@@ -6,8 +6,17 @@ use anyhow::{bail, Context, Result};
 
 use crate::run;
 
-/// Debian packages the end-to-end tests drive for real.
-const TEST_PACKAGES: &[&str] = &["nginx", "haproxy", "postgresql", "curl", "iproute2"];
+/// Debian packages the end-to-end tests drive for real (bpftool: kernel links in
+/// `tests/interrupt.rs`; prometheus and promtool: the deploy stage's rules and dashboard).
+const TEST_PACKAGES: &[&str] = &[
+    "nginx",
+    "haproxy",
+    "postgresql",
+    "curl",
+    "iproute2",
+    "bpftool",
+    "prometheus",
+];
 /// Python client and server libraries of the end-to-end tests (PyPI), pinned.
 const PYTHON_PACKAGES: &[&str] = &["websockets==17.4", "grpcio==1.85.3"];
 
@@ -98,7 +107,7 @@ pub fn test_packages() -> Result<()> {
         return Ok(());
     }
     // Debian starts the services it installs; the tests run their own instances.
-    for svc in ["nginx", "haproxy", "postgresql"] {
+    for svc in ["nginx", "haproxy", "postgresql", "prometheus"] {
         let _ = Command::new("service").args([svc, "stop"]).output();
     }
     Ok(())

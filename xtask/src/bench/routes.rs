@@ -115,6 +115,18 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
             bin: Some(bin.clone()),
             costs: vec![],
         });
+        turns.push(Turn {
+            name: "baseline_unwatched",
+            config: config("sock", free_port()?, false),
+            bin: Some(bin.clone()),
+            costs: vec![],
+        });
+        turns.push(Turn {
+            name: "baseline_syscalls_watched",
+            config: config("syscalls", port, false),
+            bin: Some(bin.clone()),
+            costs: vec![],
+        });
     }
     let rounds = plan.rounds.min(3);
     sysctl("kernel.bpf_stats_enabled", "1")?;
@@ -136,15 +148,21 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
     for t in &turns {
         let mut progs = serde_json::Map::new();
         for prog in ["request_enter_recv", "request_exit_send", "syscall_exit"] {
-            let ns: Vec<f64> = t
+            let runs: Vec<(f64, f64)> = t
                 .costs
                 .iter()
-                .filter_map(|c| c.iter().find(|(n, _)| *n == prog).map(|(_, v)| v.0))
+                .filter_map(|c| c.iter().find(|(n, _)| *n == prog).map(|(_, v)| *v))
                 .collect();
+            let ns: Vec<f64> = runs.iter().map(|r| r.0).collect();
+            let per: Vec<f64> = runs.iter().map(|r| r.1).collect();
             if !ns.is_empty() {
                 progs.insert(
                     prog.into(),
-                    json!({ "ns_per_run": super::percentile(&ns, 50.0), "rounds": ns }),
+                    json!({
+                        "ns_per_run": super::percentile(&ns, 50.0),
+                        "runs_per_request": super::percentile(&per, 50.0),
+                        "rounds": ns,
+                    }),
                 );
             }
         }
