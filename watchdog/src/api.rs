@@ -33,10 +33,6 @@ pub struct Health {
 /// How stale the event loop may be before `/healthz` fails.
 const LIVENESS_LIMIT_SECS: u64 = 10;
 
-pub fn mono_secs() -> u64 {
-    crate::daemon::now_ns() / 1_000_000_000
-}
-
 /// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
 pub async fn serve_http(listener: TcpListener, registry: Arc<Registry>, health: Arc<Health>) {
     loop {
@@ -64,7 +60,8 @@ pub async fn serve_http(listener: TcpListener, registry: Arc<Registry>, health: 
                     crate::metrics::render(&registry),
                 ),
                 "/healthz" => {
-                    let age = mono_secs().saturating_sub(health.last_tick.load(Ordering::Relaxed));
+                    let age = crate::clock::mono_secs()
+                        .saturating_sub(health.last_tick.load(Ordering::Relaxed));
                     if age <= LIVENESS_LIMIT_SECS {
                         ("200 OK", "text/plain", "ok\n".to_string())
                     } else {

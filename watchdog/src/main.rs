@@ -5,8 +5,10 @@ mod api;
 mod backstop;
 mod check;
 mod cli;
+mod clock;
 mod config;
 mod daemon;
+mod decide;
 mod diagnose;
 mod kernel_btf;
 mod loader;
@@ -27,7 +29,7 @@ use clap::Parser;
 
 use crate::{
     cli::{Cli, Command},
-    config::{Config, LogFormat, PolicyFlags},
+    config::{Config, LogFormat, Overrides, PolicyFlags, Source},
 };
 
 fn main() -> ExitCode {
@@ -83,62 +85,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(a) => {
-            let mut cfg = match (&a.config, a.has_policy_flags()) {
-                (Some(_), true) => anyhow::bail!(
-                    "give either --config or policy flags (--port, --budget, ...), not both"
-                ),
-                (Some(path), false) => Config::load(path)?,
-                (None, true) => {
-                    let budget = a
-                        .budget
-                        .ok_or_else(|| anyhow::anyhow!("--budget is required with --port"))?;
-                    for &pid in &a.pids {
-                        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                            anyhow::bail!("--pid {pid}: no such process");
-                        }
-                    }
-                    Config::from_flags(&PolicyFlags {
-                        ports: a.ports.clone(),
-                        budget,
-                        signal: a.signal,
-                        target: a.target,
-                        pids: a.pids.clone(),
-                        observe: a.observe,
-                        client_gone: a.client_gone,
-                    })?
-                }
-                (None, false) => Config::observe_everything(),
+            let flags = a.has_policy_flags().then(|| PolicyFlags {
+                ports: a.ports.clone(),
+                budget: a.budget,
+                signal: a.signal,
+                target: a.target,
+                pids: a.pids.clone(),
+                observe: a.observe,
+                client_gone: a.client_gone,
+            });
+            let overrides = Overrides {
+                metrics_addr: a.metrics_addr,
+                status_socket: a.status_socket.clone(),
+                events: a.events.clone(),
+                observe: a.observe,
+                probes: a.probes,
+                state_dir: a.state_dir.clone(),
+                max_connections: a.max_connections,
+                event_buffer_kib: a.event_buffer_kib,
+                on_interrupt: a.on_interrupt,
             };
-            if let Some(addr) = a.metrics_addr {
-                cfg.metrics_addr = addr;
-            }
-            if let Some(p) = &a.status_socket {
-                cfg.status_socket = p.clone();
-            }
-            if a.events.is_some() {
-                cfg.events = a.events.clone();
-            }
-            if a.observe {
-                cfg.mode = config::Mode::Observe;
-            }
-            if let Some(p) = a.probes {
-                cfg.probes = p;
-            }
-            if let Some(d) = &a.state_dir {
-                cfg.state_dir = d.clone();
-            }
-            if let Some(n) = a.max_connections {
-                cfg.max_connections = n;
-            }
-            if let Some(k) = a.event_buffer_kib {
-                cfg.event_buffer_kib = k;
-            }
-            if let Some(o) = a.on_interrupt {
-                cfg.on_interrupt = o;
-            }
-            cfg.check_limits().map_err(|(field, reason)| {
-                anyhow::anyhow!("--{}: {reason}", field.replace('_', "-"))
-            })?;
+            let cfg = Config::resolve(Source::of(a.config.as_deref(), flags)?, &overrides)?;
             init_logging(cli.log_format.unwrap_or(cfg.log_format));
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

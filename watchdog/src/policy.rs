@@ -5,26 +5,7 @@
 use std::{collections::VecDeque, time::Duration};
 
 use crate::config::{BreakerConfig, Config, Policy, Selector};
-
-/// What is known about the process that owns a request.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ProcessFacts {
-    pub pid: u32,
-    /// Thread that owns the request.
-    pub tid: u32,
-    pub comm: String,
-    /// Executable path; empty for kernel threads.
-    pub exe: String,
-    /// cgroup v2 path (or the first v1 path when there is no v2 line).
-    pub cgroup: String,
-    /// The process, its parent, grandparent ... up to pid 1.
-    pub lineage: Vec<u32>,
-    /// A kernel thread (PF_KTHREAD).
-    pub kernel_thread: bool,
-    /// Kubernetes namespace, pod and container names (`pods.rs`); `None` outside a pod or
-    /// when the kubelet's files do not name it.
-    pub pod: Option<crate::pods::PodNames>,
-}
+pub use crate::process::ProcessFacts;
 
 /// Does `sel` cover this process? Every non-empty list must match (AND), any entry of a list
 /// may match (OR). An empty selector covers every process.

@@ -2,8 +2,6 @@
 
 use std::{collections::HashMap, fs};
 
-use crate::policy::ProcessFacts;
-
 /// `facts` read once per (process, thread) within one batch of kernel events or due steps: a
 /// burst of requests owned by one thread (an event loop) reads /proc once, not per request. A
 /// batch spans milliseconds; every action still re-checks the kernel's view first.
@@ -17,6 +15,26 @@ impl FactsCache {
             .or_insert_with(|| facts(pid, tid))
             .clone()
     }
+}
+
+/// What is known about the process that owns a request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessFacts {
+    pub pid: u32,
+    /// Thread that owns the request.
+    pub tid: u32,
+    pub comm: String,
+    /// Executable path; empty for kernel threads.
+    pub exe: String,
+    /// cgroup v2 path (or the first v1 path when there is no v2 line).
+    pub cgroup: String,
+    /// The process, its parent, grandparent ... up to pid 1.
+    pub lineage: Vec<u32>,
+    /// A kernel thread (PF_KTHREAD).
+    pub kernel_thread: bool,
+    /// Kubernetes namespace, pod and container names (`pods.rs`); `None` outside a pod or
+    /// when the kubelet's files do not name it.
+    pub pod: Option<crate::pods::PodNames>,
 }
 
 const PF_KTHREAD: u32 = 0x0020_0000;

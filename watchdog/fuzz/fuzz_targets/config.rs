@@ -3,7 +3,7 @@
 #![no_main]
 
 #[allow(dead_code)]
-#[path = "../../src/config.rs"]
+#[path = "../../src/config/mod.rs"]
 mod config;
 #[allow(dead_code)]
 #[path = "../../src/routes.rs"]

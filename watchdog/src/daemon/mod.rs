@@ -23,22 +23,17 @@ use crate::{
     actions::{self, Outcome},
     api::{self, Health, StatusRequest},
     backstop::{Backstop, Plan},
+    clock::now_ns,
     config::{Action, Config, Mode, Policy},
+    decide::{self, Verdict},
     diagnose,
     loader::{Kernel, LoadOptions, Origin},
     metrics::{ActionLabels, Metrics, PolicyLabels, PortLabels, SlotLabel, SlotMap, WhyLabels},
     plan::{self, describe_ports},
-    policy::{self, Breaker, BreakerVerdict, ProcessFacts},
+    policy::{self, Breaker, ProcessFacts},
     process, request,
     tracker::{self, About, Due, Key, Reason, Tracker},
 };
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub fn now_ns() -> u64 {
-    let ts =
-        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
-    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
-}
 
 /// Raises the daemon's scheduling priority (CAP_SYS_NICE); without it, the daemon runs anyway.
 fn set_nice(nice: i32) {
@@ -62,44 +57,11 @@ fn release_load_memory() {
     }
 }
 
-/// One action as remembered for `watchdog status` and written to the event stream.
-#[derive(Clone, Debug, Serialize)]
-pub struct ActionRecord {
-    pub event: &'static str,
-    pub policy: String,
-    /// What was stopped: `GET /reports/2024`, a statement's first bytes (`None`: not readable).
-    pub request: Option<String>,
-    /// The route's pattern, `default` or `unknown`.
-    pub route: String,
-    /// The connection's protocol (`http1`, `http2`, `postgres`, ...).
-    pub protocol: &'static str,
-    pub reason: Reason,
-    pub step: usize,
-    pub action: String,
-    pub target: crate::config::Target,
-    pub result: &'static str,
-    pub detail: Option<String>,
-    pub port: u16,
-    pub peer: String,
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: String,
-    pub elapsed_ms: u64,
-    pub budget_ms: u64,
-    pub lateness_ms: f64,
-    /// Of the lateness, the time taken to capture the diagnosis before acting.
-    pub diagnosis_ms: f64,
-    pub mode: Mode,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub diagnosis: Option<diagnose::Diagnosis>,
-    /// Kubernetes names of the owner (`pods.rs`); absent outside a pod.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pod: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container: Option<String>,
-}
+mod record;
+mod status_doc;
+mod step;
+
+pub use record::ActionRecord;
 
 const RECENT_ACTIONS: usize = 50;
 
@@ -152,7 +114,9 @@ pub async fn run(
         kernel.probe_set.label(),
     );
     let health = Arc::new(Health::default());
-    health.last_tick.store(api::mono_secs(), Ordering::Relaxed);
+    health
+        .last_tick
+        .store(crate::clock::mono_secs(), Ordering::Relaxed);
 
     let http = tokio::net::TcpListener::bind(cfg.metrics_addr)
         .await
@@ -251,7 +215,7 @@ pub async fn run(
             }
             _ = sighup.recv() => st.reload("SIGHUP"),
             _ = tick.tick() => {
-                health.last_tick.store(api::mono_secs(), Ordering::Relaxed);
+                health.last_tick.store(crate::clock::mono_secs(), Ordering::Relaxed);
                 st.housekeeping();
             }
             _ = sigterm.recv() => { info!("SIGTERM: exiting; the kernel side stays pinned for the next start (`watchdog unload` detaches it)"); break; }
@@ -337,32 +301,16 @@ impl State {
         Ok(())
     }
 
-    /// What a reload may change: the mode, the protect list and the policies. The rest of the
-    /// `[daemon]` table (addresses, paths, probe set, table sizes) and the command-line overrides
-    /// of the running daemon stay as they are until a restart.
+    /// The new file under the reload rule (`Config::reloaded`), with a warning when its fixed
+    /// settings differ from the running ones.
     fn reloaded(&self, new: Config) -> Config {
-        let running = &*self.cfg;
-        let fixed = Config {
-            mode: running.mode,
-            protect: running.protect.clone(),
-            policies: running.policies.clone(),
-            ..new.clone()
-        };
-        if fixed != *running {
+        let (merged, differs) = self.cfg.reloaded(new, self.observe_forced);
+        if differs {
             warn!(
                 "the [daemon] settings in the file differ from the running ones (or a command-line flag overrides them): they take effect at the next start, not on reload"
             );
         }
-        Config {
-            mode: if self.observe_forced {
-                Mode::Observe
-            } else {
-                new.mode
-            },
-            protect: new.protect,
-            policies: new.policies,
-            ..running.clone()
-        }
+        merged
     }
 
     fn reload(&mut self, why: &str) {
@@ -553,367 +501,4 @@ impl State {
             );
         }
     }
-
-    fn run_due(&mut self) {
-        // Connection tables as of the batch's start, read once per process.
-        let mut cache = diagnose::Cache::default();
-        let mut facts = process::FactsCache::default();
-        // Act on the whole batch first and report after: a deadline late in a batch does not
-        // wait for the log lines and event writes of the ones before it.
-        let mut done = Vec::new();
-        for due in self.tracker.pop_due(now_ns()) {
-            let (outcome, record) = self.run_step(&due, &mut cache, &mut facts);
-            if matches!(
-                outcome,
-                Outcome::Ended | Outcome::TargetGone | Outcome::Refused(_)
-            ) {
-                self.tracker.finish(due.key);
-            }
-            done.push(record);
-        }
-        for record in done {
-            self.report(record);
-        }
-    }
-
-    /// Is the request this ladder is about still what it was, in the kernel, right now?
-    fn still_valid(kernel: &Kernel, key: Key, c: &ConnInfo) -> bool {
-        tracker::still_current(
-            key.reason,
-            c,
-            kernel.task(c.tid).as_ref(),
-            kernel.conn(c.cookie).as_ref(),
-        )
-    }
-
-    /// Takes one step of a ladder: diagnosis (first step only), the safety checks, the action.
-    fn run_step(
-        &mut self,
-        due: &Due,
-        cache: &mut diagnose::Cache,
-        facts: &mut process::FactsCache,
-    ) -> (Outcome, ActionRecord) {
-        let c = due.conn;
-        let policy = &due.policy;
-        let now = now_ns();
-        let kernel = &self.kernel;
-        let valid = || Self::still_valid(kernel, due.key, &c);
-        let facts = facts.get(c.tgid, c.tid).unwrap_or(ProcessFacts {
-            pid: c.tgid,
-            tid: c.tid,
-            ..Default::default()
-        });
-        let diagnosis = (due.index == 0 && valid()).then(|| {
-            let cgroup = (!facts.cgroup.is_empty()).then(|| facts.cgroup.clone());
-            diagnose::capture(c.tgid, c.tid, cgroup, cache)
-        });
-        let diagnosed = now_ns();
-        let mode = self.cfg.mode_of(policy);
-        let enforcing = !matches!(due.step.action, Action::Log) && mode == Mode::Enforce;
-
-        let outcome = if !valid() {
-            Outcome::Ended
-        } else if let Err(r) = policy::guard(&facts, &self.cfg.protect, self.own_pid) {
-            Outcome::Refused(r.label())
-        } else if enforcing
-            && policy
-                .min_workers
-                .is_some_and(|k| count_selected(&policy.selector) <= k as usize)
-        {
-            Outcome::Refused(policy::Refusal::WorkerFloor.label())
-        } else if !enforcing {
-            if matches!(due.step.action, Action::Log) {
-                Outcome::Delivered
-            } else {
-                Outcome::Observed
-            }
-        } else {
-            let breaker = self.breakers.entry(policy.name.clone()).or_default();
-            match breaker.check(&policy.breaker, now) {
-                BreakerVerdict::Allow => match due.step.action {
-                    Action::Signal(sig) => {
-                        actions::signal(due.step.target, c.tgid, c.tid, sig.0, valid)
-                    }
-                    Action::Reset => actions::reset(&c, valid),
-                    Action::Log => Outcome::Delivered,
-                },
-                BreakerVerdict::Trip => {
-                    error!(
-                        policy = %policy.name,
-                        max_actions = policy.breaker.max_actions,
-                        window = %humantime::format_duration(policy.breaker.window),
-                        cooldown = %humantime::format_duration(policy.breaker.cooldown),
-                        "CIRCUIT BREAKER OPEN: too many actions; policy drops to observe-only for the cool-down"
-                    );
-                    let l = PolicyLabels {
-                        policy: policy.name.clone(),
-                    };
-                    self.metrics.breaker_trips.get_or_create(&l).inc();
-                    self.metrics.observe_only.get_or_create(&l).set(1);
-                    Outcome::Observed
-                }
-                BreakerVerdict::Open => Outcome::Observed,
-            }
-        };
-        let done = now_ns();
-        let lateness = done.saturating_sub(due.due_ns);
-        if outcome == Outcome::Delivered {
-            self.metrics.lateness.observe(lateness as f64 / 1e9);
-        }
-        let action = if matches!(due.step.action, Action::Log) {
-            "log".to_string()
-        } else {
-            due.step.action.label()
-        };
-        self.metrics
-            .actions
-            .get_or_create(&ActionLabels {
-                policy: policy.name.clone(),
-                route: due.about.route.clone(),
-                action: action.clone(),
-                result: outcome.label().into(),
-                reason: due.key.reason.label().into(),
-                namespace: self
-                    .metrics
-                    .namespaces
-                    .label(facts.pod.as_ref().map(|n| n.namespace.as_str())),
-            })
-            .inc();
-        let detail = match &outcome {
-            Outcome::Refused(r) => Some((*r).to_string()),
-            Outcome::Failed(e) => Some(e.clone()),
-            _ => None,
-        };
-        let record = ActionRecord {
-            event: "action",
-            policy: policy.name.clone(),
-            request: due.about.request.clone(),
-            route: due.about.route.clone(),
-            protocol: due.about.protocol,
-            reason: due.key.reason,
-            step: due.index,
-            action,
-            target: due.step.target,
-            result: outcome.label(),
-            detail,
-            port: c.local_port,
-            peer: peer_of(&c),
-            pid: c.tgid,
-            tid: c.tid,
-            comm: facts.comm.clone(),
-            elapsed_ms: done.saturating_sub(c.start_ns) / 1_000_000,
-            budget_ms: due.about.budget.as_millis() as u64,
-            lateness_ms: lateness as f64 / 1e6,
-            diagnosis_ms: diagnosed.saturating_sub(now) as f64 / 1e6,
-            mode,
-            diagnosis,
-            namespace: facts.pod.as_ref().map(|n| n.namespace.clone()),
-            pod: facts.pod.as_ref().map(|n| n.pod.clone()),
-            container: facts.pod.as_ref().and_then(|n| n.container.clone()),
-        };
-        (outcome, record)
-    }
-
-    /// Logs an action, writes it to the event stream and remembers it for `watchdog status`.
-    fn report(&mut self, record: ActionRecord) {
-        self.log_action(&record);
-        if let Some(out) = &mut self.events_out {
-            if let Ok(line) = serde_json::to_string(&record) {
-                let _ = writeln!(out, "{line}");
-                let _ = out.flush();
-            }
-        }
-        if self.recent.len() == RECENT_ACTIONS {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(ActionRecord {
-            diagnosis: None,
-            ..record
-        });
-    }
-
-    fn log_action(&self, r: &ActionRecord) {
-        let d = r.diagnosis.as_ref();
-        // Reads the way Baseplate's does: `GET /reports/2024 on :8080 over its 60s budget`.
-        let what = r.request.as_deref().unwrap_or("request");
-        let budget = humantime::format_duration(Duration::from_millis(r.budget_ms));
-        let (kind, msg) = match r.reason {
-            Reason::Budget => (
-                "request over budget",
-                format!("{what} on :{} over its {budget} budget", r.port),
-            ),
-            Reason::ClientGone => (
-                "request abandoned by its client",
-                format!("{what} on :{} abandoned by its client", r.port),
-            ),
-        };
-        macro_rules! emit {
-            ($lvl:ident) => {
-                $lvl!(
-                    kind, policy = %r.policy, route = %r.route, request = r.request.as_deref().unwrap_or(""), protocol = r.protocol,
-                    reason = r.reason.label(), port = r.port, peer = %r.peer, pid = r.pid, tid = r.tid,
-                    comm = %r.comm, elapsed_ms = r.elapsed_ms, budget_ms = r.budget_ms, step = r.step,
-                    action = %r.action, target = ?r.target, result = r.result, detail = r.detail.as_deref().unwrap_or(""),
-                    lateness_ms = r.lateness_ms, mode = ?r.mode,
-                    namespace = r.namespace.as_deref().unwrap_or(""), pod = r.pod.as_deref().unwrap_or(""),
-                    container = r.container.as_deref().unwrap_or(""),
-                    thread_state = d.map_or("", |d| d.thread_state.as_str()),
-                    syscall = d.map_or("", |d| d.syscall.as_str()),
-                    waiting_on = d.and_then(|d| d.waiting_on.as_deref()).unwrap_or(""),
-                    wchan = d.map_or("", |d| d.wchan.as_str()),
-                    cgroup = d.map_or("", |d| d.cgroup.as_str()),
-                    container_id = d.and_then(|d| d.container_id.as_deref()).unwrap_or(""),
-                    cmdline = d.map_or("", |d| d.cmdline.as_str()),
-                    connections = ?d.map(|d| &d.connections),
-                    kernel_stack = ?d.map(|d| &d.kernel_stack),
-                    "{msg}"
-                )
-            };
-        }
-        match r.result {
-            "refused" | "failed" => emit!(warn),
-            "ended" => emit!(debug),
-            _ => emit!(warn),
-        }
-    }
-
-    fn status_json(&self) -> String {
-        #[derive(Serialize)]
-        struct InFlight {
-            port: u16,
-            request: Option<String>,
-            route: String,
-            protocol: &'static str,
-            peer: String,
-            pid: u32,
-            tid: u32,
-            comm: String,
-            age_ms: u64,
-            policy: Option<String>,
-            budget_ms: Option<u64>,
-            #[serde(flatten)]
-            pod: Option<crate::pods::PodNames>,
-        }
-        #[derive(Serialize)]
-        struct PolicyView {
-            name: String,
-            ports: String,
-            budget_ms: u64,
-            mode: Mode,
-            observe_only_breaker: bool,
-            steps: Vec<String>,
-            client_gone: bool,
-        }
-        #[derive(Serialize)]
-        struct Connections {
-            tracked: usize,
-            /// Answered `101 Switching Protocols`: no longer tracked for requests.
-            upgraded: usize,
-            by_protocol: std::collections::BTreeMap<&'static str, usize>,
-        }
-        #[derive(Serialize)]
-        struct Status<'a> {
-            version: &'static str,
-            connections: Connections,
-            in_flight: Vec<InFlight>,
-            policies: Vec<PolicyView>,
-            ladders_active: usize,
-            recent_actions: Vec<&'a ActionRecord>,
-        }
-        let now = now_ns();
-        let records = self.kernel.records();
-        let mut connections = Connections {
-            tracked: records.len(),
-            upgraded: 0,
-            by_protocol: Default::default(),
-        };
-        for r in &records {
-            if r.info.flags & conn_flag::UPGRADED != 0 {
-                connections.upgraded += 1;
-            }
-            *connections
-                .by_protocol
-                .entry(proto::label(r.info.proto))
-                .or_default() += 1;
-        }
-        let in_flight = records
-            .iter()
-            .filter(|r| r.info.state == ReqState::InFlight as u32)
-            .map(|r| {
-                let c = r.info;
-                let facts = process::facts(c.tgid, c.tid);
-                let policy = facts
-                    .as_ref()
-                    .and_then(|f| self.policy_for(c.local_port, f));
-                let (route, index) = policy
-                    .as_ref()
-                    .map(|p| request::route_of(&c, &r.head, &p.routes))
-                    .unwrap_or(("default".into(), None));
-                InFlight {
-                    port: c.local_port,
-                    request: request::describe(&c, &r.head, self.cfg.record_query_string),
-                    route,
-                    protocol: proto::label(c.proto),
-                    peer: peer_of(&c),
-                    pid: c.tgid,
-                    tid: c.tid,
-                    pod: facts.as_ref().and_then(|f| f.pod.clone()),
-                    comm: facts.map(|f| f.comm).unwrap_or_default(),
-                    age_ms: now.saturating_sub(c.start_ns) / 1_000_000,
-                    budget_ms: policy
-                        .as_ref()
-                        .and_then(|p| p.ladder_for(index))
-                        .map(|(b, _)| b.as_millis() as u64),
-                    policy: policy.map(|p| p.name.clone()),
-                }
-            })
-            .collect();
-        let policies = self
-            .policies
-            .iter()
-            .map(|p| PolicyView {
-                name: p.name.clone(),
-                ports: describe_ports(p),
-                budget_ms: p.budget.as_millis() as u64,
-                mode: self.cfg.mode_of(p),
-                observe_only_breaker: self
-                    .breakers
-                    .get(&p.name)
-                    .is_some_and(|b| b.clone().is_open(now)),
-                steps: p
-                    .steps
-                    .iter()
-                    .map(|s| {
-                        format!(
-                            "{} {} ({:?})",
-                            humantime::format_duration(s.after),
-                            s.action.label(),
-                            s.target
-                        )
-                    })
-                    .collect(),
-                client_gone: p.client_gone.is_some(),
-            })
-            .collect();
-        let doc = Status {
-            version: env!("CARGO_PKG_VERSION"),
-            connections,
-            in_flight,
-            policies,
-            ladders_active: self.tracker.len(),
-            recent_actions: self.recent.iter().collect(),
-        };
-        serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
-    }
-}
-
-/// Live processes the selector covers (for the `min_workers` floor).
-fn count_selected(sel: &crate::config::Selector) -> usize {
-    let Ok(all) = procfs::process::all_processes() else {
-        return 0;
-    };
-    all.filter_map(Result::ok)
-        .filter_map(|p| process::facts(p.pid as u32, p.pid as u32))
-        .filter(|f| !f.kernel_thread && policy::selects(sel, f))
-        .count()
 }

@@ -1,0 +1,108 @@
+//! The action record: what the daemon remembers of each step, writes to the event stream and
+//! logs, in one format.
+
+use super::*;
+
+/// One action as remembered for `watchdog status` and written to the event stream.
+#[derive(Clone, Debug, Serialize)]
+pub struct ActionRecord {
+    pub event: &'static str,
+    pub policy: String,
+    /// What was stopped: `GET /reports/2024`, a statement's first bytes (`None`: not readable).
+    pub request: Option<String>,
+    /// The route's pattern, `default` or `unknown`.
+    pub route: String,
+    /// The connection's protocol (`http1`, `http2`, `postgres`, ...).
+    pub protocol: &'static str,
+    pub reason: Reason,
+    pub step: usize,
+    pub action: String,
+    pub target: crate::config::Target,
+    pub result: &'static str,
+    pub detail: Option<String>,
+    pub port: u16,
+    pub peer: String,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub elapsed_ms: u64,
+    pub budget_ms: u64,
+    pub lateness_ms: f64,
+    /// Of the lateness, the time taken to capture the diagnosis before acting.
+    pub diagnosis_ms: f64,
+    pub mode: Mode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diagnosis: Option<diagnose::Diagnosis>,
+    /// Kubernetes names of the owner (`pods.rs`); absent outside a pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+impl State {
+    /// Logs an action, writes it to the event stream and remembers it for `watchdog status`.
+    pub(super) fn report(&mut self, record: ActionRecord) {
+        self.log_action(&record);
+        if let Some(out) = &mut self.events_out {
+            if let Ok(line) = serde_json::to_string(&record) {
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            }
+        }
+        if self.recent.len() == RECENT_ACTIONS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(ActionRecord {
+            diagnosis: None,
+            ..record
+        });
+    }
+
+    fn log_action(&self, r: &ActionRecord) {
+        let d = r.diagnosis.as_ref();
+        // Reads the way Baseplate's does: `GET /reports/2024 on :8080 over its 60s budget`.
+        let what = r.request.as_deref().unwrap_or("request");
+        let budget = humantime::format_duration(Duration::from_millis(r.budget_ms));
+        let (kind, msg) = match r.reason {
+            Reason::Budget => (
+                "request over budget",
+                format!("{what} on :{} over its {budget} budget", r.port),
+            ),
+            Reason::ClientGone => (
+                "request abandoned by its client",
+                format!("{what} on :{} abandoned by its client", r.port),
+            ),
+        };
+        macro_rules! emit {
+            ($lvl:ident) => {
+                $lvl!(
+                    kind, policy = %r.policy, route = %r.route, request = r.request.as_deref().unwrap_or(""), protocol = r.protocol,
+                    reason = r.reason.label(), port = r.port, peer = %r.peer, pid = r.pid, tid = r.tid,
+                    comm = %r.comm, elapsed_ms = r.elapsed_ms, budget_ms = r.budget_ms, step = r.step,
+                    action = %r.action, target = ?r.target, result = r.result, detail = r.detail.as_deref().unwrap_or(""),
+                    lateness_ms = r.lateness_ms, mode = ?r.mode,
+                    namespace = r.namespace.as_deref().unwrap_or(""), pod = r.pod.as_deref().unwrap_or(""),
+                    container = r.container.as_deref().unwrap_or(""),
+                    thread_state = d.map_or("", |d| d.thread_state.as_str()),
+                    syscall = d.map_or("", |d| d.syscall.as_str()),
+                    waiting_on = d.and_then(|d| d.waiting_on.as_deref()).unwrap_or(""),
+                    wchan = d.map_or("", |d| d.wchan.as_str()),
+                    cgroup = d.map_or("", |d| d.cgroup.as_str()),
+                    container_id = d.and_then(|d| d.container_id.as_deref()).unwrap_or(""),
+                    cmdline = d.map_or("", |d| d.cmdline.as_str()),
+                    connections = ?d.map(|d| &d.connections),
+                    kernel_stack = ?d.map(|d| &d.kernel_stack),
+                    "{msg}"
+                )
+            };
+        }
+        match r.result {
+            "refused" | "failed" => emit!(warn),
+            "ended" => emit!(debug),
+            _ => emit!(warn),
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The `watchdog status` document: tracked connections, requests in flight with what they are,
+//! policies, recent actions.
+
+use super::*;
+
+impl State {
+    pub(super) fn status_json(&self) -> String {
+        #[derive(Serialize)]
+        struct InFlight {
+            port: u16,
+            request: Option<String>,
+            route: String,
+            protocol: &'static str,
+            peer: String,
+            pid: u32,
+            tid: u32,
+            comm: String,
+            age_ms: u64,
+            policy: Option<String>,
+            budget_ms: Option<u64>,
+            #[serde(flatten)]
+            pod: Option<crate::pods::PodNames>,
+        }
+        #[derive(Serialize)]
+        struct PolicyView {
+            name: String,
+            ports: String,
+            budget_ms: u64,
+            mode: Mode,
+            observe_only_breaker: bool,
+            steps: Vec<String>,
+            client_gone: bool,
+        }
+        #[derive(Serialize)]
+        struct Connections {
+            tracked: usize,
+            /// Answered `101 Switching Protocols`: no longer tracked for requests.
+            upgraded: usize,
+            by_protocol: std::collections::BTreeMap<&'static str, usize>,
+        }
+        #[derive(Serialize)]
+        struct Status<'a> {
+            version: &'static str,
+            connections: Connections,
+            in_flight: Vec<InFlight>,
+            policies: Vec<PolicyView>,
+            ladders_active: usize,
+            recent_actions: Vec<&'a ActionRecord>,
+        }
+        let now = now_ns();
+        let records = self.kernel.records();
+        let mut connections = Connections {
+            tracked: records.len(),
+            upgraded: 0,
+            by_protocol: Default::default(),
+        };
+        for r in &records {
+            if r.info.flags & conn_flag::UPGRADED != 0 {
+                connections.upgraded += 1;
+            }
+            *connections
+                .by_protocol
+                .entry(proto::label(r.info.proto))
+                .or_default() += 1;
+        }
+        let in_flight = records
+            .iter()
+            .filter(|r| r.info.state == ReqState::InFlight as u32)
+            .map(|r| {
+                let c = r.info;
+                let facts = process::facts(c.tgid, c.tid);
+                let policy = facts
+                    .as_ref()
+                    .and_then(|f| self.policy_for(c.local_port, f));
+                let (route, index) = policy
+                    .as_ref()
+                    .map(|p| request::route_of(&c, &r.head, &p.routes))
+                    .unwrap_or(("default".into(), None));
+                InFlight {
+                    port: c.local_port,
+                    request: request::describe(&c, &r.head, self.cfg.record_query_string),
+                    route,
+                    protocol: proto::label(c.proto),
+                    peer: peer_of(&c),
+                    pid: c.tgid,
+                    tid: c.tid,
+                    pod: facts.as_ref().and_then(|f| f.pod.clone()),
+                    comm: facts.map(|f| f.comm).unwrap_or_default(),
+                    age_ms: now.saturating_sub(c.start_ns) / 1_000_000,
+                    budget_ms: policy
+                        .as_ref()
+                        .and_then(|p| p.ladder_for(index))
+                        .map(|(b, _)| b.as_millis() as u64),
+                    policy: policy.map(|p| p.name.clone()),
+                }
+            })
+            .collect();
+        let policies = self
+            .policies
+            .iter()
+            .map(|p| PolicyView {
+                name: p.name.clone(),
+                ports: describe_ports(p),
+                budget_ms: p.budget.as_millis() as u64,
+                mode: self.cfg.mode_of(p),
+                observe_only_breaker: self
+                    .breakers
+                    .get(&p.name)
+                    .is_some_and(|b| b.clone().is_open(now)),
+                steps: p
+                    .steps
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{} {} ({:?})",
+                            humantime::format_duration(s.after),
+                            s.action.label(),
+                            s.target
+                        )
+                    })
+                    .collect(),
+                client_gone: p.client_gone.is_some(),
+            })
+            .collect();
+        let doc = Status {
+            version: env!("CARGO_PKG_VERSION"),
+            connections,
+            in_flight,
+            policies,
+            ladders_active: self.tracker.len(),
+            recent_actions: self.recent.iter().collect(),
+        };
+        serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+    }
+}

@@ -1,0 +1,174 @@
+//! One batch of due ladder steps: the diagnosis, the enforcement chain (`decide.rs`), the
+//! action, its metrics and its record.
+
+use super::*;
+
+impl State {
+    pub(super) fn run_due(&mut self) {
+        // Connection tables as of the batch's start, read once per process.
+        let mut cache = diagnose::Cache::default();
+        let mut facts = process::FactsCache::default();
+        // Act on the whole batch first and report after: a deadline late in a batch does not
+        // wait for the log lines and event writes of the ones before it.
+        let mut done = Vec::new();
+        for due in self.tracker.pop_due(now_ns()) {
+            let (outcome, record) = self.run_step(&due, &mut cache, &mut facts);
+            if matches!(
+                outcome,
+                Outcome::Ended | Outcome::TargetGone | Outcome::Refused(_)
+            ) {
+                self.tracker.finish(due.key);
+            }
+            done.push(record);
+        }
+        for record in done {
+            self.report(record);
+        }
+    }
+
+    /// Is the request this ladder is about still what it was, in the kernel, right now?
+    fn still_valid(kernel: &Kernel, key: Key, c: &ConnInfo) -> bool {
+        tracker::still_current(
+            key.reason,
+            c,
+            kernel.task(c.tid).as_ref(),
+            kernel.conn(c.cookie).as_ref(),
+        )
+    }
+
+    /// Takes one step of a ladder: diagnosis (first step only), the safety checks, the action.
+    fn run_step(
+        &mut self,
+        due: &Due,
+        cache: &mut diagnose::Cache,
+        facts: &mut process::FactsCache,
+    ) -> (Outcome, ActionRecord) {
+        let c = due.conn;
+        let policy = &due.policy;
+        let now = now_ns();
+        let kernel = &self.kernel;
+        let valid = || Self::still_valid(kernel, due.key, &c);
+        let facts = facts.get(c.tgid, c.tid).unwrap_or(ProcessFacts {
+            pid: c.tgid,
+            tid: c.tid,
+            ..Default::default()
+        });
+        let diagnosis = (due.index == 0 && valid()).then(|| {
+            let cgroup = (!facts.cgroup.is_empty()).then(|| facts.cgroup.clone());
+            diagnose::capture(c.tgid, c.tid, cgroup, cache)
+        });
+        let diagnosed = now_ns();
+        let mode = self.cfg.mode_of(policy);
+        let alive = || count_selected(&policy.selector);
+        let verdict = decide::decide(
+            decide::Inputs {
+                action: due.step.action,
+                mode,
+                still_current: valid(),
+                guard: policy::guard(&facts, &self.cfg.protect, self.own_pid),
+                floor: policy
+                    .min_workers
+                    .map(|k| (k, &alive as &dyn Fn() -> usize)),
+                breaker: &policy.breaker,
+                now_ns: now,
+            },
+            self.breakers.entry(policy.name.clone()).or_default(),
+        );
+        let outcome = match verdict {
+            Verdict::Ended => Outcome::Ended,
+            Verdict::Refused(r) => Outcome::Refused(r.label()),
+            Verdict::Logged => Outcome::Delivered,
+            Verdict::Observed => Outcome::Observed,
+            Verdict::Act => match due.step.action {
+                Action::Signal(sig) => {
+                    actions::signal(due.step.target, c.tgid, c.tid, sig.0, valid)
+                }
+                Action::Reset => actions::reset(&c, valid),
+                Action::Log => Outcome::Delivered,
+            },
+            Verdict::Tripped => {
+                error!(
+                    policy = %policy.name,
+                    max_actions = policy.breaker.max_actions,
+                    window = %humantime::format_duration(policy.breaker.window),
+                    cooldown = %humantime::format_duration(policy.breaker.cooldown),
+                    "CIRCUIT BREAKER OPEN: too many actions; policy drops to observe-only for the cool-down"
+                );
+                let l = PolicyLabels {
+                    policy: policy.name.clone(),
+                };
+                self.metrics.breaker_trips.get_or_create(&l).inc();
+                self.metrics.observe_only.get_or_create(&l).set(1);
+                Outcome::Observed
+            }
+        };
+        let done = now_ns();
+        let lateness = done.saturating_sub(due.due_ns);
+        if outcome == Outcome::Delivered {
+            self.metrics.lateness.observe(lateness as f64 / 1e9);
+        }
+        let action = if matches!(due.step.action, Action::Log) {
+            "log".to_string()
+        } else {
+            due.step.action.label()
+        };
+        self.metrics
+            .actions
+            .get_or_create(&ActionLabels {
+                policy: policy.name.clone(),
+                route: due.about.route.clone(),
+                action: action.clone(),
+                result: outcome.label().into(),
+                reason: due.key.reason.label().into(),
+                namespace: self
+                    .metrics
+                    .namespaces
+                    .label(facts.pod.as_ref().map(|n| n.namespace.as_str())),
+            })
+            .inc();
+        let detail = match &outcome {
+            Outcome::Refused(r) => Some((*r).to_string()),
+            Outcome::Failed(e) => Some(e.clone()),
+            _ => None,
+        };
+        let record = ActionRecord {
+            event: "action",
+            policy: policy.name.clone(),
+            request: due.about.request.clone(),
+            route: due.about.route.clone(),
+            protocol: due.about.protocol,
+            reason: due.key.reason,
+            step: due.index,
+            action,
+            target: due.step.target,
+            result: outcome.label(),
+            detail,
+            port: c.local_port,
+            peer: peer_of(&c),
+            pid: c.tgid,
+            tid: c.tid,
+            comm: facts.comm.clone(),
+            elapsed_ms: done.saturating_sub(c.start_ns) / 1_000_000,
+            budget_ms: due.about.budget.as_millis() as u64,
+            lateness_ms: lateness as f64 / 1e6,
+            diagnosis_ms: diagnosed.saturating_sub(now) as f64 / 1e6,
+            mode,
+            diagnosis,
+            namespace: facts.pod.as_ref().map(|n| n.namespace.clone()),
+            pod: facts.pod.as_ref().map(|n| n.pod.clone()),
+            container: facts.pod.as_ref().and_then(|n| n.container.clone()),
+        };
+        (outcome, record)
+    }
+}
+
+/// Live processes the selector covers (for the `min_workers` floor).
+fn count_selected(sel: &crate::config::Selector) -> usize {
+    let Ok(all) = procfs::process::all_processes() else {
+        return 0;
+    };
+    all.filter_map(Result::ok)
+        .filter_map(|p| process::facts(p.pid as u32, p.pid as u32))
+        .filter(|f| !f.kernel_thread && policy::selects(sel, f))
+        .count()
+}
