@@ -155,11 +155,18 @@ const _: () = assert!(size_of::<TaskInfo>() == 24);
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: plain #[repr(C)] integers and arrays, no padding (checked by the size asserts).
+    // SAFETY (each): plain #[repr(C)] integers and arrays, no padding (the size asserts check
+    // it), every bit pattern valid.
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::PortConfig {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnInfo {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnRecord {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::TaskInfo {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Meta {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for crate::head::RouteValue {}
 }

@@ -1,8 +1,11 @@
 //! Maps shared by the programs, and the small helpers that touch them.
 
+use core::{ffi::c_void, ptr};
+
 use aya_ebpf::{
     bindings::{bpf_timer, BPF_NOEXIST},
     btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, SkStorage},
+    helpers::bpf_sk_storage_get,
     macros::btf_map,
 };
 use watchdog_common::{
@@ -155,6 +158,20 @@ fn add<const N: usize>(map: &PerCpuArray<u64, N>, index: u32, value: u64) {
         // SAFETY: a per-CPU slot, written only by this CPU with preemption off.
         unsafe { *p += value };
     }
+}
+
+/// The tracked-connection state of a socket, or null for every other socket: socket-local
+/// storage in the sock set, `SOCK_STATES[cookie]` in the syscall set. `sk` is a socket the
+/// verifier knows as one (a tracepoint's `struct sock *`, or a sock_ops context's `sk`);
+/// `cookie` gives its cookie, asked for only in the syscall set.
+#[inline(always)]
+pub fn sock_state(sk: *mut c_void, cookie: impl FnOnce() -> u64) -> *mut SockState {
+    if syscall_set() {
+        return SOCK_STATES.get_ptr_mut(cookie()).unwrap_or(ptr::null_mut());
+    }
+    // SAFETY: lookup without create on a socket pointer the verifier typed (see above).
+    unsafe { bpf_sk_storage_get(ptr::addr_of!(SOCKS) as *mut c_void, sk, ptr::null_mut(), 0) }
+        .cast()
 }
 
 /// The config of `port`, falling back to the wildcard entry at index 0; with the index used

@@ -18,8 +18,8 @@ use aya_ebpf::{
 use watchdog_common::{conn_flag, stat, ConnInfo, EventKind, ReqState, PORT_CLIENT_GONE};
 
 use crate::maps::{
-    count, emit, port_config, port_count, syscall_set, ConnEntry, SockState, CONNS, SOCKS,
-    SOCK_PEER_FIN, SOCK_STATES, TASKS,
+    count, emit, port_config, port_count, sock_state, syscall_set, ConnEntry, SockState, CONNS,
+    SOCKS, SOCK_PEER_FIN, SOCK_STATES, TASKS,
 };
 
 const AF_INET: u32 = 2;
@@ -111,10 +111,10 @@ fn on_accept(ctx: &SockOpsContext) {
     let Some(e) = CONNS.get_ptr_mut(cookie) else {
         return;
     };
-    // SAFETY: `e` points into CONNS; the timer belongs to that map.
+    // SAFETY: `e` points into CONNS (the lookup above).
     // Best effort here (softirq): allocation can fail under a burst of accepts; request start
     // retries in process context.
-    if !init_timer(e) {
+    if !unsafe { init_timer(e) } {
         count(stat::TIMER_INIT_ERRORS);
     }
     let init = SockState {
@@ -178,8 +178,11 @@ fn on_state(ctx: &SockOpsContext) {
 }
 
 /// Initialises the deadline timer of a `CONNS` entry. False if the kernel refused.
+///
+/// # Safety
+/// `e` points into `CONNS`.
 #[inline(always)]
-pub fn init_timer(e: *mut ConnEntry) -> bool {
+pub unsafe fn init_timer(e: *mut ConnEntry) -> bool {
     // SAFETY: `e` points into CONNS; the timer belongs to that map.
     unsafe {
         let map = ptr::addr_of!(CONNS) as *mut c_void;
@@ -213,21 +216,8 @@ fn create_state(sk: *mut bpf_sock, init: &SockState) -> bool {
 /// The per-socket state of the sock_ops context's socket, or null if it is not tracked.
 #[inline(always)]
 fn state_of(ctx: &SockOpsContext, sk: *mut bpf_sock) -> *mut SockState {
-    if syscall_set() {
-        // SAFETY: helper call with the sock_ops context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        return SOCK_STATES.get_ptr_mut(cookie).unwrap_or(ptr::null_mut());
-    }
-    // SAFETY: lookup without create on this context's socket.
-    unsafe {
-        bpf_sk_storage_get(
-            ptr::addr_of!(SOCKS) as *mut c_void,
-            sk.cast(),
-            ptr::null_mut(),
-            0,
-        )
-    }
-    .cast()
+    // SAFETY: helper call with the sock_ops context.
+    sock_state(sk.cast(), || unsafe { bpf_get_socket_cookie(ctx.as_ptr()) })
 }
 
 /// The peer hung up on a request in flight: tell userspace if the port asks for it.
@@ -258,15 +248,8 @@ fn peer_gone(cookie: u64, kind: EventKind) {
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn conn_enter_receive_reset(ctx: BtfTracePointContext) -> u32 {
     let sk: *mut c_void = ctx.arg(0);
-    let st: *const SockState = if syscall_set() {
-        // SAFETY: `sk` is the tracepoint's typed socket pointer.
-        let cookie = unsafe { bpf_get_socket_cookie(sk) };
-        SOCK_STATES.get_ptr(cookie).unwrap_or(ptr::null_mut())
-    } else {
-        // SAFETY: `sk` is the tracepoint's typed socket pointer.
-        unsafe { bpf_sk_storage_get(ptr::addr_of!(SOCKS) as *mut c_void, sk, ptr::null_mut(), 0) }
-            .cast()
-    };
+    // SAFETY: `sk` is the tracepoint's typed socket pointer.
+    let st: *const SockState = sock_state(sk, || unsafe { bpf_get_socket_cookie(sk) });
     if !st.is_null() {
         // SAFETY: non-null storage pointer.
         let st = unsafe { &*st };

@@ -5,7 +5,7 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_sk_storage_get, bpf_timer_start},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_timer_start},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
@@ -17,7 +17,7 @@ use watchdog_common::{
 
 use crate::{
     maps::{
-        count, port_config, port_count, task_life, ConnEntry, SockState, CONNS, SOCKS,
+        count, port_config, port_count, sock_state, task_life, ConnEntry, SockState, CONNS,
         SOCK_UPGRADED,
     },
     programs::{
@@ -29,12 +29,11 @@ use crate::{
 /// `MSG_PEEK`: a peek reads bytes without consuming them; it starts nothing.
 pub const MSG_PEEK: i32 = 2;
 
-/// The tracked-connection state of `sk`, or null for every other socket.
+/// The tracked-connection state of the tracepoint's socket (sock set: socket-local storage).
 #[inline(always)]
-fn sock_state(sk: *mut c_void) -> *mut SockState {
-    // SAFETY: `sk` is the tracepoint's typed socket pointer; lookup without create.
-    unsafe { bpf_sk_storage_get(ptr::addr_of!(SOCKS) as *mut c_void, sk, ptr::null_mut(), 0) }
-        .cast()
+fn state_of(sk: *mut c_void) -> *mut SockState {
+    // SAFETY: `sk` is the tracepoint's typed socket pointer.
+    sock_state(sk, || unsafe { bpf_get_socket_cookie(sk) })
 }
 
 /// `sock_recv_length(struct sock *sk, int ret, int flags)`, in the receiving task.
@@ -45,7 +44,7 @@ pub fn request_enter_recv(ctx: BtfTracePointContext) -> u32 {
     if ret <= 0 || flags & MSG_PEEK != 0 {
         return 0;
     }
-    let st = sock_state(ctx.arg(0));
+    let st = state_of(ctx.arg(0));
     if st.is_null() {
         return 0;
     }
@@ -130,7 +129,8 @@ pub fn start_request(st: &mut SockState, regs: *const u64, ret: u64) {
     info.head_state = head_state;
     info.head_len = len;
     if life != 0 && flags & conn_flag::NO_DEADLINE == 0 {
-        arm_for(e, now.saturating_add(deadline_ns), deadline_ns);
+        // SAFETY: `e` points into CONNS (a successful lookup above).
+        unsafe { arm_for(e, now.saturating_add(deadline_ns), deadline_ns) };
     }
 }
 
@@ -147,8 +147,11 @@ const ARM_MARGIN_NS: u64 = 1_000_000;
 /// connection before this request's fields were written: the clock is read after writing them,
 /// and the callback runs no earlier than `armed_ns`, so `armed_ns` more than `ARM_MARGIN_NS`
 /// ahead of that clock reading proves it.
+///
+/// # Safety
+/// `e` points into `CONNS`.
 #[inline(always)]
-fn arm_for(e: *mut ConnEntry, due: u64, deadline_ns: u64) {
+unsafe fn arm_for(e: *mut ConnEntry, due: u64, deadline_ns: u64) {
     // SAFETY: `e` points into CONNS; a plain read of the kernel-only field.
     let armed = unsafe { ptr::read_volatile(ptr::addr_of!((*e).armed_ns)) };
     if armed != 0 && armed <= due {
@@ -158,11 +161,12 @@ fn arm_for(e: *mut ConnEntry, due: u64, deadline_ns: u64) {
             return;
         }
     }
-    let timer = ptr::addr_of_mut!(unsafe { &mut *e }.timer);
+    // SAFETY: `e` points into CONNS (the caller's contract).
+    let timer = unsafe { ptr::addr_of_mut!((*e).timer) };
     // SAFETY: the timer lives in CONNS; re-arming moves an armed timer. A timer whose init
     // failed at accept (allocation in softirq) is initialised here, in process context.
     let armed = unsafe { bpf_timer_start(timer, deadline_ns, 0) } == 0
-        || (init_timer(e) && unsafe { bpf_timer_start(timer, deadline_ns, 0) } == 0);
+        || (unsafe { init_timer(e) } && unsafe { bpf_timer_start(timer, deadline_ns, 0) } == 0);
     if armed {
         // The timer fires at call time + deadline_ns, never before `due`.
         // SAFETY: as above.
@@ -182,7 +186,7 @@ pub fn request_exit_send(ctx: BtfTracePointContext) -> u32 {
     if ret <= 0 {
         return 0;
     }
-    let st = sock_state(ctx.arg(0));
+    let st = state_of(ctx.arg(0));
     if st.is_null() {
         return 0;
     }

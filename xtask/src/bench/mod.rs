@@ -187,6 +187,7 @@ fn raise_nofile() -> Result<()> {
     // SAFETY: getrlimit/setrlimit with a valid struct.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
         lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
             return Ok(());
         }
