@@ -15,17 +15,23 @@ use aya::{
         Array, HashMap, Map, MapData, PerCpuArray, RingBuf,
     },
     programs::{
-        links::{CgroupAttachMode, FdLink, PinnedLink},
+        links::{CgroupAttachMode, FdLink},
         BtfTracePoint, SockOps,
     },
     Btf, Ebpf, EbpfLoader,
 };
 use tracing::{info, warn};
 use watchdog_common::{
-    head::{proto, RouteValue, ROUTE_KEY_DATA},
-    limits, names, port_stat, stat, ConnInfo, ConnRecord, Meta, PortConfig, TaskInfo,
-    LAYOUT_VERSION,
+    head::{RouteValue, ROUTE_KEY_DATA},
+    limits, names, ConnInfo, ConnRecord, Meta, PortConfig, TaskInfo, LAYOUT_VERSION,
 };
+
+mod counters;
+mod pin;
+
+pub use counters::Counters;
+pub use pin::unload;
+use pin::{adopt, pin, prepare_bpffs};
 
 use crate::{
     config::Probes,
@@ -425,80 +431,6 @@ impl Kernel {
     }
 }
 
-/// The kernel's per-CPU counters (read-only from userspace).
-pub struct Counters {
-    stats: PerCpuArray<MapData, u64>,
-    port_stats: PerCpuArray<MapData, u64>,
-}
-
-impl std::fmt::Debug for Counters {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Counters")
-    }
-}
-
-impl Counters {
-    /// Timer-start errors plus lost events: the failures `backstop.rs` covers. Two reads.
-    pub fn backstop_failures(&self) -> u64 {
-        [stat::TIMER_START_ERRORS, stat::EVENTS_LOST]
-            .iter()
-            .map(|i| {
-                self.stats
-                    .get(i, 0)
-                    .map(|v| v.iter().copied().sum())
-                    .unwrap_or(0)
-            })
-            .sum()
-    }
-
-    pub fn stats(&self) -> KernelStats {
-        let get = |i: u32| -> u64 {
-            self.stats
-                .get(&i, 0)
-                .map(|v| v.iter().copied().sum())
-                .unwrap_or(0)
-        };
-        KernelStats {
-            conns_opened: get(stat::CONNS_OPENED),
-            conns_closed: get(stat::CONNS_CLOSED),
-            conns_table_full: get(stat::CONNS_TABLE_FULL),
-            tasks_table_full: get(stat::TASKS_TABLE_FULL),
-            events_lost: get(stat::EVENTS_LOST),
-            deadlines_fired: get(stat::DEADLINES_FIRED),
-            deadlines_stale: get(stat::DEADLINES_STALE),
-            tasks_exited: get(stat::TASKS_EXITED),
-            timer_init_errors: get(stat::TIMER_INIT_ERRORS),
-            timer_start_errors: get(stat::TIMER_START_ERRORS),
-            deadlines_rearmed: get(stat::DEADLINES_REARMED),
-        }
-    }
-
-    /// Counters of one metrics slot.
-    pub fn slot_stats(&self, slot: u32) -> SlotStats {
-        let base = slot * port_stat::STRIDE;
-        let get = |i: u32| -> u64 {
-            self.port_stats
-                .get(&(base + i), 0)
-                .map(|v| v.iter().copied().sum())
-                .unwrap_or(0)
-        };
-        SlotStats {
-            buckets: (0..=watchdog_common::DURATION_BUCKETS_MS.len() as u32)
-                .map(|b| get(port_stat::BUCKETS + b))
-                .collect(),
-            duration_sum_ns: get(port_stat::DURATION_SUM_NS),
-            started: get(port_stat::STARTED),
-            closed_in_flight: get(port_stat::CLOSED_IN_FLIGHT),
-            protocols: (0..u32::from(proto::COUNT))
-                .map(|p| get(port_stat::PROTO + p))
-                .collect(),
-            upgraded: get(port_stat::UPGRADED),
-            route_unreadable: get(port_stat::ROUTE_UNREADABLE),
-            route_split: get(port_stat::ROUTE_SPLIT),
-        }
-    }
-}
-
 /// Slots beyond the table share slot 0.
 pub const MAX_SLOTS: u32 = limits::MAX_PORT_SLOTS;
 
@@ -526,113 +458,6 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, LoadError
             name: name.to_string(),
         },
     ))
-}
-
-/// Pins the maps userspace reads and every link under `dir`.
-fn pin(
-    dir: &Path,
-    maps: &std::collections::HashMap<&'static str, Map>,
-    links: Vec<(&'static str, Option<FdLink>)>,
-) -> Result<(), LoadError> {
-    let pin_err = |path: PathBuf| {
-        move |e: aya::pin::PinError| LoadError::Pin {
-            path,
-            source: std::io::Error::other(e.to_string()),
-        }
-    };
-    fs::create_dir_all(dir).map_err(|source| LoadError::Pin {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    for (name, map) in maps {
-        let path = dir.join(name);
-        map.pin(&path).map_err(pin_err(path))?;
-    }
-    for (name, link) in links {
-        let path = dir.join(format!("link_{name}"));
-        let link = link.ok_or_else(|| LoadError::Pin {
-            path: path.clone(),
-            source: std::io::Error::other("the kernel gave a legacy attachment, not a link"),
-        })?;
-        // The pin holds the link from now on; this process's fd may close.
-        drop(link.pin(&path).map_err(pin_err(path.clone()))?);
-    }
-    Ok(())
-}
-
-/// Opens the pinned state in `dir` if its stamp equals `want` and every piece is there.
-/// `Ok(None)`: nothing pinned. `Err(reason)`: something is pinned that must not be read.
-fn adopt(
-    dir: &Path,
-    want: &Meta,
-) -> Result<Option<std::collections::HashMap<&'static str, Map>>, String> {
-    if !dir.exists() {
-        return Ok(None);
-    }
-    let meta_map = MapData::from_pin(dir.join(names::MAP_META))
-        .map_err(|e| format!("no readable {} stamp ({e})", names::MAP_META))?;
-    let stamp: Array<MapData, Meta> = Array::try_from(Map::Array(meta_map))
-        .map_err(|e| format!("stamp of another layout ({e})"))?;
-    let have = stamp
-        .get(&0, 0)
-        .map_err(|e| format!("reading the stamp: {e}"))?;
-    if have != *want {
-        return Err(format!(
-            "pinned by another build or setting: {have:?}, this daemon: {want:?}"
-        ));
-    }
-    let set = if want.probe_set == ProbeSet::Sock.id() {
-        ProbeSet::Sock
-    } else {
-        ProbeSet::Syscalls
-    };
-    for spec in kernel_btf::PROGRAMS
-        .iter()
-        .filter(|p| p.set.is_none_or(|s| s == set))
-    {
-        let path = dir.join(format!("link_{}", spec.program));
-        PinnedLink::from_pin(&path).map_err(|e| format!("{} is missing ({e})", path.display()))?;
-    }
-    let mut maps = std::collections::HashMap::new();
-    for name in names::PINNED_MAPS {
-        let data = MapData::from_pin(dir.join(name))
-            .map_err(|e| format!("pinned map {name} is missing ({e})"))?;
-        let map = match name {
-            names::MAP_CONNS | names::MAP_TASKS => Map::HashMap(data),
-            names::MAP_PORTS | names::MAP_META => Map::Array(data),
-            names::MAP_ROUTES => Map::LpmTrie(data),
-            names::MAP_STATS | names::MAP_PORT_STATS => Map::PerCpuArray(data),
-            _ => Map::RingBuf(data),
-        };
-        maps.insert(name, map);
-    }
-    Ok(Some(maps))
-}
-
-/// Removes a pinned state: its programs detach once nothing else holds them.
-pub fn unload(dir: &Path) -> std::io::Result<bool> {
-    match fs::remove_dir_all(dir) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// Mounts bpffs on the parent of `dir` (normally /sys/fs/bpf) unless it is on a bpffs already.
-fn prepare_bpffs(dir: &Path) -> Result<(), LoadError> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let parent = dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
-    let on_bpffs =
-        nix::sys::statfs::statfs(parent).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
-    if on_bpffs {
-        return Ok(());
-    }
-    fs::create_dir_all(parent)
-        .and_then(|()| mount("bpf", parent, "bpf"))
-        .map_err(|source| LoadError::Pin {
-            path: parent.to_path_buf(),
-            source,
-        })
 }
 
 /// FNV-1a, 64 bit: a stable fingerprint of the embedded object.
