@@ -48,14 +48,17 @@ impl Outcome {
 
 const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
 
+/// `pidfd_open`, falling back on the reserve descriptor when the table is full (`fds.rs`).
 pub(crate) fn pidfd_open(pid: u32, flags: libc::c_uint) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; on success the return value is a new file descriptor we own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, flags) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a freshly opened descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    crate::fds::with_reserve(|| {
+        // SAFETY: plain syscall; on success the return value is a new file descriptor we own.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, flags) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a freshly opened descriptor.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    })
 }
 
 fn pidfd_send_signal(fd: &OwnedFd, sig: Signal) -> io::Result<()> {

@@ -91,6 +91,7 @@ pub async fn run(
     observe_forced: bool,
 ) -> anyhow::Result<()> {
     set_nice(cfg.nice);
+    crate::fds::init();
     crate::pods::configure(&cfg.kubelet_logs);
     let mut kernel = Kernel::load(&LoadOptions {
         probes: cfg.probes,
@@ -118,10 +119,10 @@ pub async fn run(
         .last_tick
         .store(crate::clock::mono_secs(), Ordering::Relaxed);
 
-    let http = tokio::net::TcpListener::bind(cfg.metrics_addr)
-        .await
+    let http = std::net::TcpListener::bind(cfg.metrics_addr)
         .with_context(|| format!("binding the metrics listener on {}", cfg.metrics_addr))?;
-    let http_task = tokio::spawn(api::serve_http(http, Arc::new(registry), health.clone()));
+    api::http::spawn(http, Arc::new(registry), health.clone())
+        .context("starting the metrics server thread")?;
     let status = api::bind_status(&cfg.status_socket)
         .with_context(|| format!("binding the status socket {}", cfg.status_socket.display()))?;
     let (status_tx, mut status_rx) = mpsc::channel::<StatusRequest>(8);
@@ -222,7 +223,6 @@ pub async fn run(
             _ = sigint.recv() => { crate::shutdown::on_interrupt(st.cfg.on_interrupt, &st.cfg.state_dir); break; }
         }
     }
-    http_task.abort();
     status_task.abort();
     let _ = std::fs::remove_file(&st.cfg.status_socket);
     Ok(())
@@ -348,6 +348,7 @@ impl State {
     }
 
     fn housekeeping(&mut self) {
+        crate::fds::refill();
         if let Some(path) = &self.config_path {
             let now = stamp(path);
             if now.is_some() && now != self.config_stamp {

@@ -1,0 +1,69 @@
+//! The daemon's two doors: an HTTP listener for Prometheus and Kubernetes probes (`http.rs`:
+//! `/metrics`, `/healthz`, `/readyz`, on hyper, on a thread of its own), and a root-only unix
+//! socket that `watchdog status` reads.
+
+pub mod http;
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    sync::atomic::{AtomicBool, AtomicU64},
+};
+
+use tokio::{
+    io::AsyncWriteExt,
+    net::UnixListener,
+    sync::{mpsc, oneshot},
+};
+
+/// Liveness and readiness, shared with the event loop.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Monotonic seconds of the event loop's last turn.
+    pub last_tick: AtomicU64,
+    /// Programs attached and policies applied.
+    pub ready: AtomicBool,
+}
+
+/// A status request from the socket to the event loop, answered with the JSON document.
+pub type StatusRequest = oneshot::Sender<String>;
+
+/// Binds the status socket, owner-only (0600) in a 0700 directory it creates if needed.
+pub fn bind_status(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Answers each connection on the status socket with one JSON document from the event loop.
+pub async fn serve_status(listener: UnixListener, tx: mpsc::Sender<StatusRequest>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        // Only root may ask (the socket mode already says so; this also covers a chmod).
+        match stream.peer_cred() {
+            Ok(c) if c.uid() == 0 => {}
+            _ => {
+                let _ = stream
+                    .write_all(b"{\"error\":\"only root may read the status\"}\n")
+                    .await;
+                continue;
+            }
+        }
+        let (reply_tx, reply_rx) = oneshot::channel();
+        if tx.send(reply_tx).await.is_err() {
+            return;
+        }
+        if let Ok(doc) = reply_rx.await {
+            let _ = stream.write_all(doc.as_bytes()).await;
+        }
+    }
+}
