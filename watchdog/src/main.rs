@@ -10,6 +10,7 @@ mod config;
 mod daemon;
 mod decide;
 mod diagnose;
+mod evict;
 mod fds;
 mod kernel_btf;
 mod loader;

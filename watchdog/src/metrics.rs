@@ -54,6 +54,11 @@ pub struct WhyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SetLabels {
     pub set: String,
 }
@@ -78,6 +83,7 @@ pub struct Metrics {
     pub observe_only: Family<PolicyLabels, Gauge>,
     pub events: Counter,
     pub recovered: Family<WhyLabels, Counter>,
+    pub dropped: Family<ReasonLabels, Counter>,
     /// Which namespaces keep a label of their own on `actions`.
     pub namespaces: crate::pods::NamespaceLabels,
 }
@@ -103,6 +109,7 @@ impl Metrics {
             observe_only: Family::default(),
             events: Counter::default(),
             recovered: Family::default(),
+            dropped: Family::default(),
             namespaces: crate::pods::NamespaceLabels::default(),
         };
         registry.register(
@@ -149,6 +156,11 @@ impl Metrics {
             "watchdog_deadlines_recovered",
             "Over-budget requests found by the backstop sweep: no kernel timer, or its event lost",
             m.recovered.clone(),
+        );
+        registry.register(
+            "watchdog_connections_dropped",
+            "Idle connections dropped from tracking to make room when the table passed its high-water mark",
+            m.dropped.clone(),
         );
         let build: Family<VersionLabels, Gauge> = Family::default();
         build

@@ -172,9 +172,10 @@ fn on_state(ctx: &SockOpsContext) {
     if syscall_set() {
         let _ = SOCK_STATES.remove(cookie);
     }
-    if CONNS.remove(cookie).is_ok() {
-        count(stat::CONNS_CLOSED);
-    }
+    // Counted whether or not the daemon dropped the connection from `CONNS` while it was idle
+    // (`evict.rs`): `CONNS_OPENED - CONNS_CLOSED` is the tracked connections still open.
+    let _ = CONNS.remove(cookie);
+    count(stat::CONNS_CLOSED);
 }
 
 /// Initialises the deadline timer of a `CONNS` entry. False if the kernel refused.

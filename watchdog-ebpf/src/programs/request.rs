@@ -65,13 +65,14 @@ pub fn start_request(st: &mut SockState, regs: *const u64, ret: u64) {
     if st.flags & SOCK_UPGRADED != 0 {
         return;
     }
+    // No record: the daemon dropped this idle connection from tracking to make room for
+    // others (`evict.rs`); its requests are no longer followed, or counted.
+    let Some(e) = CONNS.get_ptr_mut(st.cookie) else {
+        return;
+    };
     st.state = ReqState::InFlight as u32;
     st.gen = st.gen.wrapping_add(1);
     st.stat_slot = st.slot;
-    let Some(e) = CONNS.get_ptr_mut(st.cookie) else {
-        port_count(st.slot, port_stat::STARTED, 1);
-        return;
-    };
     // SAFETY: helpers without arguments.
     let (now, pid_tgid) = unsafe { (bpf_ktime_get_ns(), bpf_get_current_pid_tgid()) };
     let tid = pid_tgid as u32;

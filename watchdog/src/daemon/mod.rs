@@ -27,6 +27,7 @@ use crate::{
     config::{Action, Config, Mode, Policy},
     decide::{self, Verdict},
     diagnose,
+    evict::Evictor,
     loader::{Kernel, LoadOptions, Origin},
     metrics::{ActionLabels, Metrics, PolicyLabels, PortLabels, SlotLabel, SlotMap, WhyLabels},
     plan::{self, describe_ports},
@@ -82,6 +83,7 @@ struct State {
     recent: VecDeque<ActionRecord>,
     own_pid: u32,
     backstop: Backstop,
+    evictor: Evictor,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. `observe_forced` (`--observe`) holds across reloads.
@@ -144,6 +146,7 @@ pub async fn run(
         recent: VecDeque::new(),
         own_pid: std::process::id(),
         backstop: Backstop::new(0),
+        evictor: Evictor::new(cfg.max_connections),
         observe_forced,
     };
     st.backstop = Backstop::new(st.backstop_failures());
@@ -208,6 +211,7 @@ pub async fn run(
                 st.run_due();
             }
             _ = backstop_poll.tick() => {
+                st.evict_if_needed();
                 st.sweep_if_needed();
                 st.run_due();
             }
@@ -454,6 +458,38 @@ impl State {
                 }
             }
             None => {}
+        }
+    }
+
+    /// Drops the connections idle longest from tracking once the table passes its high-water
+    /// mark (`evict.rs`). One counter read per poll; a table scan only when it is due.
+    fn evict_if_needed(&mut self) {
+        let k = self.kernel.counters().stats();
+        let tracked = k.conns_opened.saturating_sub(k.conns_closed);
+        if !self.evictor.due(tracked) {
+            return;
+        }
+        let chosen = self.evictor.choose(&self.kernel.conns());
+        let mut dropped = 0u64;
+        for cookie in chosen {
+            if self.kernel.drop_if_idle(cookie) {
+                dropped += 1;
+            }
+        }
+        self.evictor.scanned(tracked);
+        if dropped > 0 {
+            self.metrics
+                .dropped
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: "idle".into(),
+                })
+                .inc_by(dropped);
+            warn!(
+                dropped,
+                tracked,
+                max = self.cfg.max_connections,
+                "connection table past its high-water mark: dropped the connections idle longest from tracking"
+            );
         }
     }
 

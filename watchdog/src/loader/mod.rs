@@ -411,6 +411,15 @@ impl Kernel {
             .collect()
     }
 
+    /// Deletes the connection's record if it is still idle when read again just before (its
+    /// later requests are then not followed: `evict.rs`). True if it was deleted.
+    pub fn drop_if_idle(&mut self, cookie: u64) -> bool {
+        match self.conns.get(&cookie, 0) {
+            Ok(r) if crate::evict::droppable(&r.info) => self.conns.remove(&cookie).is_ok(),
+            _ => false,
+        }
+    }
+
     /// The live task with this tid, if it owned a request and has not exited.
     pub fn task(&self, tid: u32) -> Option<TaskInfo> {
         self.tasks.get(&tid, 0).ok()

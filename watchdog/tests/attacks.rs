@@ -1,0 +1,386 @@
+//! Issue 21: nothing outside can blind the watchdog. Each attack runs on loopback, bounded in
+//! time and count, prints what it tried and what held, and checks that an over-budget request
+//! is still enforced on time while it runs.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+/// Lifts this test process's descriptor limit to its hard limit (the floods hold thousands).
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+}
+
+/// A slow request (CPU loop) on `port`, killed at 1 s: returns when the connection ended.
+fn slow_request_ends(port: u16) -> Duration {
+    let t = Instant::now();
+    let r = http_get(&local(port), "/slow", Duration::from_secs(10));
+    assert!(r.is_err(), "the slow request was answered: {r:?}");
+    t.elapsed()
+}
+
+/// The action record's own lateness (deadline → signal sent), in ms.
+fn lateness_ms(d: &Daemon) -> f64 {
+    let lines = d.log_events("request over budget");
+    assert_eq!(lines.len(), 1, "one action: {lines:?}");
+    assert_eq!(lines[0]["result"], "delivered", "{}", lines[0]);
+    lines[0]["lateness_ms"].as_f64().unwrap()
+}
+
+/// Holds up to `n` connections to `addr` for `secs`, sending a byte on each now and then and
+/// reopening those the server closes. Returns (opened, closed by the server).
+fn flood(addr: String, n: usize, stop: Arc<AtomicBool>) -> (usize, usize) {
+    let mut open: Vec<TcpStream> = Vec::new();
+    let (mut opened, mut closed) = (0, 0);
+    while !stop.load(Ordering::Relaxed) {
+        while open.len() < n && !stop.load(Ordering::Relaxed) {
+            match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(200)) {
+                Ok(s) => {
+                    s.set_nonblocking(true).unwrap();
+                    opened += 1;
+                    open.push(s);
+                }
+                Err(_) => break,
+            }
+        }
+        open.retain_mut(|s| {
+            let mut b = [0u8; 64];
+            let alive = match s.read(&mut b) {
+                Ok(0) => false,
+                Ok(_) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            } && s.write_all(b"G").is_ok();
+            if !alive {
+                closed += 1;
+            }
+            alive
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (opened, closed)
+}
+
+#[test]
+fn a_metrics_flood_at_1024_descriptors_does_not_delay_enforcement() {
+    raise_nofile();
+    let port = free_port();
+    let _app = app(port, 2, &[]);
+    let d = Daemon::start(&[
+        "--port",
+        &port.to_string(),
+        "--budget",
+        "1s",
+        "--signal",
+        "SIGKILL",
+    ]);
+    // The limit systemd gives a service, soft and hard, set on the running daemon.
+    let pid = d.proc.pid().to_string();
+    assert!(Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=1024:1024"])
+        .status()
+        .unwrap()
+        .success());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s2, addr) = (stop.clone(), d.metrics.clone());
+    let flooder = std::thread::spawn(move || flood(addr, 3000, s2));
+    std::thread::sleep(Duration::from_millis(1500));
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    // /healthz still answers (a fresh connection displaces the oldest).
+    let healthy = (0..10).any(|_| {
+        http_get(&d.metrics, "/healthz", Duration::from_secs(2)).is_ok_and(|b| b.contains("ok"))
+    });
+    let took = slow_request_ends(port);
+    stop.store(true, Ordering::Relaxed);
+    let (opened, closed) = flooder.join().unwrap();
+    let late = lateness_ms(&d);
+    println!(
+        "metrics flood: {opened} connections opened, {closed} closed by the server, daemon held {fds} descriptors (limit 1024); /healthz answered: {healthy}; over-budget request ended after {took:?}, action {late:.2} ms after its deadline"
+    );
+    assert!(healthy, "/healthz never answered during the flood");
+    assert!(fds < 1024, "the daemon's descriptors ran out: {fds}");
+    assert!(opened > 1000, "the flood did not flood: {opened}");
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    assert!(late < 5.0, "acted {late} ms after the deadline");
+}
+
+#[test]
+fn a_slowloris_on_the_metrics_port_is_cut_at_the_head_deadline() {
+    let port = free_port();
+    let _app = app(port, 2, &[]);
+    let d = Daemon::start(&[
+        "--port",
+        &port.to_string(),
+        "--budget",
+        "1s",
+        "--signal",
+        "SIGKILL",
+    ]);
+    let closed_by_server = Arc::new(AtomicUsize::new(0));
+    let t = Instant::now();
+    let clients: Vec<_> = (0..40)
+        .map(|_| {
+            let (addr, closed) = (d.metrics.clone(), closed_by_server.clone());
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n");
+                // One header byte every 300 ms, for at most 6 s.
+                while t.elapsed() < Duration::from_secs(6) {
+                    let mut b = [0u8; 512];
+                    match s.read(&mut b) {
+                        Ok(0) => {
+                            closed.fetch_add(1, Ordering::Relaxed);
+                            return Some(t.elapsed());
+                        }
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => {
+                            closed.fetch_add(1, Ordering::Relaxed);
+                            return Some(t.elapsed());
+                        }
+                    }
+                    if s.write_all(b"X").is_err() {
+                        closed.fetch_add(1, Ordering::Relaxed);
+                        return Some(t.elapsed());
+                    }
+                }
+                None
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let answered = http_get(&d.metrics, "/healthz", Duration::from_secs(2));
+    let took = slow_request_ends(port);
+    let ends: Vec<Option<Duration>> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let late = lateness_ms(&d);
+    let last = ends.iter().flatten().max().copied();
+    println!(
+        "slowloris: 40 clients sending one byte every 300 ms; {} cut by the server, the last after {last:?}; /healthz: {answered:?}; over-budget request ended after {took:?}, action {late:.2} ms late",
+        closed_by_server.load(Ordering::Relaxed)
+    );
+    assert!(
+        ends.iter().all(Option::is_some),
+        "a slow client was never cut: {ends:?}"
+    );
+    let last = last.unwrap();
+    assert!(
+        last >= Duration::from_secs(2) && last < Duration::from_millis(3500),
+        "the head deadline is 2 s: {last:?}"
+    );
+    assert!(answered.is_ok_and(|b| b.contains("ok")));
+    assert!(took >= Duration::from_millis(1000) && took < Duration::from_millis(1500));
+    assert!(late < 5.0, "{late}");
+}
+
+#[test]
+fn malformed_requests_to_the_metrics_port_get_an_error_and_nothing_else() {
+    let d = Daemon::start(&[
+        "--port",
+        &free_port().to_string(),
+        "--budget",
+        "1s",
+        "--observe",
+    ]);
+    let huge_header = format!(
+        "GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let long_path = format!("GET /{} HTTP/1.1\r\n\r\n", "p".repeat(10 * 1024));
+    let garbage: Vec<u8> = (0..512u32).map(|i| (i * 131 % 256) as u8).collect();
+    let corpus: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        (
+            "POST",
+            b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            &["405"],
+        ),
+        (
+            "DELETE",
+            b"DELETE /healthz HTTP/1.1\r\n\r\n".to_vec(),
+            &["405"],
+        ),
+        (
+            "unknown path",
+            b"GET /nope HTTP/1.1\r\n\r\n".to_vec(),
+            &["404"],
+        ),
+        (
+            "HTTP/9.9",
+            b"GET /metrics HTTP/9.9\r\n\r\n".to_vec(),
+            &["400", "505", ""],
+        ),
+        ("binary garbage", garbage, &["400", ""]),
+        (
+            "64 KiB header",
+            huge_header.into_bytes(),
+            &["431", "400", ""],
+        ),
+        (
+            "10 KiB path",
+            long_path.into_bytes(),
+            &["404", "414", "400", "431", ""],
+        ),
+        (
+            "bad content-length",
+            b"GET /metrics HTTP/1.1\r\nContent-Length: -5\r\n\r\n".to_vec(),
+            &["400", ""],
+        ),
+        (
+            "no CRLF",
+            b"GET /metrics HTTP/1.1\n\n".to_vec(),
+            &["200", "400", ""],
+        ),
+        (
+            "NUL in path",
+            b"GET /met\0rics HTTP/1.1\r\n\r\n".to_vec(),
+            &["400", "404", ""],
+        ),
+    ];
+    for (name, bytes, allowed) in &corpus {
+        let mut s = TcpStream::connect(&d.metrics).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(bytes);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out);
+        let status = text.split_whitespace().nth(1).unwrap_or("").to_string();
+        println!(
+            "malformed {name}: answered {:?}",
+            if status.is_empty() {
+                "nothing (closed)"
+            } else {
+                &status
+            }
+        );
+        assert!(allowed.contains(&status.as_str()), "{name}: {text:?}");
+    }
+    let metrics = http_get(&d.metrics, "/metrics", Duration::from_secs(2)).unwrap();
+    assert!(metrics.contains("watchdog_build_info"), "{metrics}");
+    // HEAD works and has no body.
+    let mut s = TcpStream::connect(&d.metrics).unwrap();
+    s.write_all(b"HEAD /healthz HTTP/1.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("\r\n\r\n"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn an_idle_connection_flood_on_a_watched_port_leaves_room_for_a_fresh_request() {
+    raise_nofile();
+    let port = free_port();
+    let _server = threaded(port);
+    let d = Daemon::start(&[
+        "--port",
+        &port.to_string(),
+        "--budget",
+        "1s",
+        "--signal",
+        "SIGKILL",
+        "--max-connections",
+        "64",
+    ]);
+    // More idle connections than the table holds, opened as fast as the client can.
+    let idle: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(local(port)).unwrap())
+        .collect();
+    let p = port.to_string();
+    let full = d.wait_metric(
+        "watchdog_map_evictions_total",
+        &[("table", "connections")],
+        1.0,
+        Duration::from_secs(2),
+    );
+    let dropped = d.wait_metric(
+        "watchdog_connections_dropped_total",
+        &[("reason", "idle")],
+        1.0,
+        Duration::from_secs(3),
+    );
+    let took = slow_request_ends(port);
+    let late = lateness_ms(&d);
+    println!(
+        "idle flood: 100 idle connections on a 64-entry table; {full} refused while full, {dropped} idle ones dropped from tracking; a fresh over-budget request ended after {took:?}, action {late:.2} ms late"
+    );
+    assert!(full >= 1.0, "the table never filled");
+    assert!(dropped >= 1.0, "no idle connection was dropped");
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    assert!(late < 5.0, "{late}");
+    assert!(d.metric("watchdog_requests_total", &[("port", &p)]) >= 1.0);
+    drop(idle);
+}
+
+#[test]
+fn a_storm_on_the_status_socket_does_not_delay_enforcement() {
+    let port = free_port();
+    let _app = app(port, 2, &[]);
+    let d = Daemon::start(&[
+        "--port",
+        &port.to_string(),
+        "--budget",
+        "1s",
+        "--signal",
+        "SIGKILL",
+    ]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let storms: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, calls, sock) = (stop.clone(), calls.clone(), d.status.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&sock) {
+                        let mut out = String::new();
+                        let _ = s.read_to_string(&mut out);
+                        calls.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let took = slow_request_ends(port);
+    stop.store(true, Ordering::Relaxed);
+    for s in storms {
+        s.join().unwrap();
+    }
+    let late = lateness_ms(&d);
+    let n = calls.load(Ordering::Relaxed);
+    println!("status storm: {n} status documents read by 4 clients; over-budget request ended after {took:?}, action {late:.2} ms late");
+    assert!(n > 50, "the storm did not storm: {n}");
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    assert!(late < 5.0, "{late}");
+}
