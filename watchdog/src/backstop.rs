@@ -71,6 +71,11 @@ impl Backstop {
         }
     }
 
+    /// Owes a sweep of the whole table (after the event ring had to be reopened).
+    pub fn owe_sweep(&mut self) {
+        self.table_owed = true;
+    }
+
     /// What must be read now? `failures` is the kernel's timer-start errors plus lost events,
     /// summed.
     pub fn plan(&mut self, failures: u64, now_ns: u64) -> Plan {

@@ -84,6 +84,7 @@ struct State {
     own_pid: u32,
     backstop: Backstop,
     evictor: Evictor,
+    workers: step::Workers,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. `observe_forced` (`--observe`) holds across reloads.
@@ -147,6 +148,7 @@ pub async fn run(
         own_pid: std::process::id(),
         backstop: Backstop::new(0),
         evictor: Evictor::new(cfg.max_connections),
+        workers: step::Workers::default(),
         observe_forced,
     };
     st.backstop = Backstop::new(st.backstop_failures());
@@ -180,7 +182,28 @@ pub async fn run(
     // Two counter reads per poll; the table is swept only when one of them moved.
     let mut backstop_poll = tokio::time::interval(Duration::from_millis(100));
 
+    let mut reopen_ring = false;
     loop {
+        if std::mem::take(&mut reopen_ring) {
+            st.backstop.owe_sweep();
+            match crate::loader::pinned_events(&st.cfg.state_dir)
+                .map_err(anyhow::Error::from)
+                .and_then(|r| {
+                    // SAFETY: as at start: the ring buffer owns its fd for the AsyncFd's life.
+                    unsafe { AsyncFd::register_with_interest(r, tokio::io::Interest::READABLE) }
+                        .map_err(anyhow::Error::from)
+                }) {
+                Ok(r) => ring = r,
+                Err(e) => {
+                    error!("reopening the event ring buffer failed, retrying in 1 s (the backstop enforces meanwhile): {e:#}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    st.sweep_if_needed();
+                    st.run_due();
+                    reopen_ring = true;
+                    continue;
+                }
+            }
+        }
         let next = match (st.tracker.next_due(), st.backstop.next_at()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -191,7 +214,14 @@ pub async fn run(
         };
         tokio::select! {
             guard = ring.readable_mut() => {
-                let mut guard = guard.context("waiting on the event ring buffer")?;
+                let mut guard = match guard {
+                    Ok(g) => g,
+                    Err(e) => {
+                        error!(error = %e, "the event ring buffer failed: reopening it from its pin; the backstop sweeps the table for what it missed");
+                        reopen_ring = true;
+                        continue;
+                    }
+                };
                 let mut batch = Vec::new();
                 while let Some(item) = guard.get_inner_mut().next() {
                     batch.push(Event::decode(&item));
@@ -265,18 +295,17 @@ impl State {
     /// Applies a validated config: kernel port table, metrics slots, policies.
     fn apply(&mut self, cfg: Config) -> anyhow::Result<()> {
         let plan = plan::plan(&cfg);
-        // Routes before ports: a port that gains routes finds them in place; one that loses
-        // them misses its old ones (the port's default) until its flag is cleared.
-        self.kernel.set_routes(&plan.routes)?;
-        for old in std::mem::take(&mut self.watched_ports) {
-            if !plan.ports.iter().any(|(p, _, _)| *p == old) {
-                self.kernel.set_port(old, PortConfig::default())?;
+        if let Err(e) = self.write_plan(&plan) {
+            // The kernel's tables and the policies change together or not at all: back to the
+            // running config's tables.
+            let old = plan::plan(&self.cfg);
+            if let Err(e2) = self.write_plan(&old) {
+                error!("restoring the previous kernel tables failed too: {e2:#}");
             }
+            return Err(e);
         }
         let mut labels = plan.route_slots.clone();
-        for (port, pc, label) in &plan.ports {
-            self.kernel.set_port(*port, *pc)?;
-            self.watched_ports.push(*port);
+        for (_, pc, label) in &plan.ports {
             if !labels.iter().any(|l: &SlotLabel| l.slot == pc.slot) {
                 labels.push(SlotLabel {
                     slot: pc.slot,
@@ -302,6 +331,26 @@ impl State {
             );
         }
         self.cfg = Arc::new(cfg);
+        Ok(())
+    }
+
+    /// Writes a plan's route and port tables. Routes first: a port that gains routes finds them
+    /// in place; one that loses them misses its old ones (the port's default) until its flag is
+    /// cleared. Every port written is remembered at once, so a failed write can be undone.
+    fn write_plan(&mut self, plan: &plan::Plan) -> anyhow::Result<()> {
+        self.kernel.set_routes(&plan.routes)?;
+        for old in self.watched_ports.clone() {
+            if !plan.ports.iter().any(|(p, _, _)| *p == old) {
+                self.kernel.set_port(old, PortConfig::default())?;
+                self.watched_ports.retain(|p| *p != old);
+            }
+        }
+        for (port, pc, _) in &plan.ports {
+            if !self.watched_ports.contains(port) {
+                self.watched_ports.push(*port);
+            }
+            self.kernel.set_port(*port, *pc)?;
+        }
         Ok(())
     }
 

@@ -63,12 +63,14 @@ impl State {
                 .entry(proto::label(r.info.proto))
                 .or_default() += 1;
         }
+        // One /proc read per owning thread, not per request (an event loop owns many).
+        let mut facts_cache = process::FactsCache::default();
         let in_flight = records
             .iter()
             .filter(|r| r.info.state == ReqState::InFlight as u32)
             .map(|r| {
                 let c = r.info;
-                let facts = process::facts(c.tgid, c.tid);
+                let facts = facts_cache.get(c.tgid, c.tid);
                 let policy = facts
                     .as_ref()
                     .and_then(|f| self.policy_for(c.local_port, f));

@@ -59,7 +59,8 @@ impl State {
         });
         let diagnosed = now_ns();
         let mode = self.cfg.mode_of(policy);
-        let alive = || count_selected(&policy.selector);
+        let workers = &self.workers;
+        let alive = || workers.count(&policy.name, &policy.selector);
         let verdict = decide::decide(
             decide::Inputs {
                 action: due.step.action,
@@ -102,6 +103,9 @@ impl State {
                 Outcome::Observed
             }
         };
+        if verdict == Verdict::Act {
+            self.workers.forget(&policy.name);
+        }
         let done = now_ns();
         let lateness = done.saturating_sub(due.due_ns);
         if outcome == Outcome::Delivered {
@@ -162,7 +166,34 @@ impl State {
     }
 }
 
-/// Live processes the selector covers (for the `min_workers` floor).
+/// Live processes a policy's selector covers, for the `min_workers` floor: a scan of /proc,
+/// remembered for `WORKERS_TTL` so a burst of actions scans once, not per action.
+#[derive(Default)]
+pub(super) struct Workers(std::cell::RefCell<HashMap<String, (usize, std::time::Instant)>>);
+
+const WORKERS_TTL: Duration = Duration::from_millis(500);
+
+impl Workers {
+    fn count(&self, policy: &str, sel: &crate::config::Selector) -> usize {
+        let now = std::time::Instant::now();
+        if let Some((n, at)) = self.0.borrow().get(policy) {
+            if now.duration_since(*at) < WORKERS_TTL {
+                return *n;
+            }
+        }
+        let n = count_selected(sel);
+        self.0.borrow_mut().insert(policy.to_string(), (n, now));
+        n
+    }
+
+    /// After an action of `policy` was carried out: its count is stale (a worker may be dying),
+    /// so the next floor check scans again. The floor is never judged on a count from before an
+    /// action.
+    pub(super) fn forget(&self, policy: &str) {
+        self.0.borrow_mut().remove(policy);
+    }
+}
+
 fn count_selected(sel: &crate::config::Selector) -> usize {
     let Ok(all) = procfs::process::all_processes() else {
         return 0;

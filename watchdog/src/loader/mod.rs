@@ -30,8 +30,8 @@ mod counters;
 mod pin;
 
 pub use counters::Counters;
-pub use pin::unload;
 use pin::{adopt, pin, prepare_bpffs};
+pub use pin::{pinned_events, unload};
 
 use crate::{
     config::Probes,

@@ -121,3 +121,11 @@ pub(super) fn prepare_bpffs(dir: &Path) -> Result<(), LoadError> {
             source,
         })
 }
+
+/// The pinned event ring buffer, opened again (after an error on the one in use).
+pub fn pinned_events(dir: &Path) -> Result<aya::maps::RingBuf<MapData>, LoadError> {
+    let data = MapData::from_pin(dir.join(names::MAP_EVENTS))
+        .map_err(|e| LoadError::MapOp(names::MAP_EVENTS, e))?;
+    aya::maps::RingBuf::try_from(Map::RingBuf(data))
+        .map_err(|e| LoadError::Map(names::MAP_EVENTS, e))
+}
