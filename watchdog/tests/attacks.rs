@@ -384,3 +384,37 @@ fn a_storm_on_the_status_socket_does_not_delay_enforcement() {
     );
     assert!(late < 5.0, "{late}");
 }
+
+#[test]
+fn a_check_beside_the_daemon_does_not_blind_it() {
+    let port = free_port();
+    let _app = app(port, 2, &[]);
+    let d = Daemon::start(&[
+        "--port",
+        &port.to_string(),
+        "--budget",
+        "1s",
+        "--signal",
+        "SIGKILL",
+    ]);
+    // `watchdog check` loads and attaches its own programs, then exits.
+    for set in ["sock", "syscalls"] {
+        let out = Command::new(BIN)
+            .args(["check", "--probes", set])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let took = slow_request_ends(port);
+    let late = lateness_ms(&d);
+    println!("watchdog check twice beside the daemon; over-budget request ended after {took:?}, action {late:.2} ms late");
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    assert!(late < 5.0, "{late}");
+}

@@ -256,6 +256,8 @@ impl Kernel {
             path: cgroup.clone(),
             source,
         })?;
+        // A `watchdog check` run beside the daemon attaches its own and leaves the daemon's in
+        // place (e2e `a_check_beside_the_daemon_does_not_blind_it`).
         let id = sock_ops.attach(cg, CgroupAttachMode::Single).map_err(err)?;
         let link = sock_ops.take_link(id).map_err(err)?;
         links.push((names::PROG_SOCK_OPS, FdLink::try_from(link).ok()));
