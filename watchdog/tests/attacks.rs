@@ -418,3 +418,107 @@ fn a_check_beside_the_daemon_does_not_blind_it() {
     );
     assert!(late < 5.0, "{late}");
 }
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[test]
+fn status_calls_with_5000_requests_in_flight_keep_lateness_within_2_ms_of_idle() {
+    raise_nofile();
+    let (hang, slow) = (free_port(), free_port());
+    let _hang = spawn_ready(
+        "hang.py",
+        Command::new("python3")
+            .arg(fixture("hang.py"))
+            .arg(hang.to_string()),
+    );
+    let _app = app(slow, 2, &[]);
+    let dir = tmpdir("attack-status");
+    let cfg = dir.join("watchdog.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[policy]]\nname = \"held\"\nports = [{hang}]\nbudget = \"10m\"\nmode = \"observe\"\n\n\
+             [[policy]]\nname = \"slow\"\nports = [{slow}]\nbudget = \"500ms\"\nsignal = \"SIGKILL\"\n\
+             breaker = {{ max_actions = 1000, window = \"1m\", cooldown = \"1s\" }}\n"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    // 5,000 requests in flight on one event-loop server.
+    let held: Vec<TcpStream> = (0..5000)
+        .map(|_| {
+            let mut s = TcpStream::connect(local(hang)).unwrap();
+            s.write_all(b"GET /hang HTTP/1.1\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    let p = hang.to_string();
+    let in_flight = (0..300)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            d.metric("watchdog_requests_in_flight", &[("port", &p)])
+        })
+        .find(|n| *n >= 5000.0)
+        .unwrap_or(0.0);
+    assert_eq!(
+        in_flight, 5000.0,
+        "the kernel did not see 5,000 requests in flight"
+    );
+    let lateness = |d: &Daemon, n: usize| -> Vec<f64> {
+        let before = d.log_events("request over budget").len();
+        for _ in 0..n {
+            let _ = slow_request_ends(slow);
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        d.log_events("request over budget")[before..]
+            .iter()
+            .map(|l| l["lateness_ms"].as_f64().unwrap())
+            .collect()
+    };
+    let mut idle = lateness(&d, 6);
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    // 50 status calls a second (three clients, one every 60 ms each), each document listing
+    // 5,000 requests in flight.
+    let storms: Vec<_> = (0..3)
+        .map(|_| {
+            let (s2, c2, sock) = (stop.clone(), calls.clone(), d.status.clone());
+            std::thread::spawn(move || {
+                while !s2.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&sock) {
+                        let mut out = String::new();
+                        let _ = s.read_to_string(&mut out);
+                        if out.len() > 100_000 {
+                            c2.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(60).saturating_sub(t.elapsed()));
+                }
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    let mut busy = lateness(&d, 6);
+    stop.store(true, Ordering::Relaxed);
+    for s in storms {
+        s.join().unwrap();
+    }
+    let rate = calls.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64();
+    let (mi, mb) = (median(&mut idle), median(&mut busy));
+    let (xi, xb) = (idle[idle.len() - 1], busy[busy.len() - 1]);
+    println!(
+        "5,000 in flight: lateness idle p50 {mi:.2} / max {xi:.2} ms; with {rate:.0} full status documents a second p50 {mb:.2} / max {xb:.2} ms"
+    );
+    assert_eq!((idle.len(), busy.len()), (6, 6));
+    // Two documents are built at a time (~45 ms each at 5,000 requests): the rest wait.
+    assert!(rate >= 15.0, "the storm read {rate:.0} documents a second");
+    assert!(
+        mb <= mi + 2.0,
+        "median lateness {mb:.2} ms under the storm, {mi:.2} ms idle"
+    );
+    drop(held);
+}

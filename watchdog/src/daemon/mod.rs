@@ -182,6 +182,11 @@ pub async fn run(
     // Two counter reads per poll; the table is swept only when one of them moved.
     let mut backstop_poll = tokio::time::interval(Duration::from_millis(100));
 
+    let status_reader = Arc::new(
+        crate::loader::ConnsReader::open(&st.cfg.state_dir)
+            .context("opening the connection table for the status document")?,
+    );
+    let status_slots = Arc::new(tokio::sync::Semaphore::new(2));
     let mut reopen_ring = false;
     loop {
         if std::mem::take(&mut reopen_ring) {
@@ -246,7 +251,14 @@ pub async fn run(
                 st.run_due();
             }
             Some(reply) = status_rx.recv() => {
-                let _ = reply.send(st.status_json());
+                // Built on a blocking thread from a snapshot; at most two at a time (the socket's
+                // channel holds the rest).
+                let job = st.status_job(status_reader.clone());
+                let permit = status_slots.clone().acquire_owned().await;
+                tokio::task::spawn_blocking(move || {
+                    let _ = reply.send(job.render());
+                    drop(permit);
+                });
             }
             _ = sighup.recv() => st.reload("SIGHUP"),
             _ = tick.tick() => {

@@ -1,10 +1,48 @@
 //! The `watchdog status` document: tracked connections, requests in flight with what they are,
-//! policies, recent actions.
+//! policies, recent actions. The event loop takes a snapshot of its own state (`State::status_job`,
+//! cheap); the document, which reads the whole connection table and /proc, is built from it on
+//! a blocking thread (`StatusJob::render`), never on the loop that acts.
 
 use super::*;
+use crate::loader::ConnsReader;
+
+/// What the document needs from the event loop, taken in one go.
+pub(super) struct StatusJob {
+    cfg: Arc<Config>,
+    policies: Vec<Arc<Policy>>,
+    /// Policies whose breaker holds them in observe-only now.
+    open_breakers: Vec<String>,
+    ladders_active: usize,
+    recent: Vec<ActionRecord>,
+    reader: Arc<ConnsReader>,
+}
 
 impl State {
-    pub(super) fn status_json(&self) -> String {
+    pub(super) fn status_job(&self, reader: Arc<ConnsReader>) -> StatusJob {
+        let now = now_ns();
+        StatusJob {
+            cfg: self.cfg.clone(),
+            policies: self.policies.clone(),
+            open_breakers: self
+                .breakers
+                .iter()
+                .filter(|(_, b)| (*b).clone().is_open(now))
+                .map(|(n, _)| n.clone())
+                .collect(),
+            ladders_active: self.tracker.len(),
+            recent: self.recent.iter().cloned().collect(),
+            reader,
+        }
+    }
+}
+
+impl StatusJob {
+    fn policy_for(&self, port: u16, facts: &ProcessFacts) -> Option<Arc<Policy>> {
+        let p = policy::select(&self.cfg, port, facts)?;
+        self.policies.iter().find(|q| q.name == p.name).cloned()
+    }
+
+    pub(super) fn render(self) -> String {
         #[derive(Serialize)]
         struct InFlight {
             port: u16,
@@ -48,7 +86,7 @@ impl State {
             recent_actions: Vec<&'a ActionRecord>,
         }
         let now = now_ns();
-        let records = self.kernel.records();
+        let records = self.reader.records();
         let mut connections = Connections {
             tracked: records.len(),
             upgraded: 0,
@@ -105,10 +143,7 @@ impl State {
                 ports: describe_ports(p),
                 budget_ms: p.budget.as_millis() as u64,
                 mode: self.cfg.mode_of(p),
-                observe_only_breaker: self
-                    .breakers
-                    .get(&p.name)
-                    .is_some_and(|b| b.clone().is_open(now)),
+                observe_only_breaker: self.open_breakers.contains(&p.name),
                 steps: p
                     .steps
                     .iter()
@@ -129,7 +164,7 @@ impl State {
             connections,
             in_flight,
             policies,
-            ladders_active: self.tracker.len(),
+            ladders_active: self.ladders_active,
             recent_actions: self.recent.iter().collect(),
         };
         serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"

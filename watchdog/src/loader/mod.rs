@@ -404,15 +404,6 @@ impl Kernel {
         self.conns.get(&cookie, 0).ok()
     }
 
-    /// Every tracked connection with its current request's first bytes (for status).
-    pub fn records(&self) -> Vec<ConnRecord> {
-        self.conns
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(_, r)| r)
-            .collect()
-    }
-
     /// Deletes the connection's record if it is still idle when read again just before (its
     /// later requests are then not followed: `evict.rs`). True if it was deleted.
     pub fn drop_if_idle(&mut self, cookie: u64) -> bool {
@@ -440,6 +431,34 @@ impl Kernel {
     pub fn counters(&self) -> Arc<Counters> {
         self.counters.clone()
     }
+}
+
+/// A second handle on the pinned connection table, for reading it off the event loop (the
+/// status document).
+pub struct ConnsReader(HashMap<MapData, u64, ConnRecord>);
+
+impl ConnsReader {
+    /// Opens the table pinned under `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Self, LoadError> {
+        let data = MapData::from_pin(state_dir.join(names::MAP_CONNS))
+            .map_err(|e| LoadError::MapOp(names::MAP_CONNS, e))?;
+        HashMap::try_from(Map::HashMap(data))
+            .map(Self)
+            .map_err(|e| LoadError::Map(names::MAP_CONNS, e))
+    }
+
+    /// Every tracked connection with its current request's first bytes.
+    pub fn records(&self) -> Vec<ConnRecord> {
+        read_all(&self.0)
+    }
+}
+
+fn read_all(conns: &HashMap<MapData, u64, ConnRecord>) -> Vec<ConnRecord> {
+    conns
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(_, r)| r)
+        .collect()
 }
 
 /// Slots beyond the table share slot 0.
