@@ -29,6 +29,12 @@ pub enum Outcome {
     TargetGone,
     /// A safety rule or policy guard said no.
     Refused(&'static str),
+    /// The connection was shut down through the owner's own descriptor of it (`pidfd_getfd`):
+    /// the socket is outside the daemon's network namespace (a pod) or the kernel has no
+    /// SOCK_DESTROY. The peer gets a FIN, not a RST.
+    ShutDown,
+    /// The owner is alive but holds no descriptor of the connection any more.
+    NoSuchSocket,
     /// The system call failed.
     Failed(String),
 }
@@ -41,6 +47,8 @@ impl Outcome {
             Outcome::Ended => "ended",
             Outcome::TargetGone => "target_gone",
             Outcome::Refused(_) => "refused",
+            Outcome::ShutDown => "delivered",
+            Outcome::NoSuchSocket => "no_such_socket",
             Outcome::Failed(_) => "failed",
         }
     }
@@ -187,9 +195,61 @@ pub fn reset(conn: &ConnInfo, still_valid: impl FnOnce() -> bool) -> Outcome {
     }
     match sock_destroy(conn) {
         Ok(()) => Outcome::Delivered,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Outcome::TargetGone,
+        // Not in the daemon's network namespace (every pod has its own), or no SOCK_DESTROY in
+        // this kernel (CONFIG_INET_DIAG_DESTROY off): the owner's own descriptor reaches it.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::EOPNOTSUPP | libc::EINVAL)
+            ) =>
+        {
+            shutdown_in_owner(conn)
+        }
         Err(e) => Outcome::Failed(format!("SOCK_DESTROY: {e}")),
     }
+}
+
+/// `SO_COOKIE`: the socket's cookie, the connection's identity in the kernel tables.
+const SO_COOKIE: libc::c_int = 57;
+
+/// Shuts the connection down through a duplicate of the owner's descriptor of it, found by its
+/// socket cookie among the owner's sockets: the exact connection, in whatever namespace.
+fn shutdown_in_owner(conn: &ConnInfo) -> Outcome {
+    let pidfd = match pidfd_open(conn.tgid, 0) {
+        Ok(fd) => fd,
+        Err(e) => return gone_or_failed(e),
+    };
+    for fd in crate::diagnose::socket_fds(conn.tgid) {
+        // SAFETY: plain syscall; on success the return value is a new descriptor we own.
+        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+        if dup < 0 {
+            continue;
+        }
+        // SAFETY: a freshly duplicated descriptor.
+        let dup = unsafe { OwnedFd::from_raw_fd(dup as i32) };
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: getsockopt into a u64 we own, with its length.
+        let r = unsafe {
+            libc::getsockopt(
+                dup.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_COOKIE,
+                std::ptr::addr_of_mut!(cookie).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 || cookie != conn.cookie {
+            continue;
+        }
+        // SAFETY: shutdown(2) on a descriptor we own; it acts on the socket the owner shares.
+        return if unsafe { libc::shutdown(dup.as_raw_fd(), libc::SHUT_RDWR) } == 0 {
+            Outcome::ShutDown
+        } else {
+            Outcome::Failed(format!("shutdown: {}", io::Error::last_os_error()))
+        };
+    }
+    Outcome::NoSuchSocket
 }
 
 fn sock_destroy(conn: &ConnInfo) -> io::Result<()> {

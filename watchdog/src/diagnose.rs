@@ -50,7 +50,7 @@ impl Cache {
             .entry(pid)
             .or_insert_with(|| {
                 let mut c: Vec<String> = match crate::actions::pidfd_open(pid, 0) {
-                    Ok(pidfd) => tcp_fds(pid)
+                    Ok(pidfd) => socket_fds(pid)
                         .filter_map(|fd| tcp_socket(&pidfd, fd))
                         .filter(|s| s.state != "LISTEN")
                         .map(|s| s.to_string())
@@ -260,7 +260,7 @@ impl std::fmt::Display for Sock {
 /// The descriptors of `pid` that are sockets (from the names of its /proc fd links), read lazily:
 /// a server holding 15,000 connections costs a link read per descriptor, so the caller stops as
 /// soon as it has listed enough (this was 1 ms per over-budget request at that scale).
-fn tcp_fds(pid: u32) -> impl Iterator<Item = i32> {
+pub(crate) fn socket_fds(pid: u32) -> impl Iterator<Item = i32> {
     fs::read_dir(format!("/proc/{pid}/fd"))
         .into_iter()
         .flatten()

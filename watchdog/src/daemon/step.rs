@@ -108,7 +108,7 @@ impl State {
         }
         let done = now_ns();
         let lateness = done.saturating_sub(due.due_ns);
-        if outcome == Outcome::Delivered {
+        if matches!(outcome, Outcome::Delivered | Outcome::ShutDown) {
             self.metrics.lateness.observe(lateness as f64 / 1e9);
         }
         let action = if matches!(due.step.action, Action::Log) {
@@ -133,6 +133,10 @@ impl State {
         let detail = match &outcome {
             Outcome::Refused(r) => Some((*r).to_string()),
             Outcome::Failed(e) => Some(e.clone()),
+            Outcome::ShutDown => Some(
+                "shut down through the owner's descriptor (socket outside this network namespace, or no SOCK_DESTROY)"
+                    .into(),
+            ),
             _ => None,
         };
         let record = ActionRecord {
