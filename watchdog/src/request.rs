@@ -57,11 +57,14 @@ pub fn line(head: &[u8]) -> Option<Line<'_>> {
 /// when none matches, `unknown` when its bytes could not be read or its path was cut short.
 /// Also returns the route's index.
 pub fn route_of(conn: &ConnInfo, head: &[u8], routes: &[Route]) -> (String, Option<usize>) {
-    if routes.is_empty() || conn.proto != proto::HTTP1 {
+    if routes.is_empty() {
         return ("default".into(), None);
     }
-    if conn.head_state != head_state::READ {
+    if conn.head_state == head_state::UNREADABLE || conn.head_state == head_state::SPLIT {
         return ("unknown".into(), None);
+    }
+    if conn.proto != proto::HTTP1 || conn.head_state != head_state::READ {
+        return ("default".into(), None);
     }
     let len = usize::from(conn.head_len).min(head.len());
     let Some(l) = line(&head[..len]) else {

@@ -97,10 +97,10 @@ pub fn start_request(st: &mut SockState, regs: *const u64, ret: u64) {
     let mut deadline_ns = cfg.deadline_ns;
     let mut flags = 0;
     let mut head_state = state;
-    if cfg.flags & PORT_ROUTES != 0 && st.proto == proto::HTTP1 as u32 {
-        if state != head_state::READ {
+    if cfg.flags & PORT_ROUTES != 0 {
+        if state == head_state::UNREADABLE {
             port_count(st.slot, port_stat::ROUTE_UNREADABLE, 1);
-        } else {
+        } else if state == head_state::READ && st.proto == proto::HTTP1 as u32 {
             match head::route(port_index, e, len) {
                 Route::Found(r) => {
                     deadline_ns = r.deadline_ns;
