@@ -22,6 +22,7 @@ mod process;
 mod request;
 mod routes;
 mod shutdown;
+mod stacks;
 mod status;
 mod tracker;
 

@@ -257,6 +257,7 @@ mod tests {
             breaker: BreakerConfig::default(),
             min_workers: None,
             routes: vec![],
+            stacks: true,
         })
     }
 

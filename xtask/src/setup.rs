@@ -18,7 +18,7 @@ const TEST_PACKAGES: &[&str] = &[
     "prometheus",
 ];
 /// Python client and server libraries of the end-to-end tests (PyPI), pinned.
-const PYTHON_PACKAGES: &[&str] = &["websockets==17.4", "grpcio==1.85.3"];
+const PYTHON_PACKAGES: &[&str] = &["websockets==17.4", "grpcio==1.85.3", "gevent==26.9.0"];
 
 fn home() -> PathBuf {
     PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))

@@ -178,6 +178,7 @@ impl Config {
             breaker: BreakerConfig::default(),
             min_workers: None,
             routes: vec![],
+            stacks: true,
         }]);
         if f.observe {
             cfg.mode = Mode::Observe;

@@ -230,6 +230,8 @@ pub struct Policy {
     pub min_workers: Option<u32>,
     /// Budgets per endpoint, tried in file order (`routes.rs`). Empty: one budget for all.
     pub routes: Vec<Route>,
+    /// Read the owner's Python stack before the first action (with `[daemon] stacks`).
+    pub stacks: bool,
 }
 
 impl Policy {
@@ -280,6 +282,10 @@ pub struct Config {
     pub nice: i32,
     /// Show a request's query string in records (it often carries tokens: off by default).
     pub record_query_string: bool,
+    /// Read the owner's Python stack before the first action (`stacks.rs`).
+    pub stacks: bool,
+    /// The longest an action waits for that stack.
+    pub stack_timeout: Duration,
     /// The directory holding the kubelet's `pods/` and `containers/` log directories.
     pub kubelet_logs: PathBuf,
     /// What SIGINT does to the pinned kernel state.
@@ -313,6 +319,7 @@ impl Config {
             breaker: BreakerConfig::default(),
             min_workers: None,
             routes: vec![],
+            stacks: true,
         }])
     }
 
@@ -329,6 +336,8 @@ impl Config {
             event_buffer_kib: watchdog_common::limits::EVENTS_BYTES / 1024,
             nice: DEFAULT_NICE,
             record_query_string: false,
+            stacks: true,
+            stack_timeout: DEFAULT_STACK_TIMEOUT,
             kubelet_logs: DEFAULT_KUBELET_LOGS.into(),
             on_interrupt: OnInterrupt::Unload,
             protect: Selector::default(),
@@ -432,6 +441,9 @@ fn read_config_file(path: &Path) -> Result<String, ConfigError> {
 
 #[cfg(test)]
 mod tests;
+
+/// How long an action waits for the owner's Python stack by default.
+pub const DEFAULT_STACK_TIMEOUT: Duration = Duration::from_millis(20);
 
 /// A FIN this soon after the request started is a half-close, not a hang-up (default).
 pub const DEFAULT_HALF_CLOSE_WINDOW: Duration = Duration::from_millis(100);

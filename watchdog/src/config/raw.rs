@@ -36,6 +36,8 @@ pub(super) struct RawDaemon {
     pub(super) event_buffer_kib: Option<u32>,
     pub(super) nice: Option<i32>,
     pub(super) record_query_string: Option<bool>,
+    pub(super) stacks: Option<bool>,
+    pub(super) stack_timeout: Option<Dur>,
     pub(super) kubelet_logs: Option<PathBuf>,
     pub(super) on_interrupt: Option<OnInterrupt>,
 }
@@ -57,6 +59,7 @@ pub(super) struct RawPolicy {
     pub(super) client_gone: Option<RawClientGone>,
     pub(super) breaker: Option<RawBreaker>,
     pub(super) min_workers: Option<u32>,
+    pub(super) stacks: Option<bool>,
     pub(super) routes: Option<toml::Spanned<Vec<toml::Spanned<RawRoute>>>>,
 }
 

@@ -55,6 +55,16 @@ pub(super) fn validate(raw: RawConfig, origin: &str, text: &str) -> Result<Confi
         cfg.nice = n;
     }
     cfg.record_query_string = raw.daemon.record_query_string.unwrap_or(false);
+    cfg.stacks = raw.daemon.stacks.unwrap_or(true);
+    if let Some(t) = raw.daemon.stack_timeout {
+        if t.0 > Duration::from_secs(1) {
+            return Err(invalid(
+                "daemon.stack_timeout".into(),
+                "at most 1s: the action waits for it",
+            ));
+        }
+        cfg.stack_timeout = t.0;
+    }
     if let Some(d) = raw.daemon.kubelet_logs {
         cfg.kubelet_logs = d;
     }
@@ -171,6 +181,7 @@ pub(super) fn validate(raw: RawConfig, origin: &str, text: &str) -> Result<Confi
             client_gone,
             breaker,
             min_workers: rp.min_workers,
+            stacks: rp.stacks.unwrap_or(true),
             routes,
         };
         if let (Some(list), Some(earlier)) = (

@@ -33,6 +33,9 @@ pub struct ActionRecord {
     pub mode: Mode,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub diagnosis: Option<diagnose::Diagnosis>,
+    /// The owner's Python stack, innermost first, and how long reading it took (`stacks.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stack: Option<crate::stacks::StackReport>,
     /// Kubernetes names of the owner (`pods.rs`); absent outside a pod.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
@@ -95,6 +98,8 @@ impl State {
                     cmdline = d.map_or("", |d| d.cmdline.as_str()),
                     connections = ?d.map(|d| &d.connections),
                     kernel_stack = ?d.map(|d| &d.kernel_stack),
+                    stack = r.stack.as_ref().map(|s| s.compact(4)).unwrap_or_default(),
+                    stack_ms = r.stack.as_ref().map_or(0.0, |s| s.ms),
                     "{msg}"
                 )
             };

@@ -57,6 +57,10 @@ impl State {
             let cgroup = (!facts.cgroup.is_empty()).then(|| facts.cgroup.clone());
             diagnose::capture(c.tgid, c.tid, cgroup, cache)
         });
+        // The owner's Python stack, before the first action, within its time limit.
+        let stack = (due.index == 0 && self.cfg.stacks && policy.stacks && diagnosis.is_some())
+            .then(|| crate::stacks::capture(c.tgid, c.tid, self.cfg.stack_timeout))
+            .flatten();
         let diagnosed = now_ns();
         let mode = self.cfg.mode_of(policy);
         let workers = &self.workers;
@@ -162,6 +166,7 @@ impl State {
             diagnosis_ms: diagnosed.saturating_sub(now) as f64 / 1e6,
             mode,
             diagnosis,
+            stack,
             namespace: facts.pod.as_ref().map(|n| n.namespace.clone()),
             pod: facts.pod.as_ref().map(|n| n.pod.clone()),
             container: facts.pod.as_ref().and_then(|n| n.container.clone()),
