@@ -120,8 +120,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WATCHDOG_LOG")
+    // The stack reader's library logs every read at info: keep it to warnings.
+    let quiet = ["py_spy=warn", "remoteprocess=warn", "goblin=warn"];
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("WATCHDOG_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    for d in quiet {
+        if let Ok(d) = d.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

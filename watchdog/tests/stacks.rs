@@ -18,7 +18,7 @@ fn line_of(fixture_name: &str, text: &str) -> usize {
 }
 
 /// Runs one over-budget request for `path` on `port` under a 1 s SIGKILL budget and returns
-/// the action's log line. The stack's time limit is 200 ms here, not the default 20 ms: a first
+/// the action's log line, with stacks on. The stack's time limit is 200 ms here, not the default 20 ms: a first
 /// read on this VM takes 8-22 ms, and these tests check what is read; the times are printed.
 fn stuck(port: u16, path: &'static str) -> serde_json::Value {
     let dir = tmpdir(&format!("stacks{port}"));
@@ -26,7 +26,7 @@ fn stuck(port: u16, path: &'static str) -> serde_json::Value {
     std::fs::write(
         &cfg,
         format!(
-            "[daemon]\nstack_timeout = \"200ms\"\n\n[[policy]]\nname = \"py\"\nports = [{port}]\n\
+            "[daemon]\nstacks = true\nstack_timeout = \"200ms\"\n\n[[policy]]\nname = \"py\"\nports = [{port}]\n\
              budget = \"1s\"\nsignal = \"SIGKILL\"\n"
         ),
     )

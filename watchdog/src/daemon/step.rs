@@ -11,6 +11,7 @@ impl State {
         // Act on the whole batch first and report after: a deadline late in a batch does not
         // wait for the log lines and event writes of the ones before it.
         let mut done = Vec::new();
+        self.stack_budget = STACK_TIME_PER_BATCH;
         for due in self.tracker.pop_due(now_ns()) {
             let (outcome, record) = self.run_step(&due, &mut cache, &mut facts);
             if matches!(
@@ -58,8 +59,23 @@ impl State {
             diagnose::capture(c.tgid, c.tid, cgroup, cache)
         });
         // The owner's Python stack, before the first action, within its time limit.
+        // A burst of deadlines reads stacks until the batch's share of time is spent; the
+        // rest act at once (their records say why they have no stack).
         let stack = (due.index == 0 && self.cfg.stacks && policy.stacks && diagnosis.is_some())
-            .then(|| crate::stacks::capture(c.tgid, c.tid, self.cfg.stack_timeout))
+            .then(|| {
+                if self.stack_budget.is_zero() {
+                    return crate::stacks::is_python(c.tgid).then(|| crate::stacks::StackReport {
+                        frames: Vec::new(),
+                        error: Some("skipped: this batch's time for stacks is spent".into()),
+                        ms: 0.0,
+                    });
+                }
+                let limit = self.cfg.stack_timeout.min(self.stack_budget);
+                let r = crate::stacks::capture(c.tgid, c.tid, limit);
+                let spent = Duration::from_secs_f64(r.as_ref().map_or(0.0, |r| r.ms) / 1e3);
+                self.stack_budget = self.stack_budget.saturating_sub(spent);
+                r
+            })
             .flatten();
         let diagnosed = now_ns();
         let mode = self.cfg.mode_of(policy);
@@ -174,6 +190,10 @@ impl State {
         (outcome, record)
     }
 }
+
+/// The most time one batch of due steps spends reading stacks (a burst of deadlines must not
+/// wait 10 ms each).
+const STACK_TIME_PER_BATCH: Duration = Duration::from_millis(50);
 
 /// Live processes a policy's selector covers, for the `min_workers` floor: a scan of /proc,
 /// remembered for `WORKERS_TTL` so a burst of actions scans once, not per action.
