@@ -44,7 +44,17 @@ fn restarted_daemon_acts_at_the_original_deadline_once() {
     let p = policy(port, "3s");
     let d1 = Daemon::start_in(&state, &args(&p));
     let slow = timed(move || http_get(&local(port), "/slow", Duration::from_secs(20)));
-    std::thread::sleep(Duration::from_millis(500));
+    let sent = Instant::now();
+    assert_eq!(
+        d1.wait_metric(
+            "watchdog_requests_in_flight",
+            &[("port", &port.to_string())],
+            1.0,
+            Duration::from_millis(500)
+        ),
+        1.0
+    );
+    std::thread::sleep(Duration::from_millis(500).saturating_sub(sent.elapsed()));
     crash(d1);
     std::thread::sleep(Duration::from_millis(700));
     let d2 = Daemon::start_in(&state, &args(&p));
@@ -107,6 +117,21 @@ fn deadline_passed_while_down_is_acted_on_at_restart_and_never_again() {
     crash(d2);
     // A third daemon finds the event consumed: nothing is acted on twice.
     let d3 = Daemon::start_in(&state, &args(&p));
+    // It runs on the adopted state, not a fresh one: the log says so, the kernel's pinned
+    // counters still hold the deadline that fired while no daemon ran, and the /sleep
+    // connection is still tracked.
+    assert!(
+        d3.log_text().contains("adopted the pinned kernel state"),
+        "{}",
+        d3.log_text()
+    );
+    assert_eq!(
+        d3.metric("watchdog_kernel_deadlines_total", &[("result", "in_flight")]),
+        1.0,
+        "{}",
+        d3.log_text()
+    );
+    assert_eq!(d3.metric("watchdog_tracked_connections", &[]), 1.0);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
         d3.metric("watchdog_budget_exceeded_total", &[]),
