@@ -167,7 +167,9 @@ fn probe_kernel(r: &mut Report, want: Probes) {
             true,
             true,
             "pidfd signals",
-            format!("pidfd_open + pidfd_send_signal: SIGKILL reached a child it forked (pid {pid})"),
+            format!(
+                "pidfd_open + pidfd_send_signal: SIGKILL reached a child it forked (pid {pid})"
+            ),
         ),
         Err(e) => r.add(true, false, "pidfd signals", e),
     }
@@ -256,7 +258,11 @@ fn pidfd_signal_kills_a_child() -> Result<u32, String> {
         (outcome, _) => Err(format!(
             "SIGKILL through a pidfd to a forked child: {} ({outcome:?}), child {}",
             outcome.label(),
-            if reaped == 0 { "still alive after 1 s".to_string() } else { format!("status {status:#x}") }
+            if reaped == 0 {
+                "still alive after 1 s".to_string()
+            } else {
+                format!("status {status:#x}")
+            }
         )),
     }
 }

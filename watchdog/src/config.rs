@@ -1403,8 +1403,17 @@ breaker = { max_actions = 5, window = "10s", cooldown = "1m" }
             _ => &["\"x\""],
         };
         let bad = [
-            "\"soon\"", "\"SIGNOPE\"", "-3", "70000", "\"\"", "[]", "[\"10-5\"]", "true",
-            "{ what = 1 }", "[{ path = \"/a*b\", budget = \"1s\" }]", "\"0s\"",
+            "\"soon\"",
+            "\"SIGNOPE\"",
+            "-3",
+            "70000",
+            "\"\"",
+            "[]",
+            "[\"10-5\"]",
+            "true",
+            "{ what = 1 }",
+            "[{ path = \"/a*b\", budget = \"1s\" }]",
+            "\"0s\"",
         ];
         prop_oneof![
             8 => proptest::sample::select(good.to_vec()).prop_map(str::to_string),
@@ -1419,22 +1428,38 @@ breaker = { max_actions = 5, window = "10s", cooldown = "1m" }
     fn toml_shaped() -> impl proptest::strategy::Strategy<Value = String> {
         use proptest::prelude::*;
         let daemon: &'static [&'static str] = &[
-            "mode", "metrics_addr", "probes", "nice", "on_interrupt", "record_query_string", "bogus",
+            "mode",
+            "metrics_addr",
+            "probes",
+            "nice",
+            "on_interrupt",
+            "record_query_string",
+            "bogus",
         ];
-        let protect: &'static [&'static str] = &["comm", "exe", "namespace", "pids", "cgroup", "nope"];
+        let protect: &'static [&'static str] =
+            &["comm", "exe", "namespace", "pids", "cgroup", "nope"];
         let policy: &'static [&'static str] = &[
-            "ports", "signal", "target", "match", "steps", "client_gone", "breaker",
-            "min_workers", "routes", "extra",
+            "ports",
+            "signal",
+            "target",
+            "match",
+            "steps",
+            "client_gone",
+            "breaker",
+            "min_workers",
+            "routes",
+            "extra",
         ];
-        let section = |head: &'static str, always: &'static [&'static str], keys: &'static [&'static str]| {
-            proptest::sample::subsequence(keys.to_vec(), 0..=keys.len().min(4))
-                .prop_flat_map(move |picked| {
-                    let mut all: Vec<&'static str> = always.to_vec();
-                    all.extend(picked);
-                    all.into_iter().map(toml_entry).collect::<Vec<_>>()
-                })
-                .prop_map(move |entries| format!("{head}\n{}", entries.concat()))
-        };
+        let section =
+            |head: &'static str, always: &'static [&'static str], keys: &'static [&'static str]| {
+                proptest::sample::subsequence(keys.to_vec(), 0..=keys.len().min(4))
+                    .prop_flat_map(move |picked| {
+                        let mut all: Vec<&'static str> = always.to_vec();
+                        all.extend(picked);
+                        all.into_iter().map(toml_entry).collect::<Vec<_>>()
+                    })
+                    .prop_map(move |entries| format!("{head}\n{}", entries.concat()))
+            };
         (
             proptest::option::of(section("[daemon]", &[], daemon)),
             proptest::option::of(section("[protect]", &[], protect)),
@@ -1465,7 +1490,10 @@ breaker = { max_actions = 5, window = "10s", cooldown = "1m" }
             }
         }
         assert!(valid >= 20, "{valid} of 2000 generated files valid");
-        assert!(validated >= 200, "{validated} of 2000 refused past the TOML syntax");
+        assert!(
+            validated >= 200,
+            "{validated} of 2000 refused past the TOML syntax"
+        );
         eprintln!("toml-shaped sample: {valid} valid, {validated} refused by validation");
     }
 }

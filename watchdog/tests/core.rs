@@ -231,7 +231,10 @@ fn pid_filter_leaves_other_processes_alone() {
     // The kernel tracked the request and its deadline fired while it ran: the daemon was told,
     // and the pid filter (not blindness) is why nothing was done.
     assert_eq!(
-        d.metric("watchdog_kernel_deadlines_total", &[("result", "in_flight")]),
+        d.metric(
+            "watchdog_kernel_deadlines_total",
+            &[("result", "in_flight")]
+        ),
         1.0,
         "{}",
         d.log_text()

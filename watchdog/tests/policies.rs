@@ -377,7 +377,10 @@ fn selectors_pick_processes_and_protected_ones_are_never_signalled() {
     // The kernel saw the request and its deadline fired in flight; the selector is why nothing
     // was done.
     assert_eq!(
-        d.metric("watchdog_kernel_deadlines_total", &[("result", "in_flight")]),
+        d.metric(
+            "watchdog_kernel_deadlines_total",
+            &[("result", "in_flight")]
+        ),
         1.0,
         "{}",
         d.log_text()

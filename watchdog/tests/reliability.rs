@@ -126,7 +126,10 @@ fn deadline_passed_while_down_is_acted_on_at_restart_and_never_again() {
         d3.log_text()
     );
     assert_eq!(
-        d3.metric("watchdog_kernel_deadlines_total", &[("result", "in_flight")]),
+        d3.metric(
+            "watchdog_kernel_deadlines_total",
+            &[("result", "in_flight")]
+        ),
         1.0,
         "{}",
         d3.log_text()

@@ -121,10 +121,7 @@ pub fn remove_pins(own: bool) -> Result<()> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let Some(rest) = PIN_PREFIXES
-            .iter()
-            .find_map(|p| name.strip_prefix(p))
-        else {
+        let Some(rest) = PIN_PREFIXES.iter().find_map(|p| name.strip_prefix(p)) else {
             continue;
         };
         let owner = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());

@@ -432,8 +432,14 @@ mod tests {
             ..figures()
         };
         assert_eq!(bounds(&busy, 5.0, Some(20.0)).len(), 1);
-        assert_eq!(bounds(&figures(), MAX_LATENESS_P99_MS + 1.0, Some(20.0)).len(), 1);
-        assert_eq!(bounds(&figures(), 5.0, Some(MAX_LATENESS_MS + 1.0)).len(), 1);
+        assert_eq!(
+            bounds(&figures(), MAX_LATENESS_P99_MS + 1.0, Some(20.0)).len(),
+            1
+        );
+        assert_eq!(
+            bounds(&figures(), 5.0, Some(MAX_LATENESS_MS + 1.0)).len(),
+            1
+        );
         // No action recorded at all is not "within bounds".
         assert_eq!(bounds(&figures(), f64::NAN, None).len(), 2);
     }

@@ -194,12 +194,18 @@ pub fn test(stages: &[Stage], fuzz_seconds: u32) -> Result<()> {
     let total = started.elapsed().as_secs();
     match failure {
         Some((stage, e)) => {
-            println!("xtask test: stage `{}` FAILED after {total} s", stage.name());
+            println!(
+                "xtask test: stage `{}` FAILED after {total} s",
+                stage.name()
+            );
             Err(e).with_context(|| format!("test stage `{}`", stage.name()))
         }
         None => {
             cleaned.context("removing the pins of this run")?;
-            println!("xtask test: all {} stages passed in {total} s", stages.len());
+            println!(
+                "xtask test: all {} stages passed in {total} s",
+                stages.len()
+            );
             Ok(())
         }
     }
@@ -240,7 +246,10 @@ mod tests {
             (Soak, Outcome::NotRun),
         ]);
         assert_eq!(text.lines().count(), 3, "{text}");
-        assert!(text.contains("  42 s  unit and property tests  FAILED"), "{text}");
+        assert!(
+            text.contains("  42 s  unit and property tests  FAILED"),
+            "{text}"
+        );
         assert!(text.contains("soak, 1 minute  not run"), "{text}");
     }
 

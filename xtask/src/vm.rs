@@ -121,40 +121,6 @@ fn verdict(console: &str, sets: &[&str]) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn console(sets: &[&str], skip: Option<&str>) -> String {
-        let mut out = String::from("VMTEST KERNEL 6.12\n");
-        for set in sets {
-            for s in SCENARIOS {
-                let name = format!("{set}/{s}");
-                if skip != Some(name.as_str()) {
-                    out += &format!("VMTEST PASS {name} detail\n");
-                }
-            }
-        }
-        out + "VMTEST DONE pass=1 fail=0\n"
-    }
-
-    #[test]
-    fn every_scenario_of_every_claimed_set_must_pass() {
-        let both = ["sock", "syscalls"];
-        assert!(verdict(&console(&both, None), &both).is_ok());
-        // One set missing (the 6.12 guest ran only `sock`): fails.
-        assert!(verdict(&console(&["sock"], None), &both).is_err());
-        // One scenario missing in one set: fails, and names it.
-        let e = verdict(&console(&both, Some("syscalls/route_budget")), &both).unwrap_err();
-        assert!(e.to_string().contains("syscalls/route_budget"), "{e}");
-        // Any failure fails, even with every scenario also passing.
-        let text = console(&both, None).replace("VMTEST DONE", "VMTEST FAIL sock/start x\nVMTEST DONE");
-        assert!(verdict(&text, &both).is_err());
-        // No summary line: the guest did not finish.
-        assert!(verdict("VMTEST PASS sock/start x\n", &["sock"]).is_err());
-    }
-}
-
 /// Downloads (once) the newest package matching `pattern` and returns its vmlinuz.
 fn kernel(dir: &Path, pattern: &str) -> Result<PathBuf> {
     let list = output(Command::new("apt-cache").args(["search", "--names-only", pattern]))?;
@@ -290,4 +256,39 @@ fn boot(vmlinuz: &Path, initrd: &Path, log: &Path) -> Result<()> {
 fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn console(sets: &[&str], skip: Option<&str>) -> String {
+        let mut out = String::from("VMTEST KERNEL 6.12\n");
+        for set in sets {
+            for s in SCENARIOS {
+                let name = format!("{set}/{s}");
+                if skip != Some(name.as_str()) {
+                    out += &format!("VMTEST PASS {name} detail\n");
+                }
+            }
+        }
+        out + "VMTEST DONE pass=1 fail=0\n"
+    }
+
+    #[test]
+    fn every_scenario_of_every_claimed_set_must_pass() {
+        let both = ["sock", "syscalls"];
+        assert!(verdict(&console(&both, None), &both).is_ok());
+        // One set missing (the 6.12 guest ran only `sock`): fails.
+        assert!(verdict(&console(&["sock"], None), &both).is_err());
+        // One scenario missing in one set: fails, and names it.
+        let e = verdict(&console(&both, Some("syscalls/route_budget")), &both).unwrap_err();
+        assert!(e.to_string().contains("syscalls/route_budget"), "{e}");
+        // Any failure fails, even with every scenario also passing.
+        let text =
+            console(&both, None).replace("VMTEST DONE", "VMTEST FAIL sock/start x\nVMTEST DONE");
+        assert!(verdict(&text, &both).is_err());
+        // No summary line: the guest did not finish.
+        assert!(verdict("VMTEST PASS sock/start x\n", &["sock"]).is_err());
+    }
 }
