@@ -250,7 +250,10 @@ fn reset_releases_the_client_and_fails_the_workers_next_write() {
         ),
         1.0
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    // The worker answers 2 s after it read the request, about 1 s from now.
+    wait_until(Duration::from_secs(3), || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("write failed"))
+    });
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("write failed"),

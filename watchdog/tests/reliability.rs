@@ -96,7 +96,15 @@ fn deadline_passed_while_down_is_acted_on_at_restart_and_never_again() {
     p.push("--observe".into());
     let d1 = Daemon::start_in(&state, &args(&p));
     let _slow = timed(move || http_get(&local(port), "/sleep", Duration::from_secs(20)));
-    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        d1.wait_metric(
+            "watchdog_requests_in_flight",
+            &[("port", &port.to_string())],
+            1.0,
+            Duration::from_millis(500)
+        ),
+        1.0
+    );
     crash(d1);
     // The deadline passes with no daemon: the kernel timer fires and the event waits in the
     // pinned ring buffer.
@@ -330,8 +338,15 @@ fn overload_counts_what_it_drops_and_recovers() {
     assert_eq!(recovered_unarmed, unarmed, "each unarmed request recovered");
     // Recovery: close everything; a new over-budget request is seen again.
     drop(conns);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(d.metric("watchdog_tracked_connections", &[]), 0.0);
+    assert_eq!(
+        d.wait_metric_until(
+            "watchdog_tracked_connections",
+            &[],
+            |v| v == 0.0,
+            Duration::from_secs(2)
+        ),
+        0.0
+    );
     let mut c = TcpStream::connect(local(port)).unwrap();
     c.write_all(b"GET /hang HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
