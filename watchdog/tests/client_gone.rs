@@ -203,6 +203,7 @@ fn breaker_stops_a_kill_spiral_and_rearms() {
     )
     .unwrap();
     let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let sent = Instant::now();
     let slows: Vec<_> = (0..4)
         .map(|_| timed(move || http_get(&local(port), "/slow", Duration::from_millis(2000))))
         .collect();
@@ -227,8 +228,23 @@ fn breaker_stops_a_kill_spiral_and_rearms() {
     assert_eq!(d.metric("watchdog_breaker_trips_total", &labels), 1.0);
     assert_eq!(d.metric("watchdog_policy_observe_only", &labels), 1.0);
     assert!(d.log_text().contains("CIRCUIT BREAKER OPEN"));
-    // After the cool-down the policy enforces again.
-    std::thread::sleep(Duration::from_secs(3));
+    // After the cool-down the policy enforces again: the breaker tripped at the third deadline
+    // (500 ms after the requests were sent), so it re-arms 3 s later, at the next 1 s
+    // housekeeping tick.
+    assert_eq!(
+        d.wait_metric_until(
+            "watchdog_policy_observe_only",
+            &labels,
+            |v| v == 0.0,
+            Duration::from_secs(5)
+        ),
+        0.0
+    );
+    let rearmed = sent.elapsed();
+    assert!(
+        rearmed >= Duration::from_millis(3500) && rearmed < Duration::from_millis(5000),
+        "re-armed {rearmed:?} after the requests were sent"
+    );
     let (took, r) = timed(move || http_get(&local(port), "/slow", Duration::from_secs(5)))
         .join()
         .unwrap();
