@@ -162,12 +162,17 @@ fn probe_kernel(r: &mut Report, want: Probes) {
             p.display().to_string()
         }),
     );
-    r.add(
-        true,
-        true,
-        "pidfd signals",
-        "pidfd_open + pidfd_send_signal",
-    );
+    match pidfd_signal_kills_a_child() {
+        Ok(pid) => r.add(
+            true,
+            true,
+            "pidfd signals",
+            format!(
+                "pidfd_open + pidfd_send_signal: SIGKILL reached a child it forked (pid {pid})"
+            ),
+        ),
+        Err(e) => r.add(true, false, "pidfd signals", e),
+    }
     let thread = actions::thread_pidfds_supported();
     r.add(
         false,
@@ -202,5 +207,62 @@ fn probe_kernel(r: &mut Report, want: Probes) {
             ),
             Err(e) => r.add(true, false, "eBPF programs", crate::error_chain(&e)),
         }
+    }
+}
+
+/// Forks a child that waits for a signal, SIGKILLs it the way the daemon signals a process
+/// (`actions::signal`: pidfd_open + pidfd_send_signal), and reaps it: the child's pid if it
+/// died of that signal.
+fn pidfd_signal_kills_a_child() -> Result<u32, String> {
+    // SAFETY: the child only calls pause (async-signal-safe) until the SIGKILL ends it.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork failed: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        loop {
+            // SAFETY: pause has no memory effects; the parent's SIGKILL ends it.
+            unsafe { libc::pause() };
+        }
+    }
+    let outcome = actions::signal(
+        crate::config::Target::Process,
+        pid as u32,
+        pid as u32,
+        nix::sys::signal::Signal::SIGKILL,
+        || true,
+    );
+    // SIGKILL takes effect at once; give it a second, then kill and reap the child ourselves
+    // so a failed signal never leaves it behind (or this check hanging).
+    let mut status = 0;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let mut reaped = 0;
+    while reaped == 0 && std::time::Instant::now() < until {
+        // SAFETY: waitpid on our own child with a valid pointer to an int.
+        reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if reaped == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    let killed =
+        reaped == pid && libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL;
+    if reaped == 0 {
+        // SAFETY: kill(2) and waitpid on our own child; no memory is involved.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+    }
+    match (outcome, killed) {
+        (actions::Outcome::Delivered, true) => Ok(pid as u32),
+        (outcome, _) => Err(format!(
+            "SIGKILL through a pidfd to a forked child: {} ({outcome:?}), child {}",
+            outcome.label(),
+            if reaped == 0 {
+                "still alive after 1 s".to_string()
+            } else {
+                format!("status {status:#x}")
+            }
+        )),
     }
 }

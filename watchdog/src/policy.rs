@@ -382,5 +382,45 @@ mod tests {
                 proptest::prop_assert!(in_window <= 3);
             }
         }
+
+        /// Both bounds, against a model written from the rule: an action is allowed exactly
+        /// when the breaker is not cooling down and fewer than max_actions were allowed in the
+        /// window before it (counting since the last re-arm); refused only then, it trips and
+        /// stays open for the cool-down. A breaker that refuses too much (or trips early, or
+        /// stays open too long) fails here as surely as one that allows too much.
+        #[test]
+        fn breaker_allows_exactly_what_its_rule_allows(
+            max in 1u32..5,
+            window_ms in 1u64..5_000,
+            cooldown_ms in 1u64..5_000,
+            gaps in proptest::collection::vec(0u64..3_000_000_000, 1..200),
+        ) {
+            let ms = 1_000_000u64;
+            let cfg = BreakerConfig { max_actions: max, window: Duration::from_millis(window_ms), cooldown: Duration::from_millis(cooldown_ms) };
+            let mut b = Breaker::default();
+            let (mut allowed, mut open_until, mut since, mut trips) = (Vec::<u64>::new(), None::<u64>, 0u64, 0u64);
+            let mut now = 0;
+            for g in gaps {
+                now += g;
+                let want = match open_until {
+                    Some(t) if now < t => BreakerVerdict::Open,
+                    _ => {
+                        // Re-armed by this very call: what came before no longer counts.
+                        if open_until.take().is_some() { since = now; }
+                        let recent = allowed.iter().filter(|&&t| t >= since && now - t < window_ms * ms).count();
+                        if recent >= max as usize {
+                            open_until = Some(now + cooldown_ms * ms);
+                            trips += 1;
+                            BreakerVerdict::Trip
+                        } else {
+                            allowed.push(now);
+                            BreakerVerdict::Allow
+                        }
+                    }
+                };
+                proptest::prop_assert_eq!(b.check(&cfg, now), want, "at {} ns", now);
+            }
+            proptest::prop_assert_eq!(b.trips, trips);
+        }
     }
 }

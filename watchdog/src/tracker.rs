@@ -372,6 +372,8 @@ mod tests {
         dead: HashSet<u32>,
         /// Incarnation serial → generation of the last request it started.
         latest: HashMap<u32, u32>,
+        /// The incarnation that started the request now on connection 1.
+        conn_owner: u32,
     }
 
     impl Model {
@@ -388,6 +390,7 @@ mod tests {
                 return;
             }
             let life = self.own(tid, 1, now);
+            self.conn_owner = self.tasks[&tid].1;
             let c = self.conn.as_mut().unwrap();
             *c = ConnInfo {
                 cookie: 1,
@@ -427,8 +430,7 @@ mod tests {
         /// The timer fires or the peer hangs up: an event with the record as it is now.
         fn event(&mut self) {
             if let Some(c) = self.conn.filter(|c| c.state == ReqState::InFlight as u32) {
-                let serial = self.tasks.get(&c.tid).map(|(_, s)| *s).unwrap_or(0);
-                self.events.push((c, serial));
+                self.events.push((c, self.conn_owner));
             }
         }
     }
@@ -461,7 +463,22 @@ mod tests {
                         let (ev, owner) = m.events[pick % m.events.len()];
                         let task = m.tasks.get(&ev.tid).map(|(t, _)| *t);
                         for reason in [Reason::Budget, Reason::ClientGone] {
-                            if !still_current(reason, &ev, task.as_ref(), m.conn.as_ref()) {
+                            // The truth, from the model's own books (incarnation serials the
+                            // daemon never sees): the owner is the same, living incarnation, and
+                            // its request is the one in flight on the connection (or, the
+                            // connection reset, a client-gone whose owner started nothing since).
+                            let same_owner = m.tasks.get(&ev.tid).is_some_and(|(_, s)| *s == owner)
+                                && !m.dead.contains(&owner);
+                            let truth = same_owner
+                                && match m.conn {
+                                    Some(c) => c.state == ReqState::InFlight as u32 && c.gen == ev.gen,
+                                    None => reason == Reason::ClientGone && m.latest[&owner] == ev.gen,
+                                };
+                            let said = still_current(reason, &ev, task.as_ref(), m.conn.as_ref());
+                            // Both directions: never current when it is not (soundness), and
+                            // always current when it is (an always-false check fails here).
+                            proptest::prop_assert_eq!(said, truth, "{:?} {:?} task {:?} conn {:?}", reason, ev, task, m.conn);
+                            if !said {
                                 continue;
                             }
                             let (_, serial) = m.tasks[&ev.tid];
@@ -485,24 +502,46 @@ mod tests {
         }
 
         /// Whatever the interleaving of admits, finishes and clock advances: every step of a
-        /// ladder comes out at most once, never before it is due, in ladder order.
+        /// ladder comes out at most once, in ladder order, at the time its own base and offset
+        /// say (computed here, not taken from the tracker), never before it is due; and once
+        /// `pop_due(now)` returns, no live ladder still has a step due at `now` (none is late or
+        /// lost).
         #[test]
-        fn each_step_at_most_once_never_early(ops in proptest::collection::vec((0u8..3, 0u64..4, 0u32..3, 0u64..500), 1..300)) {
+        fn each_step_once_at_its_offset_and_none_left_behind(ops in proptest::collection::vec((0u8..3, 0u64..4, 0u32..3, 0u64..500), 1..300)) {
             let mut t = Tracker::default();
             let p = policy();
             let mut now = 0u64;
             let mut seen: HashMap<Key, Vec<usize>> = HashMap::new();
+            // Key → base of its ladder, for ladders admitted and not finished or completed.
+            let mut live: HashMap<Key, u64> = HashMap::new();
+            let mut ever: HashSet<Key> = HashSet::new();
+            let due = |base: u64, i: usize| base + p.steps[i].after.as_nanos() as u64;
             for (op, cookie, gen, dt) in ops {
+                let k = key(cookie, gen);
                 match op {
-                    0 => { t.admit(key(cookie, gen), ConnInfo::default(), Arc::default(), p.clone(), p.steps.clone(), now); }
-                    1 => t.finish(key(cookie, gen)),
+                    0 => {
+                        let admitted = t.admit(k, ConnInfo::default(), Arc::default(), p.clone(), p.steps.clone(), now);
+                        // Admitted exactly when this request never had a ladder.
+                        proptest::prop_assert_eq!(admitted, ever.insert(k));
+                        if admitted { live.insert(k, now); }
+                    }
+                    // A finished request never gets a ladder again, even if it had none.
+                    1 => { t.finish(k); live.remove(&k); ever.insert(k); }
                     _ => {
                         now += dt * MS;
                         for d in t.pop_due(now) {
+                            let base = live.get(&d.key).copied();
+                            proptest::prop_assert!(base.is_some(), "a step of a finished ladder: {:?}", d.key);
+                            proptest::prop_assert_eq!(d.due_ns, due(base.unwrap(), d.index));
                             proptest::prop_assert!(d.due_ns <= now);
                             let v = seen.entry(d.key).or_default();
                             proptest::prop_assert_eq!(v.len(), d.index, "in order, once each");
                             v.push(d.index);
+                            if d.index + 1 == p.steps.len() { live.remove(&d.key); }
+                        }
+                        for (k, base) in &live {
+                            let next = seen.get(k).map_or(0, Vec::len);
+                            proptest::prop_assert!(due(*base, next) > now, "{:?} step {} due at {} left behind at {}", k, next, due(*base, next), now);
                         }
                     }
                 }

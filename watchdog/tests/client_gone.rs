@@ -133,20 +133,58 @@ fn proxy_gives_up(proxy: fn(u16, u16) -> Proc) {
 fn half_closed_client_waiting_for_a_legit_answer_is_not_hit() {
     let port = free_port();
     let _app = app(port, 1, &[]);
-    let d = Daemon::start(&[
-        "--port",
-        &port.to_string(),
-        "--budget",
-        "30s",
-        "--client-gone",
-        "SIGKILL",
-    ]);
+    // A 1 s window (the default is 100 ms) so that a loaded machine still half-closes inside it.
+    let cfg = tmpdir("half-close").join("watchdog.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[policy]]\nname = \"api\"\nports = [{port}]\nbudget = \"30s\"\n\
+             client_gone = {{ signal = \"SIGKILL\", half_close_window = \"1s\" }}\n"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
     let mut s = TcpStream::connect(local(port)).unwrap();
     s.write_all(b"GET /wait?ms=1500 HTTP/1.1\r\n\r\n").unwrap();
+    // Half-close once the worker has read the request (the kernel counts it in flight), so the
+    // FIN reaches the daemon as a client-gone event inside the window: a FIN before the worker
+    // reads never leaves the kernel and would test nothing here.
+    let sent = Instant::now();
+    let port_label = port.to_string();
+    assert!(
+        wait_until(Duration::from_millis(500), || d
+            .metric("watchdog_requests_in_flight", &[("port", &port_label)])
+            == 1.0),
+        "the request was not in flight within 500 ms"
+    );
     s.shutdown(Shutdown::Write).unwrap();
+    assert!(
+        sent.elapsed() < Duration::from_millis(1000),
+        "half-closed {:?} after the request: outside the window this test is about",
+        sent.elapsed()
+    );
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     assert!(resp.contains("waited 1500"), "{resp}");
+    // The kernel tracked the request to its answer, and the FIN reached the daemon while it was
+    // in flight: the half-close window, not blindness, is why nothing was done.
+    assert_eq!(
+        d.wait_metric(
+            "watchdog_requests_total",
+            &[("port", &port.to_string())],
+            1.0,
+            Duration::from_secs(1)
+        ),
+        1.0
+    );
+    assert_eq!(
+        d.log_events("FIN right after the request: a half-close, not a hang-up")
+            .len(),
+        1,
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(d.metric("watchdog_client_gone_total", &[]), 0.0);
     assert_eq!(d.metric("watchdog_actions_total", &[]), 0.0);
 }
 
@@ -165,6 +203,7 @@ fn breaker_stops_a_kill_spiral_and_rearms() {
     )
     .unwrap();
     let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let sent = Instant::now();
     let slows: Vec<_> = (0..4)
         .map(|_| timed(move || http_get(&local(port), "/slow", Duration::from_millis(2000))))
         .collect();
@@ -189,8 +228,23 @@ fn breaker_stops_a_kill_spiral_and_rearms() {
     assert_eq!(d.metric("watchdog_breaker_trips_total", &labels), 1.0);
     assert_eq!(d.metric("watchdog_policy_observe_only", &labels), 1.0);
     assert!(d.log_text().contains("CIRCUIT BREAKER OPEN"));
-    // After the cool-down the policy enforces again.
-    std::thread::sleep(Duration::from_secs(3));
+    // After the cool-down the policy enforces again: the breaker tripped at the third deadline
+    // (500 ms after the requests were sent), so it re-arms 3 s later, at the next 1 s
+    // housekeeping tick.
+    assert_eq!(
+        d.wait_metric_until(
+            "watchdog_policy_observe_only",
+            &labels,
+            |v| v == 0.0,
+            Duration::from_secs(5)
+        ),
+        0.0
+    );
+    let rearmed = sent.elapsed();
+    assert!(
+        rearmed >= Duration::from_millis(3500) && rearmed < Duration::from_millis(5000),
+        "re-armed {rearmed:?} after the requests were sent"
+    );
     let (took, r) = timed(move || http_get(&local(port), "/slow", Duration::from_secs(5)))
         .join()
         .unwrap();

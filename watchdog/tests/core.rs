@@ -22,7 +22,16 @@ fn kill_at_budget(path: &'static str) {
         "process",
     ]);
     let slow = timed(move || http_get(&local(port), path, Duration::from_secs(10)));
-    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        d.wait_metric(
+            "watchdog_requests_in_flight",
+            &[("port", &port.to_string())],
+            1.0,
+            Duration::from_millis(500)
+        ),
+        1.0,
+        "the slow request is in flight"
+    );
     // A fast request during the slow one is untouched.
     assert!(http_get(&local(port), "/fast", Duration::from_secs(2))
         .unwrap()
@@ -219,6 +228,24 @@ fn pid_filter_leaves_other_processes_alone() {
         r.is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
         "still running at 1.5 s, not killed"
     );
+    // The kernel tracked the request and its deadline fired while it ran: the daemon was told,
+    // and the pid filter (not blindness) is why nothing was done.
+    assert_eq!(
+        d.metric(
+            "watchdog_kernel_deadlines_total",
+            &[("result", "in_flight")]
+        ),
+        1.0,
+        "{}",
+        d.log_text()
+    );
+    assert!(
+        d.log_text()
+            .contains("no policy selects this process; not acting"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(d.metric("watchdog_budget_exceeded_total", &[]), 0.0);
     assert_eq!(d.metric("watchdog_actions_total", &[]), 0.0);
     let _ = other.kill();
     let _ = other.wait();
@@ -271,7 +298,16 @@ fn status_lists_an_in_flight_request_with_its_owner() {
         .unwrap()
         .to_string();
     std::io::Write::write_all(&mut conn, b"GET /sleep HTTP/1.1\r\n\r\n").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let sent = std::time::Instant::now();
+    let mut st = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(2), || {
+            st = d.status_json();
+            st["in_flight"].as_array().is_some_and(|r| !r.is_empty())
+        }),
+        "the request never showed in status: {st}"
+    );
+    std::thread::sleep(Duration::from_millis(300).saturating_sub(sent.elapsed()));
     let st = d.status_json();
     let reqs = st["in_flight"].as_array().unwrap();
     assert_eq!(reqs.len(), 1, "{st}");

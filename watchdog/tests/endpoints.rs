@@ -97,7 +97,10 @@ fn websocket_messages_answered_late_are_left_alone_and_plain_http_is_still_enfor
             .unwrap()
     });
     // While the first message waits for its answer, the connection shows as upgraded.
-    std::thread::sleep(Duration::from_millis(1500));
+    // (The client's first message waits 2.5 s for its answer.)
+    wait_until(Duration::from_secs(2), || {
+        d.status_json()["connections"]["upgraded"] == 1
+    });
     let status = d.status_json();
     assert_eq!(status["connections"]["upgraded"], 1, "{status}");
     assert_eq!(status["in_flight"].as_array().unwrap().len(), 0, "{status}");

@@ -44,7 +44,17 @@ fn restarted_daemon_acts_at_the_original_deadline_once() {
     let p = policy(port, "3s");
     let d1 = Daemon::start_in(&state, &args(&p));
     let slow = timed(move || http_get(&local(port), "/slow", Duration::from_secs(20)));
-    std::thread::sleep(Duration::from_millis(500));
+    let sent = Instant::now();
+    assert_eq!(
+        d1.wait_metric(
+            "watchdog_requests_in_flight",
+            &[("port", &port.to_string())],
+            1.0,
+            Duration::from_millis(500)
+        ),
+        1.0
+    );
+    std::thread::sleep(Duration::from_millis(500).saturating_sub(sent.elapsed()));
     crash(d1);
     std::thread::sleep(Duration::from_millis(700));
     let d2 = Daemon::start_in(&state, &args(&p));
@@ -86,7 +96,15 @@ fn deadline_passed_while_down_is_acted_on_at_restart_and_never_again() {
     p.push("--observe".into());
     let d1 = Daemon::start_in(&state, &args(&p));
     let _slow = timed(move || http_get(&local(port), "/sleep", Duration::from_secs(20)));
-    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        d1.wait_metric(
+            "watchdog_requests_in_flight",
+            &[("port", &port.to_string())],
+            1.0,
+            Duration::from_millis(500)
+        ),
+        1.0
+    );
     crash(d1);
     // The deadline passes with no daemon: the kernel timer fires and the event waits in the
     // pinned ring buffer.
@@ -107,6 +125,24 @@ fn deadline_passed_while_down_is_acted_on_at_restart_and_never_again() {
     crash(d2);
     // A third daemon finds the event consumed: nothing is acted on twice.
     let d3 = Daemon::start_in(&state, &args(&p));
+    // It runs on the adopted state, not a fresh one: the log says so, the kernel's pinned
+    // counters still hold the deadline that fired while no daemon ran, and the /sleep
+    // connection is still tracked.
+    assert!(
+        d3.log_text().contains("adopted the pinned kernel state"),
+        "{}",
+        d3.log_text()
+    );
+    assert_eq!(
+        d3.metric(
+            "watchdog_kernel_deadlines_total",
+            &[("result", "in_flight")]
+        ),
+        1.0,
+        "{}",
+        d3.log_text()
+    );
+    assert_eq!(d3.metric("watchdog_tracked_connections", &[]), 1.0);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
         d3.metric("watchdog_budget_exceeded_total", &[]),
@@ -302,8 +338,15 @@ fn overload_counts_what_it_drops_and_recovers() {
     assert_eq!(recovered_unarmed, unarmed, "each unarmed request recovered");
     // Recovery: close everything; a new over-budget request is seen again.
     drop(conns);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(d.metric("watchdog_tracked_connections", &[]), 0.0);
+    assert_eq!(
+        d.wait_metric_until(
+            "watchdog_tracked_connections",
+            &[],
+            |v| v == 0.0,
+            Duration::from_secs(2)
+        ),
+        0.0
+    );
     let mut c = TcpStream::connect(local(port)).unwrap();
     c.write_all(b"GET /hang HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();

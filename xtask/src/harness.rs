@@ -98,10 +98,20 @@ pub fn cpu_secs(pid: u32) -> Result<f64> {
     Ok(ticks / hz)
 }
 
-/// Removes bpffs state that test or benchmark daemons of processes no longer alive left pinned
+/// Every bpffs directory prefix a test, benchmark or soak daemon pins under, each followed by
+/// the pid of the process that made it.
+pub const PIN_PREFIXES: &[&str] = &["watchdog-test-", "watchdog-bench-", "watchdog-soak-"];
+
+/// Removes bpffs state that test, benchmark or soak daemons of processes no longer alive left pinned
 /// (a run killed before its cleanup): pinned programs stay attached, and would run on every
 /// socket operation or syscall of the machine, skewing whatever runs next.
 pub fn remove_stale_pins() -> Result<()> {
+    remove_pins(false)
+}
+
+/// Removes the pinned state under every [`PIN_PREFIXES`] directory whose owner is gone, and
+/// with `own` also this process's (its daemons have all stopped: the end of `cargo xtask test`).
+pub fn remove_pins(own: bool) -> Result<()> {
     let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") else {
         return Ok(());
     };
@@ -111,15 +121,13 @@ pub fn remove_stale_pins() -> Result<()> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let Some(rest) = ["watchdog-test-", "watchdog-bench-"]
-            .iter()
-            .find_map(|p| name.strip_prefix(p))
-        else {
+        let Some(rest) = PIN_PREFIXES.iter().find_map(|p| name.strip_prefix(p)) else {
             continue;
         };
         let owner = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if owner.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
-            eprintln!("xtask: removing stale pinned state {}", path.display());
+        let gone = |pid: u32| !Path::new(&format!("/proc/{pid}")).exists();
+        if owner.is_some_and(|pid| gone(pid) || (own && pid == std::process::id())) {
+            eprintln!("xtask: removing pinned state {}", path.display());
             std::fs::remove_dir_all(&path)
                 .with_context(|| format!("removing {}", path.display()))?;
         }

@@ -12,6 +12,7 @@ mod harness;
 mod prometheus;
 mod setup;
 mod soak;
+mod test;
 mod vm;
 
 use std::process::Command;
@@ -51,26 +52,31 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
     },
-    /// Run every test: unit and property tests, then the privileged end-to-end tests.
+    /// Run every test: unit and property tests, then the privileged end-to-end tests, the
+    /// kernel matrix, deploy/, fuzz, bench --quick and a soak. The flags below select stages
+    /// instead (any combination; pipeline order is kept).
     Test {
-        /// Only the kernel matrix (also part of the full run): boot Debian's 6.1 and 6.12
-        /// kernels under QEMU and run the core scenarios inside.
+        /// The kernel matrix: boot Debian's 6.1 and 6.12 kernels under QEMU and run the core
+        /// scenarios inside.
         #[arg(long)]
         vm: bool,
-        /// Only the fuzz targets (cargo-fuzz, nightly), each for `--seconds`.
+        /// The fuzz targets (cargo-fuzz, nightly), each for `--seconds`.
         #[arg(long)]
         fuzz: bool,
-        /// Time per fuzz target.
-        #[arg(long, default_value_t = 30)]
-        seconds: u32,
-        /// Only the deploy/ checks: manifests rendered, validated and scanned, the ConfigMap's
+        /// Time per fuzz target (default 30 s with `--fuzz`, 10 s in the full run).
+        #[arg(long)]
+        seconds: Option<u32>,
+        /// The deploy/ checks: manifests rendered, validated and scanned, the ConfigMap's
         /// policy loaded by the daemon, the systemd unit verified, the image built and run.
         #[arg(long)]
         deploy: bool,
-        /// Only deploy/prometheus: promtool checks and unit tests, then a real Prometheus
+        /// deploy/prometheus only: promtool checks and unit tests, then a real Prometheus
         /// scraping a real daemon (also part of `--deploy`).
         #[arg(long)]
         prometheus: bool,
+        /// Any stage by name (repeatable), e.g. `--stage unit --stage e2e-sock`.
+        #[arg(long, value_enum)]
+        stage: Vec<test::Stage>,
     },
     /// Build the container image (static binary, FROM scratch) with podman.
     Image,
@@ -96,28 +102,9 @@ fn main() -> Result<()> {
             };
             run(Command::new(root().join("target/release/watchdog")).args(&args))
         }
-        Cmd::Test {
-            fuzz: true,
-            seconds,
-            ..
-        } => {
-            setup::toolchain()?;
-            fuzz::test(seconds)
-        }
         Cmd::Bench { quick, only } => {
             setup::toolchain()?;
             bench::bench(quick, only.as_deref())
-        }
-        Cmd::Test {
-            prometheus: true, ..
-        } => {
-            setup::toolchain()?;
-            cargo(&["build", "--release", "-p", "watchdog"])?;
-            prometheus::check(&root().join("target/release/watchdog"))
-        }
-        Cmd::Test { deploy: true, .. } => {
-            setup::toolchain()?;
-            deploy::check()
         }
         Cmd::Image => {
             setup::toolchain()?;
@@ -127,88 +114,26 @@ fn main() -> Result<()> {
             setup::toolchain()?;
             soak::soak(minutes)
         }
-        Cmd::Test { vm: true, .. } => {
-            setup::toolchain()?;
-            vm::test()
-        }
-        Cmd::Test { .. } => {
-            let started = std::time::Instant::now();
-            let mut times = Vec::new();
-            let mut stage = |name: &'static str, f: &dyn Fn() -> Result<()>| -> Result<()> {
-                let t = std::time::Instant::now();
-                let r = f().with_context(|| format!("test stage `{name}`"));
-                times.push((name, t.elapsed().as_secs()));
-                r
-            };
-            stage("setup and release build", &|| {
-                setup::toolchain()?;
-                setup::test_packages()?;
-                harness::remove_stale_pins()?;
-                cargo(&["build", "--release", "-p", "watchdog"])?;
-                reuse_ebpf_object()
-            })?;
-            // Unit and property tests: no root needed, run in parallel.
-            stage("unit and property tests", &|| {
-                cargo(&[
-                    "test",
-                    "--workspace",
-                    "--exclude",
-                    "watchdog-ebpf",
-                    "--bins",
-                    "--lib",
-                ])
-            })?;
-            // End-to-end tests share the kernel (one cgroup attach point, real ports): one at a time.
-            stage("end-to-end, sock probe set", &|| {
-                let mut cmd = cargo_cmd(&[
-                    "test",
-                    "-p",
-                    "watchdog",
-                    "--test",
-                    "*",
-                    "--",
-                    "--test-threads=1",
-                ]);
-                run(cmd.env("RUST_BACKTRACE", "1"))
-            })?;
-            // The same real-server scenarios with the syscall probe set (kernels before 6.3),
-            // forced on this kernel so both sets are tested on every run.
-            stage("end-to-end, syscalls probe set", &|| {
-                let mut cmd = cargo_cmd(&[
-                    "test",
-                    "-p",
-                    "watchdog",
-                    "--test",
-                    "core",
-                    "--test",
-                    "client_gone",
-                    "--test",
-                    "policies",
-                    "--",
-                    "--test-threads=1",
-                ]);
-                run(cmd
-                    .env("RUST_BACKTRACE", "1")
-                    .env("WATCHDOG_PROBES", "syscalls"))
-            })?;
-            // Debian's 6.1 and 6.12 kernels under QEMU (about a minute once cached).
-            stage("kernel matrix (QEMU)", &vm::test)?;
-            // Manifests, unit file and image (shares the static build with the matrix).
-            stage("deploy", &deploy::check)?;
-            // A short fuzz run, so the targets cannot rot (`--fuzz --seconds N` for long runs).
-            stage("fuzz", &|| fuzz::test(10))?;
-            // The benchmarks at a small size, so their code cannot rot (`cargo xtask bench`).
-            stage("bench --quick", &|| bench::bench(true, None))?;
-            // One minute of mixed traffic (`cargo xtask soak --minutes N` for long runs).
-            stage("soak, 1 minute", &|| soak::soak(1))?;
-            for (name, secs) in &times {
-                println!("xtask test: {secs:>4} s  {name}");
+        Cmd::Test {
+            vm,
+            fuzz,
+            seconds,
+            deploy,
+            prometheus,
+            mut stage,
+        } => {
+            for (on, s) in [
+                (vm, test::Stage::Vm),
+                (fuzz, test::Stage::Fuzz),
+                (deploy, test::Stage::Deploy),
+                (prometheus, test::Stage::Prometheus),
+            ] {
+                if on {
+                    stage.push(s);
+                }
             }
-            println!(
-                "xtask test: all passed in {} s",
-                started.elapsed().as_secs()
-            );
-            Ok(())
+            let seconds = seconds.unwrap_or(if fuzz { 30 } else { 10 });
+            test::test(&test::select(&stage), seconds)
         }
     }
 }

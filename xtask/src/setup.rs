@@ -45,9 +45,10 @@ fn output(cmd: &mut Command) -> Result<String> {
 /// that ships inside the nightly toolchain (a plain `cargo install bpf-linker` wants a system
 /// LLVM this machine does not have).
 pub fn toolchain() -> Result<()> {
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
-        "the nightly toolchain is required for the eBPF crate (rustup toolchain install nightly)",
-    )?;
+    python()?;
+    nightly()?;
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("the nightly toolchain is required for the eBPF crate")?;
     let sysroot = PathBuf::from(sysroot);
     if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
         eprintln!("xtask: installing rust-src for nightly");
@@ -100,6 +101,81 @@ pub fn toolchain() -> Result<()> {
     Ok(())
 }
 
+/// The nightly the eBPF crate is known to build with: rustc 1.97, LLVM 22 (aya-ebpf 0.2.1, and
+/// bpf-linker's `llvm-22` feature). A newer nightly may carry an LLVM bpf-linker has no feature
+/// for, so a machine without `nightly` gets this one.
+const NIGHTLY_DATE: &str = "2026-05-19";
+
+/// `rustc +nightly` works, or the pinned nightly is installed (with rust-src) from
+/// static.rust-lang.org and made what `nightly` names; fails naming the fix when it cannot be.
+fn nightly() -> Result<()> {
+    let works = || {
+        Command::new("rustc")
+            .args(["+nightly", "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works() {
+        return Ok(());
+    }
+    let dated = format!("nightly-{NIGHTLY_DATE}");
+    let fix = format!(
+        "install it where static.rust-lang.org is reachable: `rustup toolchain install {dated} \
+         --profile minimal --component rust-src`, then make `nightly` name it: `ln -s \
+         {dated}-x86_64-unknown-linux-gnu ~/.rustup/toolchains/nightly-x86_64-unknown-linux-gnu`"
+    );
+    if Command::new("rustup").arg("--version").output().is_err() {
+        bail!("no nightly toolchain and no rustup (https://rustup.rs) to install one: {fix}");
+    }
+    eprintln!("xtask: installing {dated} with rust-src (the eBPF crate's toolchain)");
+    run(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        &dated,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))
+    .with_context(|| format!("installing {dated} failed (no network?): {fix}"))?;
+    // rustup has no toolchain aliases and refuses `nightly` as a custom name: `+nightly`
+    // resolves to toolchains/nightly-<host>, so point that at the dated install.
+    let rustup_home = std::env::var("RUSTUP_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| home().join(".rustup"));
+    let host = "x86_64-unknown-linux-gnu";
+    let link = rustup_home.join(format!("toolchains/nightly-{host}"));
+    if !link.exists() {
+        std::os::unix::fs::symlink(format!("{dated}-{host}"), &link)
+            .with_context(|| format!("linking {}: {fix}", link.display()))?;
+    }
+    if !works() {
+        bail!("installed {dated}, but `rustc +nightly` still fails: {fix}");
+    }
+    Ok(())
+}
+
+/// python3 runs the test servers (watchdog/tests/fixtures), pip installs their libraries, and
+/// the deploy stage keeps its tools in a venv: installed from Debian when missing (as root), or
+/// a failure naming the packages.
+fn python() -> Result<()> {
+    let has = |args: &[&str]| {
+        Command::new("python3")
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if has(&["-c", "import venv, ensurepip"]) && has(&["-m", "pip", "--version"]) {
+        return Ok(());
+    }
+    ensure_packages(&["python3", "python3-pip", "python3-venv"])
+        .context("python3 with pip and venv is needed by the tests")?;
+    if !has(&["-m", "pip", "--version"]) {
+        bail!("python3 -m pip still fails after installing python3-pip: install pip for the python3 on PATH");
+    }
+    Ok(())
+}
+
 /// The Debian packages of the end-to-end tests (only as root, only when missing).
 pub fn test_packages() -> Result<()> {
     python_packages()?;
@@ -135,7 +211,9 @@ fn python_packages() -> Result<()> {
     eprintln!("xtask: installing {} from PyPI", missing.join(" "));
     run(Command::new("python3")
         .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-        .args(&missing))
+        .args(&missing)
+        // Debian's own python3 refuses pip installs outside a venv (PEP 668) unless told.
+        .env("PIP_BREAK_SYSTEM_PACKAGES", "1"))
 }
 
 /// Installs the Debian packages of `list` that are missing; true if it installed any.

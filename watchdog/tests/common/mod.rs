@@ -233,14 +233,24 @@ impl Daemon {
         want: f64,
         within: Duration,
     ) -> f64 {
-        let end = Instant::now() + within;
-        loop {
-            let v = self.metric(name, labels);
-            if v >= want || Instant::now() > end {
-                return v;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_metric_until(name, labels, |v| v >= want, within)
+    }
+
+    /// Waits until `holds(metric(name, labels))`, returning the last value read (the caller
+    /// asserts on it, so a timeout shows the value it ended on).
+    pub fn wait_metric_until(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        holds: impl Fn(f64) -> bool,
+        within: Duration,
+    ) -> f64 {
+        let mut v = 0.0;
+        wait_until(within, || {
+            v = self.metric(name, labels);
+            holds(v)
+        });
+        v
     }
 
     pub fn status_json(&self) -> serde_json::Value {
@@ -324,6 +334,20 @@ pub fn request(s: &mut TcpStream, path: &str) -> std::io::Result<String> {
 
 pub fn local(port: u16) -> String {
     format!("127.0.0.1:{port}")
+}
+
+/// Polls `cond` every 10 ms until it holds or `within` has passed; true if it held.
+pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Runs `f` on a thread and returns how long it took with its result.
