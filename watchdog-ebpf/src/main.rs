@@ -1,10 +1,11 @@
 //! watchdog's kernel programs.
 //!
-//! Five thin entry points (see `programs/`) share the maps in `maps.rs`. The hot path, every
-//! recv and send on every socket of the host, does one socket-local-storage lookup and returns
-//! unless the socket is a tracked connection whose request state changes. Per request the kernel
-//! arms one `bpf_timer`; only a request still in flight when it fires (or one whose caller hangs
-//! up) produces an event for userspace.
+//! Seven thin entry points (see `programs/`; five per probe set) share the maps in `maps.rs`.
+//! The hot path, every recv and send on every socket of the host, does one socket-local-storage
+//! lookup and returns unless the socket is a tracked connection whose request state changes; a
+//! request start on one copies its first bytes (`programs/head.rs`). Per request the kernel arms
+//! at most one `bpf_timer`; only a request still in flight when it fires (or one whose caller
+//! hangs up) produces an event for userspace.
 #![no_std]
 #![no_main]
 
