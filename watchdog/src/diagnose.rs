@@ -209,7 +209,14 @@ fn describe_syscall(raw: &str) -> (String, Option<u64>) {
     )
 }
 
+/// Other architectures: the number is shown as it is (no table for them yet).
+#[cfg(not(target_arch = "x86_64"))]
+fn syscall_name(_nr: i64) -> Option<&'static str> {
+    None
+}
+
 /// x86_64 numbers of the system calls a stuck worker is usually in.
+#[cfg(target_arch = "x86_64")]
 fn syscall_name(nr: i64) -> Option<&'static str> {
     Some(match nr {
         0 => "read",
