@@ -269,19 +269,33 @@ fn toml_entry(key: &'static str) -> impl proptest::strategy::Strategy<Value = St
         "record_query_string" => &["true", "false"],
         "nice" => &["-20", "0", "5"],
         "metrics_addr" => &["\"127.0.0.1:9477\""],
-        "comm" | "exe" | "namespace" | "cgroup" => &["[\"gunicorn\"]", "[\"python3*\"]", "[\"/kubepods/*\"]"],
+        "comm" | "exe" | "namespace" | "cgroup" => {
+            &["[\"gunicorn\"]", "[\"python3*\"]", "[\"/kubepods/*\"]"]
+        }
         "pids" => &["[1234]"],
         "name" => &["\"api\"", "\"b\""],
         "ports" => &["[8080]", "[8080, \"9000-9010\"]", "\"*\""],
         "budget" => &["\"2s\"", "\"250ms\"", "\"1m\""],
         "signal" => &["\"SIGKILL\"", "\"TERM\"", "15"],
         "target" => &["\"process\"", "\"thread\""],
-        "match" => &["{ comm = [\"gunicorn\"] }", "{ exe = [\"/usr/bin/python3*\"], pids = [1] }"],
-        "steps" => &["[{ after = \"1s\", signal = \"SIGTERM\" }, { after = \"2s\", signal = \"SIGKILL\" }]", "[{ after = \"3s\", action = \"reset\" }]"],
-        "client_gone" => &["{ signal = \"SIGKILL\" }", "{ signal = \"SIGINT\", grace = \"1s\", half_close_window = \"50ms\" }"],
+        "match" => &[
+            "{ comm = [\"gunicorn\"] }",
+            "{ exe = [\"/usr/bin/python3*\"], pids = [1] }",
+        ],
+        "steps" => &[
+            "[{ after = \"1s\", signal = \"SIGTERM\" }, { after = \"2s\", signal = \"SIGKILL\" }]",
+            "[{ after = \"3s\", action = \"reset\" }]",
+        ],
+        "client_gone" => &[
+            "{ signal = \"SIGKILL\" }",
+            "{ signal = \"SIGINT\", grace = \"1s\", half_close_window = \"50ms\" }",
+        ],
         "breaker" => &["{ max_actions = 2, window = \"1m\", cooldown = \"5m\" }"],
         "min_workers" => &["2"],
-        "routes" => &["[{ path = \"/r/*\", budget = \"5s\" }]", "[{ method = \"POST\", path = \"/a\", budget = \"off\" }]"],
+        "routes" => &[
+            "[{ path = \"/r/*\", budget = \"5s\" }]",
+            "[{ method = \"POST\", path = \"/a\", budget = \"off\" }]",
+        ],
         _ => &["\"x\""],
     };
     let bad = [
@@ -318,8 +332,7 @@ fn toml_shaped() -> impl proptest::strategy::Strategy<Value = String> {
         "record_query_string",
         "bogus",
     ];
-    let protect: &'static [&'static str] =
-        &["comm", "exe", "namespace", "pids", "cgroup", "nope"];
+    let protect: &'static [&'static str] = &["comm", "exe", "namespace", "pids", "cgroup", "nope"];
     let policy: &'static [&'static str] = &[
         "ports",
         "signal",
