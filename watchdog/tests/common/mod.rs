@@ -271,12 +271,26 @@ impl Daemon {
 
     /// Log lines (JSON objects) whose message, or for action records whose `kind` ("request
     /// over budget", "request abandoned by its client"), is `msg`.
+    ///
+    /// An action's record is written once its batch is done, a moment after its metrics moved
+    /// and its client saw the connection end: for the action kinds, an empty answer is retried
+    /// for up to 2 s.
     pub fn log_events(&self, msg: &str) -> Vec<serde_json::Value> {
-        self.log_text()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["message"] == msg || v["kind"] == msg)
-            .collect()
+        let read = || -> Vec<serde_json::Value> {
+            self.log_text()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["message"] == msg || v["kind"] == msg)
+                .collect()
+        };
+        let action = msg == "request over budget" || msg == "request abandoned by its client";
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut lines = read();
+        while action && lines.is_empty() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+            lines = read();
+        }
+        lines
     }
 }
 
