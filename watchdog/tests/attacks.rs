@@ -467,8 +467,6 @@ fn status_calls_with_5000_requests_in_flight_keep_lateness_within_2_ms_of_idle()
         })
         .collect();
     let p = hang.to_string();
-    // Nearly all of them (a burst this size left up to 1.5 % untracked at accept in some runs:
-    // see the closing note), and the number is printed.
     let in_flight = (0..300)
         .map(|_| {
             std::thread::sleep(Duration::from_millis(50));
@@ -477,7 +475,7 @@ fn status_calls_with_5000_requests_in_flight_keep_lateness_within_2_ms_of_idle()
         .find(|n| *n >= 5000.0)
         .unwrap_or_else(|| d.metric("watchdog_requests_in_flight", &[("port", &p)]));
     assert!(
-        in_flight >= 4900.0,
+        in_flight >= 5000.0,
         "the kernel saw {in_flight} of 5,000 requests in flight (tracked {})",
         d.metric("watchdog_tracked_connections", &[]),
     );

@@ -145,7 +145,12 @@ fn keep_alive_connection_with_many_fast_requests_is_untouched() {
     );
     assert_eq!(
         d.metric("watchdog_requests_total", &[("port", &port.to_string())]),
-        31.0
+        31.0,
+        "tracked {} refused {} status {}\n{}",
+        d.metric("watchdog_tracked_connections", &[]),
+        d.metric("watchdog_map_evictions_total", &[]),
+        d.status_json(),
+        http_get(&d.metrics, "/metrics", Duration::from_secs(2)).unwrap_or_default()
     );
     assert_eq!(d.metric("watchdog_actions_total", &[]), 0.0);
     assert_eq!(d.metric("watchdog_budget_exceeded_total", &[]), 0.0);

@@ -47,7 +47,7 @@ pub fn http(addr: &str, path: &str) -> Result<String> {
 pub fn wait_ready(metrics: &str, log: &Path) -> Result<()> {
     let until = Instant::now() + Duration::from_secs(30);
     while Instant::now() < until {
-        if http(metrics, "/readyz").is_ok_and(|b| b.contains("ready")) {
+        if http(metrics, "/readyz").is_ok_and(|b| b.trim() == "ready") {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));

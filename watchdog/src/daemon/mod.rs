@@ -126,8 +126,6 @@ pub async fn run(
 
     let http = std::net::TcpListener::bind(cfg.metrics_addr)
         .with_context(|| format!("binding the metrics listener on {}", cfg.metrics_addr))?;
-    api::http::spawn(http, Arc::new(registry), health.clone())
-        .context("starting the metrics server thread")?;
     let status = api::bind_status(&cfg.status_socket)
         .with_context(|| format!("binding the status socket {}", cfg.status_socket.display()))?;
     let (status_tx, mut status_rx) = mpsc::channel::<StatusRequest>(8);
@@ -165,6 +163,10 @@ pub async fn run(
         }
     }
     release_load_memory();
+    // Served from here on: bound early (a taken port fails the start at once), but nothing is
+    // answered before the programs are attached and the policies applied.
+    api::http::spawn(http, Arc::new(registry), health.clone())
+        .context("starting the metrics server thread")?;
     health.ready.store(true, Ordering::Relaxed);
     info!(
         cgroup = %st.kernel.cgroup.display(),

@@ -180,7 +180,7 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(body) = http_get(&d.metrics, "/readyz", Duration::from_secs(1)) {
-                if body.contains("ready") {
+                if body.trim() == "ready" {
                     break;
                 }
             }
