@@ -47,7 +47,13 @@ pub fn http(addr: &str, path: &str) -> Result<String> {
 pub fn wait_ready(metrics: &str, log: &Path) -> Result<()> {
     let until = Instant::now() + Duration::from_secs(30);
     while Instant::now() < until {
-        if http(metrics, "/readyz").is_ok_and(|b| b.trim() == "ready") {
+        // 200 and the body `ready` (a starting daemon answers 503 `not ready`).
+        let ready = |r: &str| {
+            r.starts_with("HTTP/1.")
+                && r.split_whitespace().nth(1) == Some("200")
+                && r.rsplit("\r\n\r\n").next().map(str::trim) == Some("ready")
+        };
+        if http(metrics, "/readyz").is_ok_and(|r| ready(&r)) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
