@@ -528,10 +528,9 @@ impl State {
     }
 
     /// Drops the connections idle longest from tracking once the table passes its high-water
-    /// mark (`evict.rs`). One counter read per poll; a table scan only when it is due.
+    /// mark (`evict.rs`). Two counter reads per poll; a table scan only when it is due.
     fn evict_if_needed(&mut self) {
-        let k = self.kernel.counters().stats();
-        let tracked = k.conns_opened.saturating_sub(k.conns_closed);
+        let tracked = self.kernel.counters().tracked();
         if !self.evictor.due(tracked) {
             return;
         }

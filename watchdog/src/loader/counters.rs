@@ -32,6 +32,18 @@ impl Counters {
             .sum()
     }
 
+    /// Tracked connections still open (`CONNS_OPENED - CONNS_CLOSED`): two reads, for the
+    /// event loop's 100 ms poll (`stats` reads every counter).
+    pub fn tracked(&self) -> u64 {
+        let get = |i: u32| -> u64 {
+            self.stats
+                .get(&i, 0)
+                .map(|v| v.iter().copied().sum())
+                .unwrap_or(0)
+        };
+        get(stat::CONNS_OPENED).saturating_sub(get(stat::CONNS_CLOSED))
+    }
+
     pub fn stats(&self) -> KernelStats {
         let get = |i: u32| -> u64 {
             self.stats
