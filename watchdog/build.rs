@@ -12,6 +12,12 @@ fn main() -> anyhow::Result<()> {
         std::fs::copy(&object, out.join("watchdog"))?;
         return Ok(());
     }
+    // The kernel programs are built from watchdog-common's sources too; aya-build watches
+    // only the eBPF crate's own.
+    println!(
+        "cargo:rerun-if-changed={}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../watchdog-common/src")
+    );
     let package = aya_build::Package {
         name: "watchdog-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../watchdog-ebpf"),

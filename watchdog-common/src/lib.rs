@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod event;
+pub mod h2;
 pub mod head;
 pub mod names;
 pub mod probes;
@@ -13,13 +14,13 @@ pub mod state;
 
 pub use event::{Event, EventKind};
 pub use state::{
-    conn_flag, ConnInfo, ConnRecord, Meta, PortConfig, ReqState, TaskInfo, PORT_CLIENT_GONE,
-    PORT_ROUTES, PORT_WATCHED,
+    conn_flag, stream_flag, ConnInfo, ConnRecord, Meta, PortConfig, ReqState, StreamInfo,
+    StreamKey, StreamRecord, TaskInfo, PORT_CLIENT_GONE, PORT_ROUTES, PORT_WATCHED,
 };
 
 /// Bumped whenever the layout of any map key or value changes. Stamped into the `META` map so a
 /// daemon never reads pinned state written with another layout.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Capacity limits of the kernel tables. Fixed at build time; insert failures are counted.
 pub mod limits {
@@ -33,6 +34,8 @@ pub mod limits {
     pub const MAX_ROUTES: u32 = 128;
     /// Metrics slots in all: ports first, then routes.
     pub const MAX_STAT_SLOTS: u32 = MAX_PORT_SLOTS + MAX_ROUTES;
+    /// HTTP/2 streams in flight at once, over all connections (`STREAMS`).
+    pub const MAX_STREAMS: u32 = 16_384;
     /// Entries of the kernel's route table: one per (port, method, pattern); a route without a
     /// method takes one entry per method.
     pub const ROUTE_ENTRIES: u32 = 16_384;
@@ -67,8 +70,13 @@ pub mod port_stat {
     pub const ROUTE_UNREADABLE: u32 = UPGRADED + 1;
     /// Requests on a port with routes whose request line ended before its path: the same.
     pub const ROUTE_SPLIT: u32 = ROUTE_UNREADABLE + 1;
+    /// HTTP/2 streams on a port with routes whose `:path` is a dynamic-table index (sent on
+    /// an earlier stream): policy budget, route unknown.
+    pub const ROUTE_HPACK_INDEXED: u32 = ROUTE_SPLIT + 1;
+    /// HTTP/2 streams on a port with routes whose `:path` is Huffman-coded: the same.
+    pub const ROUTE_HPACK_HUFFMAN: u32 = ROUTE_HPACK_INDEXED + 1;
     /// Entries per slot.
-    pub const STRIDE: u32 = ROUTE_SPLIT + 1;
+    pub const STRIDE: u32 = ROUTE_HPACK_HUFFMAN + 1;
 }
 
 /// Global counters in the `STATS` per-CPU array.
@@ -96,6 +104,17 @@ pub mod stat {
     /// Deadline timers that fired early for the request in flight (armed for an earlier request
     /// on the connection) and were moved to that request's deadline.
     pub const DEADLINES_REARMED: u32 = 10;
+    /// HTTP/2 streams not tracked because the stream table was full.
+    pub const STREAMS_TABLE_FULL: u32 = 11;
+    /// HTTP/2 connections whose frames the kernel lost track of (a write it cannot read, a
+    /// read with more frames than one walk follows): their streams are no longer tracked.
+    pub const H2_LOST: u32 = 12;
+    /// HTTP/2 streams started (HEADERS in) on tracked connections.
+    pub const STREAMS_STARTED: u32 = 13;
+    /// HTTP/2 streams that ended: answered (HEADERS out) or reset (RST_STREAM either way).
+    pub const STREAMS_ENDED: u32 = 14;
+    /// Stream entries of closed connections dropped by their own timer.
+    pub const STREAMS_REAPED: u32 = 15;
     /// Number of counters.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 16;
 }

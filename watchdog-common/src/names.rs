@@ -16,6 +16,8 @@ pub const MAP_OWNERS: &str = "OWNERS";
 pub const MAP_ROUTES: &str = "ROUTES";
 /// Per-CPU scratch space for building a route key. Kernel only.
 pub const MAP_SCRATCH: &str = "SCRATCH";
+/// HTTP/2 streams in flight: `StreamKey` -> `StreamRecord` (timer + `StreamInfo` + head).
+pub const MAP_STREAMS: &str = "STREAMS";
 /// Stamp of a pinned state: `Meta` at index 0. Written by userspace only.
 pub const MAP_META: &str = "META";
 /// Rare events for userspace: `Event`.
@@ -43,8 +45,9 @@ pub const PROG_FORK: &str = "task_fork";
 
 /// Maps a restarted daemon opens from the pin directory (the kernel-only maps stay referenced
 /// by the pinned programs).
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 9] = [
     MAP_CONNS,
+    MAP_STREAMS,
     MAP_ROUTES,
     MAP_TASKS,
     MAP_PORTS,

@@ -15,6 +15,9 @@ pub struct PortConfig {
     pub slot: u32,
     /// `PORT_WATCHED` | `PORT_CLIENT_GONE`.
     pub flags: u32,
+    /// When an HTTP/2 stream's timer fires after it starts: the earliest budget of the port's
+    /// routes and policies (the daemon finds the stream's route and times the rest).
+    pub stream_deadline_ns: u64,
 }
 
 /// Connections on this port are tracked.
@@ -88,6 +91,66 @@ pub mod conn_flag {
     /// The server answered `101 Switching Protocols`: the connection carries messages, not
     /// requests, and is no longer tracked for requests. Never cleared.
     pub const UPGRADED: u32 = 8;
+    /// An event about one HTTP/2 stream: `ConnInfo::gen` is the stream id, `start_ns`, the
+    /// owner and the deadline are the stream's, and the event's head is its header block.
+    pub const STREAM: u32 = 16;
+    /// The kernel lost track of this HTTP/2 connection's frames: no more streams are started,
+    /// and those in flight are dropped when their timer fires.
+    pub const H2_LOST: u32 = 32;
+}
+
+/// `STREAMS` key: one HTTP/2 stream of a tracked connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StreamKey {
+    pub cookie: u64,
+    pub id: u32,
+    pub _pad: u32,
+}
+
+/// `StreamInfo::flags`.
+pub mod stream_flag {
+    /// The deadline event was written; the timer now only checks that the connection lives.
+    pub const REPORTED: u32 = 1;
+    /// The client reset the stream (RST_STREAM) while it was in flight.
+    pub const CLIENT_GONE: u32 = 2;
+    /// The timer could not be armed: the stream has no deadline in the kernel.
+    pub const UNARMED: u32 = 4;
+}
+
+/// What the kernel keeps about one HTTP/2 stream in flight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// When its HEADERS frame was read.
+    pub start_ns: u64,
+    /// Life stamp of the thread that read it (`TaskInfo::life`).
+    pub owner_life: u64,
+    /// Its deadline, relative to `start_ns`: its route's, or the port's.
+    pub deadline_ns: u64,
+    pub tid: u32,
+    pub tgid: u32,
+    /// `stream_flag` bits.
+    pub flags: u32,
+    /// Metrics slot of its route, or of the port.
+    pub slot: u16,
+    /// `head::head_state` of its header block.
+    pub head_state: u8,
+    pub _pad: u8,
+    /// Bytes of `StreamRecord::head` copied.
+    pub head_len: u16,
+    pub _pad2: [u8; 6],
+}
+
+/// The `STREAMS` value: the stream's own deadline timer, what is known of it, and the first
+/// bytes of its header block (HPACK).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StreamRecord {
+    /// Kernel-owned timer; reads as zero from userspace.
+    pub timer: [u64; 2],
+    pub info: StreamInfo,
+    pub head: [u8; HEAD_BYTES],
 }
 
 /// The `CONNS` value: an opaque `struct bpf_timer` first, then the readable part.
@@ -148,10 +211,13 @@ pub struct Meta {
 }
 
 const _: () = assert!(size_of::<Meta>() == 24);
-const _: () = assert!(size_of::<PortConfig>() == 16);
+const _: () = assert!(size_of::<PortConfig>() == 24);
 const _: () = assert!(size_of::<ConnInfo>() == 96);
 const _: () = assert!(size_of::<ConnRecord>() == 120 + HEAD_BYTES);
 const _: () = assert!(size_of::<TaskInfo>() == 24);
+const _: () = assert!(size_of::<StreamKey>() == 16);
+const _: () = assert!(size_of::<StreamInfo>() == 48);
+const _: () = assert!(size_of::<StreamRecord>() == 64 + HEAD_BYTES);
 
 #[cfg(feature = "user")]
 mod user {
@@ -167,6 +233,10 @@ mod user {
     unsafe impl aya::Pod for super::TaskInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Meta {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::StreamKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::StreamRecord {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::head::RouteValue {}
 }

@@ -11,11 +11,14 @@ use aya_ebpf::{
 use watchdog_common::{
     head::{RouteValue, ROUTE_KEY_DATA},
     limits::{
-        EVENTS_BYTES, MAX_CONNS, MAX_STAT_SLOTS, MAX_TASKS, PORTS as PORT_ENTRIES, ROUTE_ENTRIES,
+        EVENTS_BYTES, MAX_CONNS, MAX_STAT_SLOTS, MAX_STREAMS, MAX_TASKS, PORTS as PORT_ENTRIES,
+        ROUTE_ENTRIES,
     },
     port_stat,
     probes::{self, KernelOffsets},
-    stat, ConnInfo, Event, EventKind, Meta, PortConfig, TaskInfo, LAYOUT_VERSION,
+    stat, ConnInfo, ConnRecord, Event, EventKind, Meta, PortConfig, StreamInfo, StreamKey,
+    StreamRecord, TaskInfo,
+    LAYOUT_VERSION,
 };
 
 use crate::programs::head::RouteKey;
@@ -71,6 +74,29 @@ pub struct SockState {
     pub stat_slot: u32,
     /// `head::proto` of the connection, decided at its first request.
     pub proto: u32,
+    /// HTTP/2 frame walk state of the bytes coming in and going out (`programs/h2.rs`).
+    pub h2_rx: H2Dir,
+    pub h2_tx: H2Dir,
+}
+
+/// Where one direction of an HTTP/2 connection's byte stream stands between two calls.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct H2Dir {
+    /// Payload bytes of the current frame still to come.
+    pub skip: u32,
+    /// Bytes of the next frame header already seen (in `acc`, big-endian).
+    pub hlen: u32,
+    pub acc: u64,
+}
+
+impl H2Dir {
+    /// At a frame boundary.
+    pub const START: Self = Self {
+        skip: 0,
+        hlen: 0,
+        acc: 0,
+    };
 }
 
 /// `CONNS` value. Same layout as `watchdog_common::ConnRecord`; the timer must be a field of
@@ -93,6 +119,11 @@ const _: () = assert!(
 pub const SOCK_PEER_FIN: u32 = 1;
 /// The server answered `101 Switching Protocols`: no more requests on this connection.
 pub const SOCK_UPGRADED: u32 = 2;
+/// The frame walk of this HTTP/2 connection lost its place: no more streams are followed.
+pub const SOCK_H2_LOST: u32 = 4;
+/// The frame walk of the bytes the server sent before the connection's protocol was known
+/// lost its place (it matters only if the connection turns out to speak HTTP/2).
+pub const SOCK_TX_LOST: u32 = 8;
 
 #[btf_map]
 pub static SOCKS: SkStorage<SockState> = SkStorage::new();
@@ -109,6 +140,31 @@ pub static OWNERS: HashMap<u32, u32, { MAX_TASKS as usize }> = HashMap::new();
 
 #[btf_map]
 pub static CONNS: HashMap<u64, ConnEntry, { MAX_CONNS as usize }> = HashMap::new();
+
+/// `CONNS`'s counterpart for HTTP/2: one entry per stream in flight, with its own timer.
+#[btf_map]
+pub static STREAMS: HashMap<StreamKey, StreamEntry, { MAX_STREAMS as usize }> = HashMap::new();
+
+/// Per-CPU room for building a new `CONNS` value (too large for the program stack). Its type
+/// has the same layout with a plain timer field: per-CPU maps may not hold a `bpf_timer`.
+#[btf_map]
+pub static CONN_SCRATCH: PerCpuArray<ConnRecord, 1> = PerCpuArray::new();
+
+/// Per-CPU room for building a new `STREAMS` value (as `CONN_SCRATCH`).
+#[btf_map]
+pub static STREAM_SCRATCH: PerCpuArray<StreamRecord, 1> = PerCpuArray::new();
+
+/// `STREAMS` value. Same layout as `watchdog_common::StreamRecord`.
+#[repr(C)]
+pub struct StreamEntry {
+    pub timer: bpf_timer,
+    pub info: StreamInfo,
+    pub head: [u8; watchdog_common::head::HEAD_BYTES],
+}
+
+const _: () = assert!(
+    core::mem::size_of::<StreamEntry>() == core::mem::size_of::<watchdog_common::StreamRecord>()
+);
 
 #[btf_map]
 pub static TASKS: HashMap<u32, TaskInfo, { MAX_TASKS as usize }> = HashMap::new();

@@ -118,6 +118,12 @@ pub fn port_plan(cfg: &Config) -> Vec<(u16, PortConfig, PortLabels)> {
             .min()
             .unwrap_or(u64::MAX)
     };
+    let stream_deadline_of = |ps: &[&Policy]| {
+        ps.iter()
+            .map(|p| policy::nanos(p.first_stream_deadline()))
+            .min()
+            .unwrap_or(u64::MAX)
+    };
     let names = |ps: &[&Policy]| {
         ps.iter()
             .map(|p| p.name.as_str())
@@ -131,6 +137,7 @@ pub fn port_plan(cfg: &Config) -> Vec<(u16, PortConfig, PortLabels)> {
             deadline_ns: deadline_of(&wild),
             slot: 0,
             flags: flags_of(&wild),
+            stream_deadline_ns: stream_deadline_of(&wild),
         };
         out.push((
             0,
@@ -175,6 +182,7 @@ pub fn port_plan(cfg: &Config) -> Vec<(u16, PortConfig, PortLabels)> {
                 deadline_ns: deadline_of(&ps),
                 slot,
                 flags: flags_of(&ps),
+                stream_deadline_ns: stream_deadline_of(&ps),
             },
             label,
         ));

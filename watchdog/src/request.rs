@@ -3,6 +3,8 @@
 //! query string dropped, control bytes escaped and the text truncated. Pure.
 
 use watchdog_common::{
+    conn_flag,
+    h2::{self, Path, Unreadable},
     head::{ends_path, head_state, method, proto, HEAD_BYTES},
     ConnInfo,
 };
@@ -53,6 +55,39 @@ pub fn line(head: &[u8]) -> Option<Line<'_>> {
     })
 }
 
+/// The request line of an HTTP/2 stream, from the first bytes of its header block (the same
+/// HPACK reading the kernel does: `watchdog_common::h2::pseudo`).
+pub fn stream_line(block: &[u8]) -> Result<Line<'_>, Unreadable> {
+    let mut buf = [0u8; HEAD_BYTES];
+    let n = block.len().min(HEAD_BYTES);
+    buf[..n].copy_from_slice(&block[..n]);
+    let ps = h2::pseudo(&buf, n)?;
+    let (value, complete): (&[u8], bool) = match ps.path {
+        Path::Static(s) => (s, true),
+        Path::Literal { start, len } => {
+            let end = (start + len).min(n);
+            (&block[start.min(n)..end], start + len <= n)
+        }
+    };
+    let stop = value.iter().position(|b| ends_path(*b));
+    let path = &value[..stop.unwrap_or(value.len())];
+    let query = match stop {
+        Some(i) if value[i] == b'?' => Some(&value[i + 1..]),
+        _ => None,
+    };
+    Ok(Line {
+        method: ps.method,
+        path,
+        query,
+        complete: complete || stop.is_some(),
+    })
+}
+
+/// Is this the record of one HTTP/2 stream (rather than of a connection's request)?
+fn is_stream(conn: &ConnInfo) -> bool {
+    conn.proto == proto::HTTP2 && conn.flags & conn_flag::STREAM != 0
+}
+
 /// The route a request of `conn` takes among `routes`, as its label: the pattern, `default`
 /// when none matches, `unknown` when its bytes could not be read or its path was cut short.
 /// Also returns the route's index.
@@ -63,12 +98,19 @@ pub fn route_of(conn: &ConnInfo, head: &[u8], routes: &[Route]) -> (String, Opti
     if conn.head_state == head_state::UNREADABLE || conn.head_state == head_state::SPLIT {
         return ("unknown".into(), None);
     }
-    if conn.proto != proto::HTTP1 || conn.head_state != head_state::READ {
-        return ("default".into(), None);
-    }
     let len = usize::from(conn.head_len).min(head.len());
-    let Some(l) = line(&head[..len]) else {
+    let l = if is_stream(conn) && conn.head_state == head_state::READ {
+        match stream_line(&head[..len]) {
+            Ok(l) => l,
+            Err(_) => return ("unknown".into(), None),
+        }
+    } else if conn.proto != proto::HTTP1 || conn.head_state != head_state::READ {
         return ("default".into(), None);
+    } else {
+        let Some(l) = line(&head[..len]) else {
+            return ("default".into(), None);
+        };
+        l
     };
     if !l.complete && len < HEAD_BYTES {
         return ("unknown".into(), None);
@@ -88,24 +130,19 @@ pub fn describe(conn: &ConnInfo, head: &[u8], keep_query: bool) -> Option<String
     let head = &head[..usize::from(conn.head_len).min(head.len())];
     let cut = head.len() >= HEAD_BYTES;
     match conn.proto {
-        proto::HTTP1 => {
-            let l = line(head)?;
-            let mut out = format!(
-                "{} {}",
-                watchdog_common::head::METHODS[usize::from(l.method - 1)],
-                escape(l.path)
-            );
-            if let (true, Some(q)) = (keep_query, l.query) {
-                out.push('?');
-                out.push_str(&escape(q));
-            } else if l.query.is_some() {
-                out.push_str("?…");
-            }
-            if !l.complete {
-                out.push('…');
-            }
-            Some(truncate(out))
-        }
+        proto::HTTP2 if is_stream(conn) => match stream_line(head) {
+            Ok(l) => Some(words(&l, keep_query)),
+            Err(Unreadable::Indexed) => Some(format!(
+                "HTTP/2 stream {} (its path is an HPACK index)",
+                conn.gen
+            )),
+            Err(Unreadable::Huffman) => Some(format!(
+                "HTTP/2 stream {} (its path is Huffman-coded)",
+                conn.gen
+            )),
+            Err(Unreadable::Split) => Some(format!("HTTP/2 stream {}", conn.gen)),
+        },
+        proto::HTTP1 => Some(words(&line(head)?, keep_query)),
         proto::POSTGRES => statement(head).map(|s| {
             let mut t = escape(s);
             if cut {
@@ -115,6 +152,24 @@ pub fn describe(conn: &ConnInfo, head: &[u8], keep_query: bool) -> Option<String
         }),
         _ => None,
     }
+}
+
+/// `GET /path?…` (the query string itself only when `keep_query`).
+fn words(l: &Line<'_>, keep_query: bool) -> String {
+    let method = watchdog_common::head::METHODS
+        .get(usize::from(l.method).wrapping_sub(1))
+        .unwrap_or(&"?");
+    let mut out = format!("{method} {}", escape(l.path));
+    if let (true, Some(q)) = (keep_query, l.query) {
+        out.push('?');
+        out.push_str(&escape(q));
+    } else if l.query.is_some() {
+        out.push_str("?…");
+    }
+    if !l.complete {
+        out.push('…');
+    }
+    truncate(out)
 }
 
 /// The SQL of a PostgreSQL `Q` (simple query) or `P` (parse: name, then SQL) message.

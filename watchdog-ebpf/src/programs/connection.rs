@@ -18,7 +18,8 @@ use aya_ebpf::{
 use watchdog_common::{conn_flag, stat, ConnInfo, EventKind, ReqState, PORT_CLIENT_GONE};
 
 use crate::maps::{
-    count, emit, port_config, port_count, sock_state, syscall_set, ConnEntry, SockState, CONNS,
+    count, emit, port_config, port_count, sock_state, syscall_set, ConnEntry, H2Dir, SockState,
+    CONNS, CONN_SCRATCH,
     SOCKS, SOCK_PEER_FIN, SOCK_STATES, TASKS,
 };
 
@@ -101,10 +102,22 @@ fn on_accept(ctx: &SockOpsContext) {
         family: family as u16,
         ..ConnInfo::default()
     };
-    // SAFETY: an all-zero ConnEntry is its valid initial state (the timer is initialised below).
-    let mut entry: ConnEntry = unsafe { core::mem::zeroed() };
-    entry.info = info;
-    if CONNS.insert(cookie, entry, BPF_NOEXIST.into()).is_err() {
+    // The new record is built in per-CPU scratch: it is too large for the program stack.
+    let Some(entry) = CONN_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch value (preemption is off in these programs). The timer is
+    // initialised below, in the inserted copy; the rest starts as zeroes.
+    unsafe {
+        (*entry).info = info;
+        (*entry).armed_ns = 0;
+        ptr::write_bytes(ptr::addr_of_mut!((*entry).head), 0, 1);
+    }
+    // SAFETY: as above; `ConnRecord` and `ConnEntry` have the same layout (asserted in maps).
+    if CONNS
+        .insert(cookie, unsafe { &*entry.cast::<ConnEntry>() }, BPF_NOEXIST.into())
+        .is_err()
+    {
         count(stat::CONNS_TABLE_FULL);
         return;
     }
@@ -125,6 +138,8 @@ fn on_accept(ctx: &SockOpsContext) {
         flags: 0,
         stat_slot: cfg.slot,
         proto: 0,
+        h2_rx: H2Dir::START,
+        h2_tx: H2Dir::START,
     };
     if !create_state(sk, &init) {
         let _ = CONNS.remove(cookie);

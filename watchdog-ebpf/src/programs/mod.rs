@@ -1,5 +1,6 @@
 pub mod abi;
 pub mod connection;
+pub mod h2;
 pub mod head;
 pub mod request;
 mod syscalls;

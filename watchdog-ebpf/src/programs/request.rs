@@ -11,6 +11,7 @@ use aya_ebpf::{
 };
 use watchdog_common::{
     conn_flag,
+    h2::PREFACE_LEN,
     head::{classify, head_state, proto, ROUTE_OFF},
     port_stat, stat, ReqState, DURATION_BUCKETS_MS, PORT_ROUTES,
 };
@@ -22,6 +23,7 @@ use crate::{
     },
     programs::{
         connection::init_timer,
+        h2,
         head::{self, Route},
     },
 };
@@ -49,12 +51,33 @@ pub fn request_enter_recv(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     // SAFETY: non-null storage pointer.
-    let st = unsafe { &mut *st };
-    if st.state != ReqState::Idle as u32 {
-        return 0;
-    }
-    start_request(st, head::current_regs(), ret as u64);
+    bytes_in(unsafe { &mut *st }, head::current_regs(), ret as u64);
     0
+}
+
+/// Bytes came in on a tracked connection (both probe sets).
+#[inline(always)]
+pub fn bytes_in(st: &mut SockState, regs: *const u64, ret: u64) {
+    if st.proto == u32::from(proto::HTTP2) {
+        h2::on_recv(st, regs, ret, 0);
+    } else if st.state == ReqState::Idle as u32 {
+        start_request(st, regs, ret);
+    }
+}
+
+/// Bytes went out on a tracked connection (both probe sets). Before the first request the
+/// server's writes are walked as HTTP/2 frames too, in case the connection turns out to be one.
+#[inline(always)]
+pub fn bytes_out(st: &mut SockState, regs: *const u64, ret: u64) {
+    if st.proto == u32::from(proto::HTTP2) || st.gen == 0 {
+        h2::on_send(st, regs, ret);
+        if st.proto == u32::from(proto::HTTP2) {
+            return;
+        }
+    }
+    if st.state == ReqState::InFlight as u32 {
+        end_request(st, regs, ret);
+    }
 }
 
 /// Bytes came in on an idle tracked connection: a request starts, owned by the current thread.
@@ -93,6 +116,14 @@ pub fn start_request(st: &mut SockState, regs: *const u64, ret: u64) {
         // SAFETY: `e` points into CONNS; `len` bytes of its head were just written.
         st.proto = u32::from(classify(unsafe { &(*e).head }, usize::from(len)));
         port_count(st.slot, port_stat::PROTO + st.proto, 1);
+        if st.proto == u32::from(proto::HTTP2) {
+            // From here on a request is a stream (`h2.rs`), starting after the preface.
+            st.state = ReqState::Idle as u32;
+            info.proto = proto::HTTP2;
+            h2::classified(st);
+            h2::on_recv(st, regs, ret, PREFACE_LEN);
+            return;
+        }
     }
     let mut deadline_ns = cfg.deadline_ns;
     let mut flags = 0;
@@ -192,10 +223,7 @@ pub fn request_exit_send(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     // SAFETY: non-null storage pointer.
-    let st = unsafe { &mut *st };
-    if st.state == ReqState::InFlight as u32 {
-        end_request(st, head::current_regs(), ret as u64);
-    }
+    bytes_out(unsafe { &mut *st }, head::current_regs(), ret as u64);
     0
 }
 
@@ -229,7 +257,7 @@ pub fn end_request(st: &mut SockState, regs: *const u64, ret: u64) {
 
 /// Index of the histogram bucket for a duration (the last index is `+Inf`).
 #[inline(always)]
-fn bucket(ns: u64) -> u32 {
+pub fn bucket(ns: u64) -> u32 {
     let ms = ns / 1_000_000;
     let mut i = 0;
     while i < DURATION_BUCKETS_MS.len() {

@@ -18,13 +18,12 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use watchdog_common::ReqState;
 
 use crate::{
     maps::{offsets, syscall_set, OWNERS, SOCK_STATES},
     programs::{
         abi::{nr, reg, regs},
-        request::{end_request, start_request, MSG_PEEK},
+        request::{bytes_in, bytes_out, MSG_PEEK},
     },
 };
 
@@ -83,10 +82,7 @@ fn on_bytes_in(tgid: u32, fd: u64, regs: *const u64, ret: u64) {
     };
     if let Some(st) = SOCK_STATES.get_ptr_mut(cookie) {
         // SAFETY: map value pointer from a successful lookup.
-        let st = unsafe { &mut *st };
-        if st.state == ReqState::Idle as u32 {
-            start_request(st, regs, ret);
-        }
+        bytes_in(unsafe { &mut *st }, regs, ret);
     }
 }
 
@@ -100,7 +96,7 @@ fn on_bytes_out(tgid: u32, fd: u64, regs: *const u64, ret: u64) {
     };
     if let Some(st) = SOCK_STATES.get_ptr_mut(cookie) {
         // SAFETY: map value pointer from a successful lookup.
-        end_request(unsafe { &mut *st }, regs, ret);
+        bytes_out(unsafe { &mut *st }, regs, ret);
     }
 }
 

@@ -261,6 +261,15 @@ impl Policy {
     pub fn first_deadline(&self) -> Duration {
         self.steps.first().map_or(self.budget, |s| s.after)
     }
+
+    /// When the kernel must wake us for an HTTP/2 stream of this policy, whose route the kernel
+    /// does not know: the earliest first step of the policy and of any enforced route.
+    pub fn first_stream_deadline(&self) -> Duration {
+        (0..self.routes.len())
+            .filter_map(|i| self.ladder_for(Some(i)))
+            .map(|(budget, steps)| steps.first().map_or(budget, |s| s.after))
+            .fold(self.first_deadline(), Duration::min)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

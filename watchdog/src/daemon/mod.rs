@@ -454,7 +454,7 @@ impl State {
     fn on_event(&mut self, ev: Event, facts: &mut process::FactsCache) {
         self.metrics.events.inc();
         let c = ev.conn;
-        if !tracker::consistent(&c, self.kernel.conn(c.cookie).as_ref()) {
+        if !tracker::consistent(&c, self.kernel.current(&c).as_ref()) {
             debug!(port = c.local_port, peer = %peer_of(&c), "event read while the next request started; its own timer covers that one");
             return;
         }

@@ -29,12 +29,13 @@ impl State {
 
     /// Is the request this ladder is about still what it was, in the kernel, right now?
     fn still_valid(kernel: &Kernel, key: Key, c: &ConnInfo) -> bool {
-        tracker::still_current(
-            key.reason,
-            c,
-            kernel.task(c.tid).as_ref(),
-            kernel.conn(c.cookie).as_ref(),
-        )
+        let now = kernel.current(c);
+        // A stream that is gone from the kernel's table was answered or reset, or its
+        // connection closed: never acted on.
+        if c.flags & watchdog_common::conn_flag::STREAM != 0 && now.is_none() {
+            return false;
+        }
+        tracker::still_current(key.reason, c, kernel.task(c.tid).as_ref(), now.as_ref())
     }
 
     /// Takes one step of a ladder: diagnosis (first step only), the safety checks, the action.

@@ -23,7 +23,8 @@ use aya::{
 use tracing::{info, warn};
 use watchdog_common::{
     head::{RouteValue, ROUTE_KEY_DATA},
-    limits, names, ConnInfo, ConnRecord, Meta, PortConfig, TaskInfo, LAYOUT_VERSION,
+    conn_flag, limits, names, ConnInfo, ConnRecord, Meta, PortConfig, ReqState, StreamKey,
+    StreamRecord, TaskInfo, LAYOUT_VERSION,
 };
 
 mod counters;
@@ -129,6 +130,7 @@ pub struct Kernel {
     /// Links of an unpinned load: dropping them detaches the programs.
     _links: Vec<FdLink>,
     conns: HashMap<MapData, u64, ConnRecord>,
+    streams: HashMap<MapData, StreamKey, StreamRecord>,
     tasks: HashMap<MapData, u32, TaskInfo>,
     ports: Array<MapData, PortConfig>,
     routes: LpmTrie<MapData, [u8; ROUTE_KEY_DATA], RouteValue>,
@@ -324,6 +326,8 @@ impl Kernel {
         Ok(Self {
             conns: HashMap::try_from(take(names::MAP_CONNS)?)
                 .map_err(|e| LoadError::Map(names::MAP_CONNS, e))?,
+            streams: HashMap::try_from(take(names::MAP_STREAMS)?)
+                .map_err(|e| LoadError::Map(names::MAP_STREAMS, e))?,
             tasks: HashMap::try_from(take(names::MAP_TASKS)?)
                 .map_err(|e| LoadError::Map(names::MAP_TASKS, e))?,
             ports: Array::try_from(take(names::MAP_PORTS)?)
@@ -397,6 +401,35 @@ impl Kernel {
     /// The tracked connection with this cookie, as the kernel has it now.
     pub fn conn(&self, cookie: u64) -> Option<ConnInfo> {
         self.conns.get(&cookie, 0).ok().map(|r| r.info)
+    }
+
+    /// The request `ev` is about as the kernel has it now: the connection's current request,
+    /// or, for an HTTP/2 stream (`conn_flag::STREAM`), that stream while it is in flight.
+    pub fn current(&self, ev: &ConnInfo) -> Option<ConnInfo> {
+        if ev.flags & conn_flag::STREAM == 0 {
+            return self.conn(ev.cookie);
+        }
+        let key = StreamKey {
+            cookie: ev.cookie,
+            id: ev.gen,
+            _pad: 0,
+        };
+        let s = self.streams.get(&key, 0).ok()?.info;
+        Some(ConnInfo {
+            start_ns: s.start_ns,
+            gen: ev.gen,
+            state: ReqState::InFlight as u32,
+            tid: s.tid,
+            tgid: s.tgid,
+            owner_life: s.owner_life,
+            deadline_ns: s.deadline_ns,
+            ..*ev
+        })
+    }
+
+    /// HTTP/2 streams in flight (one syscall per entry: for status, not hot paths).
+    pub fn streams(&self) -> usize {
+        self.streams.keys().filter(Result::is_ok).count()
     }
 
     /// The tracked connection with this cookie and its current request's first bytes.

@@ -85,7 +85,7 @@ pub(super) fn adopt(
         let data = MapData::from_pin(dir.join(name))
             .map_err(|e| format!("pinned map {name} is missing ({e})"))?;
         let map = match name {
-            names::MAP_CONNS | names::MAP_TASKS => Map::HashMap(data),
+            names::MAP_CONNS | names::MAP_STREAMS | names::MAP_TASKS => Map::HashMap(data),
             names::MAP_PORTS | names::MAP_META => Map::Array(data),
             names::MAP_ROUTES => Map::LpmTrie(data),
             names::MAP_STATS | names::MAP_PORT_STATS => Map::PerCpuArray(data),
