@@ -186,7 +186,6 @@ const PATH_NONE: u8 = 0;
 const PATH_LITERAL: u8 = 1;
 const PATH_ROOT: u8 = 4;
 const PATH_INDEX: u8 = 5;
-const WHY_SPLIT: u8 = 0;
 const WHY_INDEXED: u8 = 1;
 const WHY_HUFFMAN: u8 = 2;
 
