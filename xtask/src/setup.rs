@@ -32,6 +32,7 @@ const PYTHON_PACKAGES: &[&str] = &[
     "gevent==26.9.0",
     "gunicorn==27.0.1",
     "uvicorn==0.54.0",
+    "packaging==26.3", // gunicorn's gevent worker imports it without depending on it
 ];
 
 fn home() -> PathBuf {

@@ -1,0 +1,247 @@
+//! Issue 16: a tested recipe per server model (README, "Recipes by server"). Each test runs the
+//! real server, the real daemon with the recipe's policy, a request stuck past its 1 s budget and
+//! another request in flight in the same process (it starts at 0.5 s and takes 0.8 s, so it is
+//! in flight at the action and never over its own budget), and shows what the client saw and
+//! when, what the other request saw, and which in-process cancel fired.
+//!
+//! PostgreSQL's recipe (SIGINT cancels the statement) is
+//! `policies::postgres_query_is_cancelled_at_its_budget_and_the_session_goes_on`.
+
+mod common;
+#[path = "recipes/support.rs"]
+mod support;
+
+use std::{process::Command, time::Duration};
+
+use common::*;
+use support::*;
+
+const SLOW_AT: Duration = Duration::ZERO;
+/// When the other request starts: it ends at 1.3 s, before its own deadline at 1.5 s.
+const OTHER_AT: Duration = Duration::from_millis(500);
+
+/// gunicorn on `port` with the given worker arguments, its log (and the app's) in a directory.
+fn gunicorn(name: &str, port: u16, args: &[&str]) -> (Proc, std::path::PathBuf) {
+    let dir = tmpdir(name);
+    let log = dir.join("gunicorn.log");
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "gunicorn", "--chdir"])
+        .arg(recipes_dir())
+        .args(["-b", &local(port), "--timeout", "30"])
+        .args(args)
+        .arg("--control-socket")
+        .arg(dir.join("gunicorn.ctl"))
+        .arg("wsgi_app:app")
+        .env("RECIPE_LOG", dir.join("app.log"));
+    let mut p = spawn_logged(name, &mut cmd, &log);
+    wait_up(&mut p, port, &log);
+    (p, dir)
+}
+
+/// The pids the app logged as starting `path`.
+fn starts(dir: &std::path::Path, path: &str) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("app.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.ends_with(&format!("start {path}")))
+        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// Pre-forked workers, one request each (gunicorn sync, uWSGI): SIGKILL the worker; its master
+/// forks a new one. The other request is on another worker and completes.
+fn prefork_kill(port: u16, d: &Daemon, dir: &std::path::Path) {
+    let slow = client(port, get_req("/slow"), SLOW_AT);
+    let other = client(port, get_req("/busy"), OTHER_AT);
+    let s = slow.join().unwrap();
+    s.within("stuck request", 1.0, 1.4);
+    assert!(matches!(s.how().as_str(), "reset" | "eof"), "{}", s.how());
+    let o = other.join().unwrap();
+    o.within("other request (0.8 s of work)", 0.8, 1.2);
+    assert!(o.how().ends_with("200 OK"), "{}", o.how());
+    let killed = starts(dir, "/slow")[0];
+    assert_ne!(
+        pid_of(o.body()),
+        killed,
+        "the other request ran on another worker"
+    );
+    assert_actions(d, &[("SIGKILL", "delivered", 1000)]);
+}
+
+#[test]
+fn gunicorn_sync_worker_is_killed_and_respawned() {
+    let port = free_port();
+    let (_g, dir) = gunicorn("gunicorn-sync", port, &["-k", "sync", "-w", "2"]);
+    let d = daemon(
+        "gunicorn-sync",
+        port,
+        "budget = \"1s\"\nsteps = [{ after = \"1s\", signal = \"SIGKILL\" }]",
+    );
+    prefork_kill(port, &d, &dir);
+    // The arbiter saw it and forked a new worker; the server answers.
+    wait_text(
+        &dir.join("gunicorn.log"),
+        "was sent SIGKILL",
+        Duration::from_secs(3),
+    );
+    let again = client(port, get_req("/fast"), Duration::ZERO)
+        .join()
+        .unwrap();
+    assert!(again.how().ends_with("200 OK"), "{}", again.how());
+}
+
+/// The drain ladder on a worker that runs many requests (gunicorn gthread, gevent): SIGTERM to
+/// the worker at the budget (it stops accepting and finishes the others), SIGKILL after its
+/// graceful timeout (1 s here). The other request in flight on the same worker completes.
+fn drain(name: &str, worker: &[&str]) -> (Daemon, std::path::PathBuf, Seen, u16) {
+    let port = free_port();
+    let mut args = vec!["-w", "1", "--graceful-timeout", "1"];
+    args.extend_from_slice(worker);
+    let (g, dir) = gunicorn(name, port, &args);
+    let d = daemon(
+        name,
+        port,
+        "budget = \"1s\"\nsteps = [\n  { after = \"1s\", signal = \"SIGTERM\" },\n  \
+         { after = \"2200ms\", signal = \"SIGKILL\" },\n]",
+    );
+    let slow = client(port, get_req("/slow"), SLOW_AT);
+    let other = client(port, get_req("/busy"), OTHER_AT);
+    let o = other.join().unwrap();
+    o.within("other request on the same worker (0.8 s of work)", 0.8, 1.2);
+    assert!(o.how().ends_with("200 OK"), "{}", o.how());
+    let worker = starts(&dir, "/slow")[0];
+    assert_eq!(pid_of(o.body()), worker, "both requests ran in one worker");
+    // Sent during the drain: the draining worker no longer accepts; the worker the arbiter
+    // forks once the old one is gone answers it.
+    let late = client(port, get_req("/fast"), Duration::from_millis(1500 - 1300));
+    let s = slow.join().unwrap();
+    let again = late.join().unwrap();
+    assert!(
+        again.how().ends_with("200 OK"),
+        "the arbiter forked a new worker: {}",
+        again.how()
+    );
+    assert_ne!(
+        pid_of(again.body()),
+        worker,
+        "the draining worker took no new request"
+    );
+    println!(
+        "request sent during the drain: answered by the new worker after {:.3} s",
+        again.took.as_secs_f64()
+    );
+    drop(g);
+    (d, dir, s, port)
+}
+
+#[test]
+fn gunicorn_gthread_drain_ladder_lets_the_other_request_finish() {
+    let (d, _dir, s, _) = drain("gunicorn-gthread", &["-k", "gthread", "--threads", "4"]);
+    s.within("stuck request", 2.2, 2.6);
+    assert!(matches!(s.how().as_str(), "reset" | "eof"), "{}", s.how());
+    // The stuck thread holds the worker past its graceful timeout: only SIGKILL ends it.
+    assert_actions(
+        &d,
+        &[
+            ("SIGTERM", "delivered", 1000),
+            ("SIGKILL", "delivered", 2200),
+        ],
+    );
+}
+
+#[test]
+fn gunicorn_gevent_drain_ladder_lets_the_other_request_finish() {
+    let (d, _dir, s, _) = drain(
+        "gunicorn-gevent",
+        &["-k", "gevent", "--worker-connections", "16"],
+    );
+    s.within("stuck request", 2.2, 2.6);
+    assert!(matches!(s.how().as_str(), "reset" | "eof"), "{}", s.how());
+    assert_actions(
+        &d,
+        &[
+            ("SIGTERM", "delivered", 1000),
+            ("SIGKILL", "delivered", 2200),
+        ],
+    );
+}
+
+#[test]
+fn uwsgi_worker_is_killed_and_respawned() {
+    let port = free_port();
+    let dir = tmpdir("uwsgi");
+    let log = dir.join("uwsgi.log");
+    let mut cmd = Command::new("uwsgi");
+    cmd.args([
+        "--plugin",
+        "python3",
+        "--http-socket",
+        &local(port),
+        "--master",
+    ])
+    .args(["--processes", "2", "--chdir"])
+    .arg(recipes_dir())
+    .args(["--wsgi-file", "wsgi_app.py", "--disable-logging"])
+    .env("RECIPE_LOG", dir.join("app.log"));
+    let mut p = spawn_logged("uwsgi", &mut cmd, &log);
+    wait_up(&mut p, port, &log);
+    let d = daemon(
+        "uwsgi",
+        port,
+        "budget = \"1s\"\nsteps = [{ after = \"1s\", signal = \"SIGKILL\" }]",
+    );
+    prefork_kill(port, &d, &dir);
+    wait_text(&log, "killed by signal 9", Duration::from_secs(3));
+    wait_text(&log, "Respawned uWSGI worker", Duration::from_secs(3));
+    let again = client(port, get_req("/fast"), Duration::ZERO)
+        .join()
+        .unwrap();
+    assert!(again.how().ends_with("200 OK"), "{}", again.how());
+}
+
+#[test]
+fn uvicorn_reset_releases_the_client_and_the_handler_runs_on() {
+    let port = free_port();
+    let dir = tmpdir("uvicorn");
+    let log = dir.join("uvicorn.log");
+    let marker = dir.join("marker");
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "uvicorn", "--app-dir"])
+        .arg(recipes_dir())
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--no-access-log",
+        ])
+        .arg("asgi_app:app")
+        .env("RECIPE_MARKER", &marker);
+    let mut p = spawn_logged("uvicorn", &mut cmd, &log);
+    wait_up(&mut p, port, &log);
+    let d = daemon(
+        "uvicorn",
+        port,
+        "budget = \"1s\"\nsteps = [{ after = \"1s\", action = \"reset\" }]",
+    );
+    let slow = client(port, get_req("/slow"), SLOW_AT);
+    let other = client(port, get_req("/busy"), OTHER_AT);
+    let s = slow.join().unwrap();
+    s.within("stuck request", 1.0, 1.4);
+    assert_eq!(s.how(), "reset");
+    let o = other.join().unwrap();
+    o.within(
+        "other request in the same event loop (0.8 s of work)",
+        0.8,
+        1.2,
+    );
+    assert!(o.how().ends_with("200 OK"), "{}", o.how());
+    assert_actions(&d, &[("reset", "delivered", 1000)]);
+    // Honestly: the handler task was not cancelled. It ran on to its end, a second after the
+    // client was released, and only then found the disconnect.
+    assert!(!marker.exists(), "the handler finished before the reset?");
+    let text = wait_text(&marker, "ran on", Duration::from_secs(3));
+    println!("uvicorn handler: {}", text.trim());
+    assert!(text.contains("http.disconnect"), "{text}");
+    assert!(p.alive());
+}
