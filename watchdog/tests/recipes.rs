@@ -245,3 +245,155 @@ fn uvicorn_reset_releases_the_client_and_the_handler_runs_on() {
     assert!(text.contains("http.disconnect"), "{text}");
     assert!(p.alive());
 }
+
+/// A server whose log says `READY` once it listens: started, waited for, and its log path.
+fn server_ready(name: &str, port: u16, cmd: &mut Command) -> (Proc, std::path::PathBuf) {
+    let dir = tmpdir(name);
+    let log = dir.join(format!("{name}.log"));
+    let mut p = spawn_logged(name, cmd, &log);
+    wait_up(&mut p, port, &log);
+    (p, log)
+}
+
+/// The stuck request and the other one in flight, on a policy that resets at 1 s: the client
+/// is released at the budget with a RST, the other request completes.
+fn reset_pair(port: u16, slow: String) -> Seen {
+    let slow = client(port, slow, SLOW_AT);
+    let other = client(port, get_req("/busy"), OTHER_AT);
+    let s = slow.join().unwrap();
+    s.within("stuck request", 1.0, 1.4);
+    assert_eq!(s.how(), "reset");
+    let o = other.join().unwrap();
+    o.within(
+        "other request in the same process (0.8 s of work)",
+        0.8,
+        1.2,
+    );
+    assert!(o.how().ends_with("200 OK"), "{}", o.how());
+    s
+}
+
+const RESET_AT_1S: &str = "budget = \"1s\"\nsteps = [{ after = \"1s\", action = \"reset\" }]";
+
+#[test]
+fn node_reset_fires_res_close_in_the_handler() {
+    let port = free_port();
+    let (mut p, log) = server_ready(
+        "node",
+        port,
+        Command::new("node")
+            .arg(recipes_dir().join("server.js"))
+            .arg(port.to_string()),
+    );
+    let d = daemon("node", port, RESET_AT_1S);
+    reset_pair(port, get_req("/slow"));
+    assert_actions(&d, &[("reset", "delivered", 1000)]);
+    // The in-process cancel: the handler's res.on('close') ran at the reset.
+    let text = wait_text(&log, "close /slow after", Duration::from_secs(1));
+    let line = text.lines().find(|l| l.starts_with("close /slow")).unwrap();
+    println!("node: {line}");
+    let ms: u64 = line.split(' ').nth(3).unwrap().parse().unwrap();
+    assert!((1000..1200).contains(&ms), "{line}");
+    assert!(line.ends_with("finished=false"), "{line}");
+    assert!(p.alive());
+}
+
+#[test]
+fn node_cluster_worker_is_killed_and_the_primary_respawns_it() {
+    let port = free_port();
+    let (mut p, log) = server_ready(
+        "node-cluster",
+        port,
+        Command::new("node")
+            .arg(recipes_dir().join("server.js"))
+            .arg(port.to_string())
+            .arg("cluster"),
+    );
+    let d = daemon(
+        "node-cluster",
+        port,
+        "budget = \"1s\"\nsteps = [{ after = \"1s\", signal = \"SIGKILL\" }]",
+    );
+    // /slow spins on the CPU: the worker's event loop is held, no 'close' can run: only a kill
+    // helps. The primary hands new connections to the worker that is free.
+    let slow = client(port, get_req("/slow"), SLOW_AT);
+    let other = client(port, get_req("/busy"), OTHER_AT);
+    let s = slow.join().unwrap();
+    s.within("stuck request", 1.0, 1.4);
+    assert!(matches!(s.how().as_str(), "reset" | "eof"), "{}", s.how());
+    let o = other.join().unwrap();
+    o.within(
+        "other request, on the other worker (0.8 s of work)",
+        0.8,
+        1.2,
+    );
+    assert!(o.how().ends_with("200 OK"), "{}", o.how());
+    assert_actions(&d, &[("SIGKILL", "delivered", 1000)]);
+    let text = wait_text(&log, "respawned", Duration::from_secs(3));
+    println!(
+        "node primary: {}",
+        text.lines().find(|l| l.contains("respawned")).unwrap()
+    );
+    assert!(text.contains("died (SIGKILL)"), "{text}");
+    assert!(
+        !text.contains("close /slow"),
+        "a held loop runs no 'close': {text}"
+    );
+    let again = client(port, get_req("/fast"), Duration::ZERO)
+        .join()
+        .unwrap();
+    assert!(again.how().ends_with("200 OK"), "{}", again.how());
+    assert!(p.alive(), "the primary lives");
+}
+
+/// The Go server, built once into target/recipes with the stdlib only.
+fn go_server() -> std::path::PathBuf {
+    let src = recipes_dir().join("server.go");
+    let out = build_dir().join("goserver");
+    if stale(&out, &src) {
+        build(
+            "go build",
+            Command::new("go")
+                .arg("build")
+                .arg("-o")
+                .arg(&out)
+                .arg(&src)
+                .env("GOFLAGS", "")
+                .env("GO111MODULE", "off")
+                .env("GOCACHE", build_dir().join("gocache")),
+        );
+    }
+    out
+}
+
+#[test]
+fn go_reset_cancels_the_context_only_of_a_handler_that_read_its_body() {
+    let port = free_port();
+    let (mut p, log) = server_ready("go", port, Command::new(go_server()).arg(port.to_string()));
+    let d = daemon("go", port, RESET_AT_1S);
+    let noread = client(port, post_req("/noread", "hello"), SLOW_AT);
+    reset_pair(port, post_req("/read", "hello"));
+    let n = noread.join().unwrap();
+    n.within("stuck request, body unread", 1.0, 1.4);
+    assert_eq!(n.how(), "reset");
+    assert_actions(
+        &d,
+        &[("reset", "delivered", 1000), ("reset", "delivered", 1000)],
+    );
+    // r.Context() is cancelled at the reset for the handler that read its body; the one that
+    // did not read it never hears of it (Go starts its background read only after the body).
+    let text = wait_text(&log, "/noread ctx", Duration::from_secs(2));
+    println!(
+        "go: {}",
+        text.lines()
+            .filter(|l| l.contains("ctx"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let read = text.lines().find(|l| l.starts_with("/read ctx")).unwrap();
+    assert!(read.starts_with("/read ctx cancelled after"), "{read}");
+    let ms: u64 = read.split(' ').nth(4).unwrap().parse().unwrap();
+    assert!((1000..1200).contains(&ms), "{read}");
+    assert!(text.contains("/noread ctx not cancelled in 15"), "{text}");
+    assert!(p.alive());
+}
