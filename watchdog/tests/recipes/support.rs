@@ -233,10 +233,13 @@ pub fn pid_of(body: &str) -> u32 {
 }
 
 /// Asserts the daemon's records are exactly `want` (action, result, at ms), each landing within
-/// 150 ms after its offset; prints them.
-pub fn assert_actions(d: &Daemon, want: &[(&str, &str, u64)]) {
+/// 150 ms after its offset, and that the kernel counted the stuck request and the other one on
+/// `port` (the other's "nothing happened" is a request it saw); prints them.
+pub fn assert_actions(d: &Daemon, port: u16, want: &[(&str, &str, u64)]) {
     let got = actions(d);
-    println!("actions: {got:?}");
+    let seen = requests_seen(d, port);
+    println!("actions: {got:?}; requests the kernel counted on :{port}: {seen}");
+    assert!(seen >= 2.0, "the kernel saw {seen} requests on :{port}");
     assert_eq!(got.len(), want.len(), "{got:?}\n{}", d.log_text());
     for (g, w) in got.iter().zip(want) {
         assert_eq!((g.0.as_str(), g.1.as_str()), (w.0, w.1), "{got:?}");
