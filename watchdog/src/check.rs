@@ -5,6 +5,7 @@ use std::path::Path;
 use crate::{
     actions,
     config::{Config, Probes},
+    harm,
     kernel_btf::{KernelBtf, ProbeSet},
     loader,
 };
@@ -26,12 +27,17 @@ pub fn run(config: Option<&Path>, config_only: bool, probes: Option<Probes>) -> 
     let mut want = probes.unwrap_or_default();
     match config {
         Some(p) => match Config::load(p) {
-            Ok(c) => r.add(
-                true,
-                true,
-                "config",
-                format!("{}: {} polic(y/ies) valid", p.display(), c.policies.len()),
-            ),
+            Ok(c) => {
+                r.add(
+                    true,
+                    true,
+                    "config",
+                    format!("{}: {} polic(y/ies) valid", p.display(), c.policies.len()),
+                );
+                for w in harm::warnings(&c.policies) {
+                    r.add(false, false, "harmful signal", w.to_string());
+                }
+            }
             Err(e) => r.add(true, false, "config", e.to_string()),
         },
         None => r.add(

@@ -12,6 +12,7 @@ mod decide;
 mod diagnose;
 mod evict;
 mod fds;
+mod harm;
 mod kernel_btf;
 mod loader;
 mod metrics;

@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 use crate::run;
 
 /// Debian packages the end-to-end tests drive for real (bpftool: kernel links in
-/// `tests/interrupt.rs`; prometheus and promtool: the deploy stage's rules and dashboard).
+/// `tests/interrupt.rs`; prometheus and promtool: the deploy stage's rules and dashboard; the
+/// servers of `tests/recipes.rs`: uWSGI with its Python plugin, Go, PHP-FPM, Node.js, a JDK).
 const TEST_PACKAGES: &[&str] = &[
     "nginx",
     "haproxy",
@@ -16,9 +17,23 @@ const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
     "prometheus",
+    "uwsgi-core",
+    "uwsgi-plugin-python3",
+    "golang-go",
+    "php-fpm",
+    "nodejs",
+    "openjdk-17-jdk-headless",
 ];
-/// Python client and server libraries of the end-to-end tests (PyPI), pinned.
-const PYTHON_PACKAGES: &[&str] = &["websockets==17.4", "grpcio==1.85.3", "gevent==26.9.0"];
+/// Python client and server libraries of the end-to-end tests (PyPI), pinned; gunicorn and
+/// uvicorn are servers of `tests/recipes.rs`.
+const PYTHON_PACKAGES: &[&str] = &[
+    "websockets==17.4",
+    "grpcio==1.85.3",
+    "gevent==26.9.0",
+    "gunicorn==27.0.1",
+    "uvicorn==0.54.0",
+    "packaging==26.3", // gunicorn's gevent worker imports it without depending on it
+];
 
 fn home() -> PathBuf {
     PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
@@ -183,7 +198,7 @@ pub fn test_packages() -> Result<()> {
         return Ok(());
     }
     // Debian starts the services it installs; the tests run their own instances.
-    for svc in ["nginx", "haproxy", "postgresql", "prometheus"] {
+    for svc in ["nginx", "haproxy", "postgresql", "prometheus", "php8.2-fpm"] {
         let _ = Command::new("service").args([svc, "stop"]).output();
     }
     Ok(())
