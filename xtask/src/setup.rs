@@ -16,6 +16,9 @@ const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
     "prometheus",
+    // tests/mariadb.rs: its own mariadbd (mariadb-install-db) and the `mariadb` client.
+    "mariadb-server",
+    "mariadb-client",
 ];
 /// Python client and server libraries of the end-to-end tests (PyPI), pinned.
 const PYTHON_PACKAGES: &[&str] = &["websockets==17.4", "grpcio==1.85.3", "gevent==26.9.0"];
@@ -183,7 +186,7 @@ pub fn test_packages() -> Result<()> {
         return Ok(());
     }
     // Debian starts the services it installs; the tests run their own instances.
-    for svc in ["nginx", "haproxy", "postgresql", "prometheus"] {
+    for svc in ["nginx", "haproxy", "postgresql", "prometheus", "mariadb"] {
         let _ = Command::new("service").args([svc, "stop"]).output();
     }
     Ok(())

@@ -1,7 +1,33 @@
 //! One batch of due ladder steps: the diagnosis, the enforcement chain (`decide.rs`), the
-//! action, its metrics and its record.
+//! action, its metrics and its record. A `kill_query` step runs on a thread of its own
+//! (`mysql.rs`); its record is made when that thread reports back (`State::kill_done`).
 
 use super::*;
+
+/// A step that was decided: what its metrics and record need once its outcome is known.
+pub(super) struct Decided {
+    due: Due,
+    facts: ProcessFacts,
+    diagnosis: Option<diagnose::Diagnosis>,
+    stack: Option<crate::stacks::StackReport>,
+    mode: Mode,
+    /// When the step was taken up, and when its diagnosis was done.
+    started: u64,
+    diagnosed: u64,
+    /// The statement as the database server showed it (`kill_query`), for a request whose own
+    /// bytes did not say.
+    statement: Option<String>,
+}
+
+/// A `kill_query` step carried out on its thread: the step, its outcome, when it was done.
+pub(super) type KillDone = (Decided, Outcome, u64);
+
+/// The threads of `kill_query` steps: how they re-read the kernel, report back, and how many run.
+pub(super) struct KillQueries {
+    pub(super) reader: Arc<crate::loader::ConnsReader>,
+    pub(super) done: mpsc::UnboundedSender<KillDone>,
+    pub(super) running: Arc<std::sync::atomic::AtomicUsize>,
+}
 
 impl State {
     pub(super) fn run_due(&mut self) {
@@ -13,7 +39,9 @@ impl State {
         let mut done = Vec::new();
         self.stack_budget = STACK_TIME_PER_BATCH;
         for due in self.tracker.pop_due(now_ns()) {
-            let (outcome, record) = self.run_step(&due, &mut cache, &mut facts);
+            let Some((outcome, record)) = self.run_step(&due, &mut cache, &mut facts) else {
+                continue;
+            };
             if matches!(
                 outcome,
                 Outcome::Ended | Outcome::TargetGone | Outcome::Refused(_)
@@ -24,6 +52,74 @@ impl State {
         }
         for record in done {
             self.report(record);
+        }
+    }
+
+    /// A `kill_query` thread reported back: its metrics and record. The ladder goes on either
+    /// way; a later step finds the request ended if the kill worked.
+    pub(super) fn kill_done(&mut self, (decided, outcome, done): KillDone) {
+        let record = self.finish(decided, outcome, done);
+        self.report(record);
+    }
+
+    /// Starts a `kill_query` step on a thread of its own; its outcome comes back through
+    /// `KillQueries::done`. `None` once it runs, or the outcome that stopped it from starting.
+    fn start_kill_query(&self, decided: &Decided) -> Option<Outcome> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let Some(account) = decided.due.policy.mysql.clone() else {
+            return Some(Outcome::Failed("the policy has no `mysql` account".into()));
+        };
+        let kills = &self.kills;
+        if kills.running.fetch_add(1, SeqCst) >= crate::mysql::MAX_IN_FLIGHT {
+            kills.running.fetch_sub(1, SeqCst);
+            return Some(Outcome::Failed(format!(
+                "{} kill_query actions already running",
+                crate::mysql::MAX_IN_FLIGHT
+            )));
+        }
+        let c = decided.due.conn;
+        let peer = (
+            std::net::IpAddr::from(Ipv6Addr::from(c.remote_addr)),
+            c.remote_port,
+        );
+        let (reader, tx, running) = (
+            kills.reader.clone(),
+            kills.done.clone(),
+            kills.running.clone(),
+        );
+        let decided = Decided {
+            due: decided.due.clone(),
+            facts: decided.facts.clone(),
+            diagnosis: decided.diagnosis.clone(),
+            stack: decided.stack.clone(),
+            statement: None,
+            ..*decided
+        };
+        let spawned = std::thread::Builder::new()
+            .name("kill_query".into())
+            .spawn(move || {
+                // The same request, still in flight on this connection, in the kernel's table.
+                let current = || {
+                    reader.get(c.cookie).is_some_and(|r| {
+                        r.info.gen == c.gen && r.info.state == ReqState::InFlight as u32
+                    })
+                };
+                let report = crate::mysql::kill_query(&account, peer, &current);
+                running.fetch_sub(1, SeqCst);
+                let decided = Decided {
+                    statement: report.statement.as_deref().map(request::sql_text),
+                    ..decided
+                };
+                let _ = tx.send((decided, report.outcome, now_ns()));
+            });
+        match spawned {
+            Ok(_) => None,
+            Err(e) => {
+                self.kills.running.fetch_sub(1, SeqCst);
+                Some(Outcome::Failed(format!(
+                    "starting the kill_query thread: {e}"
+                )))
+            }
         }
     }
 
@@ -43,7 +139,7 @@ impl State {
         due: &Due,
         cache: &mut diagnose::Cache,
         facts: &mut process::FactsCache,
-    ) -> (Outcome, ActionRecord) {
+    ) -> Option<(Outcome, ActionRecord)> {
         let c = due.conn;
         let policy = &due.policy;
         let now = now_ns();
@@ -95,6 +191,16 @@ impl State {
             },
             self.breakers.entry(policy.name.clone()).or_default(),
         );
+        let decided = Decided {
+            due: due.clone(),
+            facts,
+            diagnosis,
+            stack,
+            mode,
+            started: now,
+            diagnosed,
+            statement: None,
+        };
         let outcome = match verdict {
             Verdict::Ended => Outcome::Ended,
             Verdict::Refused(r) => Outcome::Refused(r.label()),
@@ -106,6 +212,13 @@ impl State {
                 }
                 Action::Reset => actions::reset(&c, valid),
                 Action::Log => Outcome::Delivered,
+                Action::KillQuery => match self.start_kill_query(&decided) {
+                    None => {
+                        self.workers.forget(&policy.name);
+                        return None;
+                    }
+                    Some(o) => o,
+                },
             },
             Verdict::Tripped => {
                 error!(
@@ -126,16 +239,32 @@ impl State {
         if verdict == Verdict::Act {
             self.workers.forget(&policy.name);
         }
-        let done = now_ns();
+        let record = self.finish(decided, outcome.clone(), now_ns());
+        Some((outcome, record))
+    }
+
+    /// A step's metrics and record, once its outcome is known (`done`: when it was).
+    fn finish(&mut self, d: Decided, outcome: Outcome, done: u64) -> ActionRecord {
+        let Decided {
+            due,
+            facts,
+            diagnosis,
+            stack,
+            mode,
+            started: now,
+            diagnosed,
+            statement,
+        } = d;
+        let c = due.conn;
+        let policy = &due.policy;
         let lateness = done.saturating_sub(due.due_ns);
-        if matches!(outcome, Outcome::Delivered | Outcome::ShutDown) {
+        if matches!(
+            outcome,
+            Outcome::Delivered | Outcome::ShutDown | Outcome::Killed(_)
+        ) {
             self.metrics.lateness.observe(lateness as f64 / 1e9);
         }
-        let action = if matches!(due.step.action, Action::Log) {
-            "log".to_string()
-        } else {
-            due.step.action.label()
-        };
+        let action = due.step.action.label();
         self.metrics
             .actions
             .get_or_create(&ActionLabels {
@@ -150,19 +279,10 @@ impl State {
                     .label(facts.pod.as_ref().map(|n| n.namespace.as_str())),
             })
             .inc();
-        let detail = match &outcome {
-            Outcome::Refused(r) => Some((*r).to_string()),
-            Outcome::Failed(e) => Some(e.clone()),
-            Outcome::ShutDown => Some(
-                "shut down through the owner's descriptor (socket outside this network namespace, or no SOCK_DESTROY)"
-                    .into(),
-            ),
-            _ => None,
-        };
-        let record = ActionRecord {
+        ActionRecord {
             event: "action",
             policy: policy.name.clone(),
-            request: due.about.request.clone(),
+            request: due.about.request.clone().or(statement),
             route: due.about.route.clone(),
             protocol: due.about.protocol,
             reason: due.key.reason,
@@ -170,7 +290,7 @@ impl State {
             action,
             target: due.step.target,
             result: outcome.label(),
-            detail,
+            detail: outcome.detail(),
             port: c.local_port,
             peer: peer_of(&c),
             pid: c.tgid,
@@ -186,8 +306,7 @@ impl State {
             namespace: facts.pod.as_ref().map(|n| n.namespace.clone()),
             pod: facts.pod.as_ref().map(|n| n.pod.clone()),
             container: facts.pod.as_ref().and_then(|n| n.container.clone()),
-        };
-        (outcome, record)
+        }
     }
 }
 
