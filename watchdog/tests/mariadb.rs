@@ -87,6 +87,10 @@ fn mariadb() -> Mariadb {
     m.sql(&format!(
         "CREATE USER watchdog@localhost IDENTIFIED BY '{DAEMON_PASSWORD}';
          GRANT PROCESS, CONNECTION ADMIN ON *.* TO watchdog@localhost;
+         CREATE USER no_admin@localhost IDENTIFIED BY '{DAEMON_PASSWORD}';
+         GRANT PROCESS ON *.* TO no_admin@localhost;
+         CREATE USER no_process@localhost IDENTIFIED BY '{DAEMON_PASSWORD}';
+         GRANT CONNECTION ADMIN ON *.* TO no_process@localhost;
          CREATE USER app@'%' IDENTIFIED BY '{APP_PASSWORD}';
          CREATE USER app@localhost IDENTIFIED BY '{APP_PASSWORD}';"
     ));
@@ -262,9 +266,19 @@ fn kill_query_ends_the_statement_at_its_budget_and_nothing_else() {
     );
 }
 
+/// Also shows that both privileges are needed: without PROCESS the server hides the other
+/// user's connection, without CONNECTION ADMIN it refuses the kill.
 #[test]
 fn a_refused_or_unreachable_account_is_recorded_and_the_ladder_goes_on() {
     let db = mariadb();
+    let right = db.password_file("mysql.pass", DAEMON_PASSWORD);
+    let account = |user: &str| {
+        format!(
+            "{{ socket = \"{}\", user = \"{user}\", password_file = \"{}\" }}",
+            db.socket.display(),
+            right.display()
+        )
+    };
     // A reset 500 ms after the failed kill_query releases the client.
     let steps =
         "[{ after = \"1s\", action = \"kill_query\" }, { after = \"1500ms\", action = \"reset\" }]";
@@ -288,6 +302,12 @@ fn a_refused_or_unreachable_account_is_recorded_and_the_ladder_goes_on() {
             "unreachable",
             "connecting to 127.0.0.1:",
         ),
+        (
+            account("no_admin"),
+            "access_denied",
+            "You are not owner of thread",
+        ),
+        (account("no_process"), "no_such_query", "no connection"),
     ] {
         let cfg = db.config(steps, &mysql);
         let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
