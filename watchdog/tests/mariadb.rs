@@ -264,6 +264,45 @@ fn kill_query_ends_the_statement_at_its_budget_and_nothing_else() {
             &[("result", "in_flight")]
         ) >= 1.0
     );
+    // Every exchange was a short request (handshake, authentication, statements) except the two
+    // sleeps: the server's greeting starts nothing, and no handshake runs into the budget.
+    let buckets = duration_buckets(&d, &port);
+    let count = |le: f64| {
+        buckets
+            .iter()
+            .find(|(b, _)| *b == le)
+            .map_or(0.0, |(_, n)| *n)
+    };
+    let total = count(f64::INFINITY);
+    println!(
+        "requests on the port: {total}, under 10 ms: {}, under 250 ms: {}, under 1 s: {}",
+        count(0.01),
+        count(0.25),
+        count(1.0)
+    );
+    assert!(total >= 6.0, "{buckets:?}");
+    assert_eq!(
+        total - count(0.25),
+        2.0,
+        "only the two sleeps ran long: {buckets:?}"
+    );
+    assert_eq!(total - count(2.5), 0.0, "{buckets:?}");
+}
+
+/// The kernel's request-duration histogram of a port: (upper bound in seconds, cumulative count).
+fn duration_buckets(d: &Daemon, port: &str) -> Vec<(f64, f64)> {
+    let scrape = d.scrape();
+    let s = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "watchdog_request_duration_seconds" && s.labels.get("port") == Some(port)
+        })
+        .expect("a duration histogram for the port");
+    match &s.value {
+        prometheus_parse::Value::Histogram(h) => h.iter().map(|b| (b.less_than, b.count)).collect(),
+        v => panic!("not a histogram: {v:?}"),
+    }
 }
 
 /// Also shows that both privileges are needed: without PROCESS the server hides the other
