@@ -12,9 +12,9 @@
 //!
 //! Why the blocking `mysql` crate on a thread of its own rather than `mysql_async` on the event
 //! loop: the loop carries out whole batches of due steps synchronously (`daemon/step.rs`) and must
-//! never wait on a server; a thread per action (at most `MAX_IN_FLIGHT`) with socket timeouts of
-//! `IO_TIMEOUT` is bounded, keeps the loop free, and needs no async driver beside the one the
-//! daemon has. The record is written when the thread is done.
+//! never wait on a server; `MAX_IN_FLIGHT` worker threads with socket timeouts of `IO_TIMEOUT`
+//! are bounded, keep the loop free, and need no async driver beside the one the daemon has. The
+//! record is written when the thread is done.
 
 use std::{io, net::IpAddr, path::Path, time::Duration};
 
@@ -30,7 +30,7 @@ use crate::{
 /// server answers.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// `kill_query` actions running at once; more are refused (`failed`) rather than queued.
+/// `kill_query` steps running at once (threads); more wait in a short queue (`daemon/step.rs`).
 pub const MAX_IN_FLIGHT: usize = 4;
 
 /// Why a password file cannot be used.

@@ -157,11 +157,7 @@ pub async fn run(
         workers: step::Workers::default(),
         stack_budget: Duration::ZERO,
         observe_forced,
-        kills: step::KillQueries {
-            reader: conns_reader.clone(),
-            done: kill_tx,
-            running: Arc::default(),
-        },
+        kills: step::KillQueries::new(conns_reader.clone(), kill_tx),
     };
     st.backstop = Backstop::new(st.backstop_failures());
     st.apply(cfg)?;

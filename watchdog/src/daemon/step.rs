@@ -22,11 +22,78 @@ pub(super) struct Decided {
 /// A `kill_query` step carried out on its thread: the step, its outcome, when it was done.
 pub(super) type KillDone = (Decided, Outcome, u64);
 
-/// The threads of `kill_query` steps: how they re-read the kernel, report back, and how many run.
+/// One `kill_query` step for a worker thread.
+struct KillJob {
+    decided: Decided,
+    account: crate::config::MysqlAccount,
+}
+
+/// Steps waiting for a free `kill_query` thread; beyond them a step fails (`failed`) at once.
+const KILL_QUEUE: usize = 16;
+
+/// The `kill_query` threads (`mysql::MAX_IN_FLIGHT`, started with the first such step): how
+/// they re-read the kernel and report back.
 pub(super) struct KillQueries {
-    pub(super) reader: Arc<crate::loader::ConnsReader>,
-    pub(super) done: mpsc::UnboundedSender<KillDone>,
-    pub(super) running: Arc<std::sync::atomic::AtomicUsize>,
+    reader: Arc<crate::loader::ConnsReader>,
+    done: mpsc::UnboundedSender<KillDone>,
+    jobs: Option<std::sync::mpsc::SyncSender<KillJob>>,
+}
+
+impl KillQueries {
+    pub(super) fn new(
+        reader: Arc<crate::loader::ConnsReader>,
+        done: mpsc::UnboundedSender<KillDone>,
+    ) -> Self {
+        Self {
+            reader,
+            done,
+            jobs: None,
+        }
+    }
+
+    /// The queue of the worker threads, started on first use.
+    fn jobs(&mut self) -> std::io::Result<&std::sync::mpsc::SyncSender<KillJob>> {
+        if self.jobs.is_none() {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<KillJob>(KILL_QUEUE);
+            let rx = Arc::new(std::sync::Mutex::new(rx));
+            for i in 0..crate::mysql::MAX_IN_FLIGHT {
+                let (rx, reader, done) = (rx.clone(), self.reader.clone(), self.done.clone());
+                std::thread::Builder::new()
+                    .name(format!("kill_query{i}"))
+                    .spawn(move || loop {
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(job) = job else { return };
+                        let _ = done.send(kill_one(job, &reader));
+                    })?;
+            }
+            self.jobs = Some(tx);
+        }
+        Ok(self.jobs.as_ref().expect("set above"))
+    }
+}
+
+/// Runs one `kill_query` step (on a worker thread).
+fn kill_one(job: KillJob, reader: &crate::loader::ConnsReader) -> KillDone {
+    let c = job.decided.due.conn;
+    let peer = (
+        std::net::IpAddr::from(Ipv6Addr::from(c.remote_addr)),
+        c.remote_port,
+    );
+    // The same request, still in flight on this connection, in the kernel's table.
+    let current = || {
+        reader
+            .get(c.cookie)
+            .is_some_and(|r| r.info.gen == c.gen && r.info.state == ReqState::InFlight as u32)
+    };
+    let report = crate::mysql::kill_query(&job.account, peer, &current);
+    let decided = Decided {
+        statement: report.statement.as_deref().map(request::sql_text),
+        ..job.decided
+    };
+    (decided, report.outcome, now_ns())
 }
 
 impl State {
@@ -62,65 +129,31 @@ impl State {
         self.report(record);
     }
 
-    /// Starts a `kill_query` step on a thread of its own; its outcome comes back through
-    /// `KillQueries::done`. `None` once it runs, or the outcome that stopped it from starting.
-    fn start_kill_query(&self, decided: &Decided) -> Option<Outcome> {
-        use std::sync::atomic::Ordering::SeqCst;
+    /// Hands a `kill_query` step to a worker thread; its outcome comes back through
+    /// `KillQueries::done`. An error gives the step back with the outcome that kept it from
+    /// starting.
+    fn start_kill_query(&mut self, decided: Decided) -> Result<(), Box<(Decided, Outcome)>> {
         let Some(account) = decided.due.policy.mysql.clone() else {
-            return Some(Outcome::Failed("the policy has no `mysql` account".into()));
+            let why = Outcome::Failed("the policy has no `mysql` account".into());
+            return Err(Box::new((decided, why)));
         };
-        let kills = &self.kills;
-        if kills.running.fetch_add(1, SeqCst) >= crate::mysql::MAX_IN_FLIGHT {
-            kills.running.fetch_sub(1, SeqCst);
-            return Some(Outcome::Failed(format!(
-                "{} kill_query actions already running",
-                crate::mysql::MAX_IN_FLIGHT
-            )));
-        }
-        let c = decided.due.conn;
-        let peer = (
-            std::net::IpAddr::from(Ipv6Addr::from(c.remote_addr)),
-            c.remote_port,
-        );
-        let (reader, tx, running) = (
-            kills.reader.clone(),
-            kills.done.clone(),
-            kills.running.clone(),
-        );
-        let decided = Decided {
-            due: decided.due.clone(),
-            facts: decided.facts.clone(),
-            diagnosis: decided.diagnosis.clone(),
-            stack: decided.stack.clone(),
-            statement: None,
-            ..*decided
-        };
-        let spawned = std::thread::Builder::new()
-            .name("kill_query".into())
-            .spawn(move || {
-                // The same request, still in flight on this connection, in the kernel's table.
-                let current = || {
-                    reader.get(c.cookie).is_some_and(|r| {
-                        r.info.gen == c.gen && r.info.state == ReqState::InFlight as u32
-                    })
-                };
-                let report = crate::mysql::kill_query(&account, peer, &current);
-                running.fetch_sub(1, SeqCst);
-                let decided = Decided {
-                    statement: report.statement.as_deref().map(request::sql_text),
-                    ..decided
-                };
-                let _ = tx.send((decided, report.outcome, now_ns()));
-            });
-        match spawned {
-            Ok(_) => None,
+        let jobs = match self.kills.jobs() {
+            Ok(j) => j,
             Err(e) => {
-                self.kills.running.fetch_sub(1, SeqCst);
-                Some(Outcome::Failed(format!(
-                    "starting the kill_query thread: {e}"
-                )))
+                let why = Outcome::Failed(format!("starting the kill_query threads: {e}"));
+                return Err(Box::new((decided, why)));
             }
-        }
+        };
+        jobs.try_send(KillJob { decided, account }).map_err(|e| {
+            let why = |what: &str| Outcome::Failed(format!("kill_query threads {what}"));
+            Box::new(match e {
+                std::sync::mpsc::TrySendError::Full(j) => (
+                    j.decided,
+                    why(&format!("busy: {KILL_QUEUE} steps already waiting")),
+                ),
+                std::sync::mpsc::TrySendError::Disconnected(j) => (j.decided, why("gone")),
+            })
+        })
     }
 
     /// Is the request this ladder is about still what it was, in the kernel, right now?
@@ -191,7 +224,7 @@ impl State {
             },
             self.breakers.entry(policy.name.clone()).or_default(),
         );
-        let decided = Decided {
+        let mut decided = Decided {
             due: due.clone(),
             facts,
             diagnosis,
@@ -212,12 +245,16 @@ impl State {
                 }
                 Action::Reset => actions::reset(&c, valid),
                 Action::Log => Outcome::Delivered,
-                Action::KillQuery => match self.start_kill_query(&decided) {
-                    None => {
+                Action::KillQuery => match self.start_kill_query(decided) {
+                    Ok(()) => {
                         self.workers.forget(&policy.name);
                         return None;
                     }
-                    Some(o) => o,
+                    Err(back) => {
+                        let why;
+                        (decided, why) = *back;
+                        why
+                    }
                 },
             },
             Verdict::Tripped => {
