@@ -25,8 +25,10 @@ pub mod proto {
     pub const POSTGRES: u8 = 4;
     /// Anything else.
     pub const OTHER: u8 = 5;
+    /// A MySQL or MariaDB client's handshake response (the server spoke first).
+    pub const MYSQL: u8 = 6;
     /// Number of values (counter slots).
-    pub const COUNT: u8 = 6;
+    pub const COUNT: u8 = 7;
 
     /// Label for metrics and status.
     pub fn label(p: u8) -> &'static str {
@@ -35,6 +37,7 @@ pub mod proto {
             HTTP2 => "http2",
             TLS => "tls",
             POSTGRES => "postgres",
+            MYSQL => "mysql",
             OTHER => "other",
             _ => "unknown",
         }
@@ -146,7 +149,41 @@ pub fn classify(head: &[u8; HEAD_BYTES], len: usize) -> u8 {
             return proto::POSTGRES;
         }
     }
+    if is_mysql_handshake(head, len) {
+        return proto::MYSQL;
+    }
     proto::OTHER
+}
+
+/// MySQL and MariaDB: the server speaks first (its greeting is a send on an idle connection,
+/// which starts nothing), so a connection's first request is the client's handshake response or
+/// SSL request: a packet with sequence id 1 and a body of at least 32 bytes (capability flags,
+/// max packet size, charset, 23 bytes of filler). The servers read a packet's 4-byte header on
+/// its own (MariaDB 10.11: `recvfrom(fd, buf, 4)`, then the body), so that header is all the
+/// first read holds; a reader that takes more shows CLIENT_PROTOCOL_41 (0x200) in the flags and
+/// the filler's first 19 bytes zero (MariaDB keeps extended capabilities in its last 4).
+#[inline(always)]
+fn is_mysql_handshake(head: &[u8; HEAD_BYTES], len: usize) -> bool {
+    if len < 4 || at(head, 3) != 1 {
+        return false;
+    }
+    if at(head, 0) < 32 && at(head, 1) == 0 && at(head, 2) == 0 {
+        return false;
+    }
+    if len == 4 {
+        return true;
+    }
+    if len < 32 || at(head, 5) & 0x02 == 0 {
+        return false;
+    }
+    let mut i = 13;
+    while i < 32 {
+        if at(head, i) != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// Is `b` where an HTTP/1.x request target's path ends (query, fragment, the space before the
@@ -235,7 +272,20 @@ mod tests {
 
     #[test]
     fn classifies_first_bytes() {
-        let cases: [(&[u8], u8); 9] = [
+        let mut response = [0u8; 40];
+        response[..9].copy_from_slice(&[0x24, 0, 0, 1, 0x84, 0xa2, 0xbf, 0, 0]);
+        response[36..].copy_from_slice(b"app\0");
+        let mut bad_filler = response;
+        bad_filler[20] = 7;
+        let cases: [(&[u8], u8); 15] = [
+            // MariaDB's first read of a handshake response: the packet header alone.
+            (&[0xce, 0, 0, 1], proto::MYSQL),
+            (&response, proto::MYSQL),
+            (&bad_filler, proto::OTHER),
+            // A header of a body too short for a handshake response, or of sequence 0.
+            (&[0x05, 0, 0, 1], proto::OTHER),
+            (&[0xce, 0, 0, 0], proto::OTHER),
+            (&[0xce, 0, 1], proto::OTHER),
             (b"GET / HTTP/1.1\r\n", proto::HTTP1),
             (b"DELETE /x HTTP/1.1\r\n", proto::HTTP1),
             (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", proto::HTTP2),
@@ -246,6 +296,7 @@ mod tests {
             (b"get / HTTP/1.1", proto::OTHER),
             (b"", proto::UNKNOWN),
         ];
+        assert_eq!(classify(&head(&response).0, 36), proto::MYSQL);
         for (bytes, want) in cases {
             let (h, n) = head(bytes);
             assert_eq!(classify(&h, n), want, "{bytes:?}");

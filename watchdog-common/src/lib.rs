@@ -20,7 +20,7 @@ pub use state::{
 
 /// Bumped whenever the layout of any map key or value changes. Stamped into the `META` map so a
 /// daemon never reads pinned state written with another layout.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Capacity limits of the kernel tables. Fixed at build time; insert failures are counted.
 pub mod limits {

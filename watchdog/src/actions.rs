@@ -1,4 +1,5 @@
-//! Enforcement: signals through pidfds and TCP connection aborts through SOCK_DESTROY.
+//! Enforcement: signals through pidfds and TCP connection aborts through SOCK_DESTROY (`kill_query`
+//! is `mysql.rs`).
 //!
 //! Every action takes a `still_valid` check that re-reads the kernel's state *after* the target
 //! handle is open and *before* the action: a handle opened first can only refer to the owner or
@@ -37,6 +38,16 @@ pub enum Outcome {
     NoSuchSocket,
     /// The system call failed.
     Failed(String),
+    /// `kill_query`: the statement was cancelled (`KILL QUERY <id>`, in the detail).
+    Killed(String),
+    /// `kill_query`: no connection of the server is the request's, or it runs no statement.
+    NoSuchQuery(String),
+    /// `kill_query`: more than one connection matched the peer; nothing was killed.
+    Ambiguous(String),
+    /// `kill_query`: the server could not be reached (connect, timeout, broken connection).
+    Unreachable(String),
+    /// `kill_query`: the server refused the account (wrong password, missing privilege).
+    AccessDenied(String),
 }
 
 impl Outcome {
@@ -50,6 +61,29 @@ impl Outcome {
             Outcome::ShutDown => "delivered",
             Outcome::NoSuchSocket => "no_such_socket",
             Outcome::Failed(_) => "failed",
+            Outcome::Killed(_) => "delivered",
+            Outcome::NoSuchQuery(_) => "no_such_query",
+            Outcome::Ambiguous(_) => "ambiguous",
+            Outcome::Unreachable(_) => "unreachable",
+            Outcome::AccessDenied(_) => "access_denied",
+        }
+    }
+
+    /// What the record's `detail` says, if anything.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            Outcome::Refused(r) => Some((*r).to_string()),
+            Outcome::Failed(t)
+            | Outcome::Killed(t)
+            | Outcome::NoSuchQuery(t)
+            | Outcome::Ambiguous(t)
+            | Outcome::Unreachable(t)
+            | Outcome::AccessDenied(t) => Some(t.clone()),
+            Outcome::ShutDown => Some(
+                "shut down through the owner's descriptor (socket outside this network namespace, or no SOCK_DESTROY)"
+                    .into(),
+            ),
+            _ => None,
         }
     }
 }

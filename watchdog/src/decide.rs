@@ -83,9 +83,10 @@ mod tests {
     use crate::config::Sig;
 
     fn action(k: u8) -> Action {
-        match k % 3 {
+        match k % 4 {
             0 => Action::Signal(Sig(Signal::SIGKILL)),
             1 => Action::Reset,
+            2 => Action::KillQuery,
             _ => Action::Log,
         }
     }
@@ -96,7 +97,7 @@ mod tests {
         /// allows it; and it never acts otherwise.
         #[test]
         fn acts_exactly_when_every_link_allows(
-            k in 0u8..3,
+            k in 0u8..4,
             observe in any::<bool>(),
             current in any::<bool>(),
             refused in any::<bool>(),

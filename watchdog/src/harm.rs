@@ -84,7 +84,7 @@ fn signals(p: &Policy) -> Vec<Signal> {
         .chain(p.client_gone.iter().flat_map(|c| c.steps.iter()))
         .filter_map(|s| match s.action {
             Action::Signal(sig) => Some(sig.0),
-            Action::Reset | Action::Log => None,
+            Action::Reset | Action::Log | Action::KillQuery => None,
         })
         .collect();
     out.sort_by_key(|s| *s as i32);

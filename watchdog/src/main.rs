@@ -16,6 +16,7 @@ mod harm;
 mod kernel_btf;
 mod loader;
 mod metrics;
+mod mysql;
 mod plan;
 mod pods;
 mod policy;

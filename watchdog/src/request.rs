@@ -150,6 +150,28 @@ pub fn describe(conn: &ConnInfo, head: &[u8], keep_query: bool) -> Option<String
             }
             truncate(t)
         }),
+        proto::MYSQL => mysql_statement(head).map(|s| {
+            let mut t = escape(s);
+            if cut {
+                t.push('…');
+            }
+            truncate(t)
+        }),
+        _ => None,
+    }
+}
+
+/// A statement's text from elsewhere (the server's process list), as records show SQL.
+pub fn sql_text(s: &str) -> String {
+    truncate(escape(s.as_bytes()))
+}
+
+/// The SQL of a MySQL `COM_QUERY` (0x03) or `COM_STMT_PREPARE` (0x16) packet: 3-byte length,
+/// sequence id 0, command, text. Only when the server's first read took more than the 4-byte
+/// header (MariaDB's does not: its records take the statement from the process list instead).
+fn mysql_statement(head: &[u8]) -> Option<&[u8]> {
+    match head {
+        [_, _, _, 0, 0x03 | 0x16, sql @ ..] if !sql.is_empty() => Some(sql),
         _ => None,
     }
 }
@@ -253,6 +275,17 @@ mod tests {
     }
 
     #[test]
+    fn mysql_statements_read_from_whole_packets_and_headers_show_nothing() {
+        let q = b"\x12\x00\x00\x00\x03SELECT SLEEP(300)";
+        let c = conn(proto::MYSQL, head_state::READ, q.len());
+        assert_eq!(describe(&c, q, false).unwrap(), "SELECT SLEEP(300)");
+        let header = b"\x12\x00\x00\x00";
+        let c = conn(proto::MYSQL, head_state::READ, header.len());
+        assert_eq!(describe(&c, header, false), None);
+        assert_eq!(sql_text("SELECT\n1"), "SELECT\\x0a1");
+    }
+
+    #[test]
     fn unreadable_and_split_heads_take_route_unknown() {
         let routes = vec![crate::routes::Route {
             method: None,
@@ -276,7 +309,7 @@ mod tests {
         /// unless asked to.
         #[test]
         fn any_head_describes_safely(bytes in proptest::collection::vec(any::<u8>(), 0..HEAD_BYTES), keep in any::<bool>()) {
-            for p in [proto::HTTP1, proto::POSTGRES, proto::OTHER] {
+            for p in [proto::HTTP1, proto::POSTGRES, proto::MYSQL, proto::OTHER] {
                 if let Some(t) = describe(&conn(p, head_state::READ, bytes.len()), &bytes, keep) {
                     prop_assert!(t.chars().count() <= MAX_TEXT);
                     prop_assert!(t.chars().all(|c| !c.is_control()));

@@ -258,6 +258,7 @@ mod tests {
             min_workers: None,
             routes: vec![],
             stacks: true,
+            mysql: None,
         })
     }
 

@@ -23,6 +23,9 @@ const TEST_PACKAGES: &[&str] = &[
     "php-fpm",
     "nodejs",
     "openjdk-17-jdk-headless",
+    // tests/mariadb.rs: its own mariadbd (mariadb-install-db) and the `mariadb` client.
+    "mariadb-server",
+    "mariadb-client",
 ];
 /// Python client and server libraries of the end-to-end tests (PyPI), pinned; gunicorn and
 /// uvicorn are servers of `tests/recipes.rs`.
@@ -198,7 +201,14 @@ pub fn test_packages() -> Result<()> {
         return Ok(());
     }
     // Debian starts the services it installs; the tests run their own instances.
-    for svc in ["nginx", "haproxy", "postgresql", "prometheus", "php8.2-fpm"] {
+    for svc in [
+        "nginx",
+        "haproxy",
+        "postgresql",
+        "prometheus",
+        "php8.2-fpm",
+        "mariadb",
+    ] {
         let _ = Command::new("service").args([svc, "stop"]).output();
     }
     Ok(())

@@ -129,6 +129,8 @@ impl Stage {
                 "policies",
                 "--test",
                 "endpoints",
+                "--test",
+                "mariadb",
                 "--",
                 "--test-threads=1",
             ])

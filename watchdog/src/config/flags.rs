@@ -179,6 +179,7 @@ impl Config {
             min_workers: None,
             routes: vec![],
             stacks: true,
+            mysql: None,
         }]);
         if f.observe {
             cfg.mode = Mode::Observe;

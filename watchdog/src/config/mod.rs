@@ -166,6 +166,9 @@ pub enum Action {
     Reset,
     /// Only log.
     Log,
+    /// `KILL QUERY` on the MySQL/MariaDB connection of the request (`mysql.rs`), through the
+    /// policy's `mysql` account.
+    KillQuery,
 }
 
 impl Action {
@@ -175,6 +178,7 @@ impl Action {
             Action::Signal(s) => s.to_string(),
             Action::Reset => "reset".into(),
             Action::Log => "log".into(),
+            Action::KillQuery => "kill_query".into(),
         }
     }
 }
@@ -232,6 +236,36 @@ pub struct Policy {
     pub routes: Vec<Route>,
     /// Read the owner's Python stack before the first action (with `[daemon] stacks`).
     pub stacks: bool,
+    /// The account of `kill_query` steps; required when a ladder of the policy has one.
+    pub mysql: Option<MysqlAccount>,
+}
+
+/// Where a MySQL/MariaDB server listens, for the daemon's own connection to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MysqlServer {
+    /// A unix socket (`/run/mysqld/mysqld.sock`).
+    Socket(PathBuf),
+    /// A TCP address (`127.0.0.1:3306`); no name lookup.
+    Address(SocketAddr),
+}
+
+/// The account `kill_query` connects with. The password stays in its file (0600, checked at
+/// load) and is read at each action: it never sits in the config, its logs or its `Debug`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MysqlAccount {
+    pub server: MysqlServer,
+    pub user: String,
+    pub password_file: PathBuf,
+}
+
+impl Policy {
+    /// Does a ladder of this policy (its own, a route's, client-gone) have a `kill_query` step?
+    pub fn kills_queries(&self) -> bool {
+        let has = |s: &[Step]| s.iter().any(|s| s.action == Action::KillQuery);
+        has(&self.steps)
+            || self.routes.iter().any(|r| has(&r.steps))
+            || self.client_gone.as_ref().is_some_and(|c| has(&c.steps))
+    }
 }
 
 impl Policy {
@@ -330,6 +364,7 @@ impl Config {
             min_workers: None,
             routes: vec![],
             stacks: true,
+            mysql: None,
         }])
     }
 

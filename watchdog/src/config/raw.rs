@@ -61,6 +61,17 @@ pub(super) struct RawPolicy {
     pub(super) min_workers: Option<u32>,
     pub(super) stacks: Option<bool>,
     pub(super) routes: Option<toml::Spanned<Vec<toml::Spanned<RawRoute>>>>,
+    pub(super) mysql: Option<toml::Spanned<RawMysql>>,
+}
+
+/// The account `kill_query` steps connect with.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMysql {
+    pub(super) socket: Option<PathBuf>,
+    pub(super) address: Option<SocketAddr>,
+    pub(super) user: String,
+    pub(super) password_file: PathBuf,
 }
 
 /// One entry of a policy's `routes`.

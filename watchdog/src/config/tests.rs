@@ -391,3 +391,136 @@ fn toml_shaped_input_reaches_validation() {
     );
     eprintln!("toml-shaped sample: {valid} valid, {validated} refused by validation");
 }
+
+#[test]
+fn kill_query_needs_an_account_with_one_server_and_a_private_password_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("wd-cfg-mysql-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pass = dir.join("mysql.pass");
+    std::fs::write(&pass, "s3cret\n").unwrap();
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let policy = |mysql: &str| {
+        format!(
+            "[[policy]]\nname = \"db\"\nports = [3306]\nbudget = \"30s\"\n\
+             steps = [{{ after = \"30s\", action = \"kill_query\" }}, {{ after = \"31s\", action = \"log\" }}]\n{mysql}"
+        )
+    };
+    let account = |server: &str, file: &std::path::Path| {
+        format!(
+            "mysql = {{ {server}, user = \"watchdog\", password_file = \"{}\" }}\n",
+            file.display()
+        )
+    };
+    let c = Config::parse(
+        &policy(&account("socket = \"/run/mysqld/mysqld.sock\"", &pass)),
+        "f.toml",
+    )
+    .unwrap();
+    let p = &c.policies[0];
+    assert_eq!(p.steps[0].action, Action::KillQuery);
+    assert_eq!(p.steps[0].action.label(), "kill_query");
+    assert!(p.kills_queries());
+    assert_eq!(
+        p.mysql,
+        Some(MysqlAccount {
+            server: MysqlServer::Socket("/run/mysqld/mysqld.sock".into()),
+            user: "watchdog".into(),
+            password_file: pass.clone(),
+        })
+    );
+    let c = Config::parse(
+        &policy(&account("address = \"127.0.0.1:3306\"", &pass)),
+        "f.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        c.policies[0].mysql.as_ref().unwrap().server,
+        MysqlServer::Address("127.0.0.1:3306".parse().unwrap())
+    );
+    // No account: refused, naming the field.
+    let e = Config::parse(&policy(""), "f.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("policy[0] (db).mysql") && e.contains("kill_query"),
+        "{e}"
+    );
+    // A client-gone or route ladder with kill_query needs it too.
+    let e = Config::parse(
+        "[[policy]]\nname = \"db\"\nbudget = \"30s\"\nclient_gone = { steps = [{ after = \"0s\", action = \"kill_query\" }] }\n",
+        "f.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("mysql"), "{e}");
+    // Exactly one of socket and address; the error has the table's line.
+    for server in ["socket = \"/s\", address = \"127.0.0.1:3306\"", "user2 = 1"] {
+        let text = policy(&account(server, &pass));
+        let e = Config::parse(&text, "f.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("exactly one of") || e.contains("unknown field"),
+            "{e}"
+        );
+    }
+    let e = Config::parse(
+        &policy(&account(
+            "socket = \"/s\", address = \"127.0.0.1:3306\"",
+            &pass,
+        )),
+        "f.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("f.toml: line 6: policy[0] (db).mysql.socket"),
+        "{e}"
+    );
+    let e = Config::parse(
+        &policy(&account("address = \"db.example:3306\"", &pass)),
+        "f.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("line 6"), "{e}");
+    // The password file: 0600 or stricter, there, readable, not empty.
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let e = Config::parse(&policy(&account("socket = \"/s\"", &pass)), "f.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("password_file") && e.contains("mode 0640") && e.contains("chmod 600"),
+        "{e}"
+    );
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o400)).unwrap();
+    Config::parse(&policy(&account("socket = \"/s\"", &pass)), "f.toml").unwrap();
+    let e = Config::parse(
+        &policy(&account("socket = \"/s\"", &dir.join("none"))),
+        "f.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("password_file") && e.contains("No such file"),
+        "{e}"
+    );
+    let empty = dir.join("empty.pass");
+    std::fs::write(&empty, "\n").unwrap();
+    std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let e = Config::parse(&policy(&account("socket = \"/s\"", &empty)), "f.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is empty"), "{e}");
+    let e = Config::parse(&policy(&account("socket = \"/s\"", &dir)), "f.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+    let e = Config::parse(
+        "[[policy]]\nname = \"db\"\nbudget = \"3s\"\nsteps = [{ after = \"3s\", action = \"kill_queries\" }]\n",
+        "f.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("\"kill_query\""), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

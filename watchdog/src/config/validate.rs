@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use super::{
-    raw::{RawConfig, RawRoute, RawStep},
+    raw::{RawConfig, RawMysql, RawRoute, RawStep},
     values::PortOrAny,
-    Action, BreakerConfig, ClientGone, Config, ConfigError, Policy, Sig, Step, Target,
-    DEFAULT_HALF_CLOSE_WINDOW,
+    Action, BreakerConfig, ClientGone, Config, ConfigError, MysqlAccount, MysqlServer, Policy, Sig,
+    Step, Target, DEFAULT_HALF_CLOSE_WINDOW,
 };
 use crate::routes::{Route, RouteBudget};
 
@@ -183,7 +183,17 @@ pub(super) fn validate(raw: RawConfig, origin: &str, text: &str) -> Result<Confi
             min_workers: rp.min_workers,
             stacks: rp.stacks.unwrap_or(true),
             routes,
+            mysql: match &rp.mysql {
+                None => None,
+                Some(m) => Some(mysql(m, &at("mysql"), origin, text)?),
+            },
         };
+        if policy.kills_queries() && policy.mysql.is_none() {
+            return Err(invalid(
+                at("mysql"),
+                "a `kill_query` step needs the account to connect with: mysql = { socket = \"/run/mysqld/mysqld.sock\", user = \"watchdog\", password_file = \"/etc/watchdog/mysql.pass\" }",
+            ));
+        }
         if let (Some(list), Some(earlier)) = (
             &rp.routes,
             cfg.policies
@@ -360,9 +370,10 @@ pub(super) fn steps(
             (Some(sig), None) => Action::Signal(sig),
             (None, Some("reset")) => Action::Reset,
             (None, Some("log")) => Action::Log,
+            (None, Some("kill_query")) => Action::KillQuery,
             (None, Some(other)) => {
                 return Err(invalid(format!(
-                    "unknown action {other:?}; use \"reset\" or \"log\", or give `signal`"
+                    "unknown action {other:?}; use \"reset\", \"kill_query\" or \"log\", or give `signal`"
                 )))
             }
             (None, None) => return Err(invalid("needs `signal` or `action`".into())),
@@ -382,4 +393,69 @@ pub(super) fn steps(
         });
     }
     Ok(out)
+}
+
+/// Largest password file accepted.
+const MAX_PASSWORD_BYTES: u64 = 4096;
+
+/// A policy's `mysql` account: one server (socket or address), a user, and a password file that
+/// only its owner can read (0600 or stricter), checked as the config file itself is: followed
+/// through symlinks (a Kubernetes Secret is a chain of them), a regular file, bounded, readable.
+fn mysql(
+    m: &toml::Spanned<RawMysql>,
+    field: &str,
+    origin: &str,
+    text: &str,
+) -> Result<MysqlAccount, ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let invalid = |f: &str, reason: String| ConfigError::InvalidAt {
+        path: origin.into(),
+        line: line_of(text, m.span().start),
+        field: format!("{field}.{f}"),
+        reason,
+    };
+    let raw = m.get_ref();
+    let server = match (&raw.socket, raw.address) {
+        (Some(s), None) if s.is_absolute() => MysqlServer::Socket(s.clone()),
+        (Some(s), None) => {
+            return Err(invalid(
+                "socket",
+                format!("{} must be an absolute path", s.display()),
+            ))
+        }
+        (None, Some(a)) => MysqlServer::Address(a),
+        _ => {
+            return Err(invalid(
+                "socket",
+                "give exactly one of `socket` and `address`".into(),
+            ))
+        }
+    };
+    if raw.user.is_empty() || raw.user.len() > 80 {
+        return Err(invalid("user", "must be 1-80 characters".into()));
+    }
+    let p = &raw.password_file;
+    let refuse = |reason: String| invalid("password_file", format!("{}: {reason}", p.display()));
+    let meta = std::fs::metadata(p).map_err(|e| refuse(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(refuse(format!(
+            "mode {:04o}: a password must be readable by its owner only; chmod 600 it",
+            meta.mode() & 0o7777
+        )));
+    }
+    if meta.len() > MAX_PASSWORD_BYTES {
+        return Err(refuse(format!(
+            "{} bytes is over the {MAX_PASSWORD_BYTES}-byte limit",
+            meta.len()
+        )));
+    }
+    crate::mysql::read_password(p).map_err(|e| refuse(e.to_string()))?;
+    Ok(MysqlAccount {
+        server,
+        user: raw.user.clone(),
+        password_file: p.clone(),
+    })
 }

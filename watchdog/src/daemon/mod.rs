@@ -87,6 +87,7 @@ struct State {
     workers: step::Workers,
     /// What is left of the current batch's time for reading stacks.
     stack_budget: Duration,
+    kills: step::KillQueries,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. `observe_forced` (`--observe`) holds across reloads.
@@ -132,6 +133,11 @@ pub async fn run(
     let status_task = tokio::spawn(api::serve_status(status, status_tx));
 
     let events_out = open_events(&cfg.events)?;
+    let conns_reader = Arc::new(
+        crate::loader::ConnsReader::open(&cfg.state_dir)
+            .context("opening the connection table for status and kill_query")?,
+    );
+    let (kill_tx, mut kill_rx) = mpsc::unbounded_channel::<step::KillDone>();
     let mut st = State {
         kernel,
         cfg: Arc::new(cfg.clone()),
@@ -151,6 +157,7 @@ pub async fn run(
         workers: step::Workers::default(),
         stack_budget: Duration::ZERO,
         observe_forced,
+        kills: step::KillQueries::new(conns_reader.clone(), kill_tx),
     };
     st.backstop = Backstop::new(st.backstop_failures());
     st.apply(cfg)?;
@@ -187,10 +194,7 @@ pub async fn run(
     // Two counter reads per poll; the table is swept only when one of them moved.
     let mut backstop_poll = tokio::time::interval(Duration::from_millis(100));
 
-    let status_reader = Arc::new(
-        crate::loader::ConnsReader::open(&st.cfg.state_dir)
-            .context("opening the connection table for the status document")?,
-    );
+    let status_reader = conns_reader;
     let status_slots = Arc::new(tokio::sync::Semaphore::new(2));
     let mut reopen_ring = false;
     loop {
@@ -265,6 +269,7 @@ pub async fn run(
                     drop(permit);
                 });
             }
+            Some(done) = kill_rx.recv() => st.kill_done(done),
             _ = sighup.recv() => st.reload("SIGHUP"),
             _ = tick.tick() => {
                 health.last_tick.store(crate::clock::mono_secs(), Ordering::Relaxed);

@@ -1,7 +1,100 @@
 //! One batch of due ladder steps: the diagnosis, the enforcement chain (`decide.rs`), the
-//! action, its metrics and its record.
+//! action, its metrics and its record. A `kill_query` step runs on a thread of its own
+//! (`mysql.rs`); its record is made when that thread reports back (`State::kill_done`).
 
 use super::*;
+
+/// A step that was decided: what its metrics and record need once its outcome is known.
+pub(super) struct Decided {
+    due: Due,
+    facts: ProcessFacts,
+    diagnosis: Option<diagnose::Diagnosis>,
+    stack: Option<crate::stacks::StackReport>,
+    mode: Mode,
+    /// When the step was taken up, and when its diagnosis was done.
+    started: u64,
+    diagnosed: u64,
+    /// The statement as the database server showed it (`kill_query`), for a request whose own
+    /// bytes did not say.
+    statement: Option<String>,
+}
+
+/// A `kill_query` step carried out on its thread: the step, its outcome, when it was done.
+pub(super) type KillDone = (Decided, Outcome, u64);
+
+/// One `kill_query` step for a worker thread.
+struct KillJob {
+    decided: Decided,
+    account: crate::config::MysqlAccount,
+}
+
+/// Steps waiting for a free `kill_query` thread; beyond them a step fails (`failed`) at once.
+const KILL_QUEUE: usize = 16;
+
+/// The `kill_query` threads (`mysql::MAX_IN_FLIGHT`, started with the first such step): how
+/// they re-read the kernel and report back.
+pub(super) struct KillQueries {
+    reader: Arc<crate::loader::ConnsReader>,
+    done: mpsc::UnboundedSender<KillDone>,
+    jobs: Option<std::sync::mpsc::SyncSender<KillJob>>,
+}
+
+impl KillQueries {
+    pub(super) fn new(
+        reader: Arc<crate::loader::ConnsReader>,
+        done: mpsc::UnboundedSender<KillDone>,
+    ) -> Self {
+        Self {
+            reader,
+            done,
+            jobs: None,
+        }
+    }
+
+    /// The queue of the worker threads, started on first use.
+    fn jobs(&mut self) -> std::io::Result<&std::sync::mpsc::SyncSender<KillJob>> {
+        if self.jobs.is_none() {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<KillJob>(KILL_QUEUE);
+            let rx = Arc::new(std::sync::Mutex::new(rx));
+            for i in 0..crate::mysql::MAX_IN_FLIGHT {
+                let (rx, reader, done) = (rx.clone(), self.reader.clone(), self.done.clone());
+                std::thread::Builder::new()
+                    .name(format!("kill_query{i}"))
+                    .spawn(move || loop {
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(job) = job else { return };
+                        let _ = done.send(kill_one(job, &reader));
+                    })?;
+            }
+            self.jobs = Some(tx);
+        }
+        Ok(self.jobs.as_ref().expect("set above"))
+    }
+}
+
+/// Runs one `kill_query` step (on a worker thread).
+fn kill_one(job: KillJob, reader: &crate::loader::ConnsReader) -> KillDone {
+    let c = job.decided.due.conn;
+    let peer = (
+        std::net::IpAddr::from(Ipv6Addr::from(c.remote_addr)),
+        c.remote_port,
+    );
+    // The same request, still in flight on this connection, in the kernel's table.
+    let current = || {
+        reader
+            .get(c.cookie)
+            .is_some_and(|r| r.info.gen == c.gen && r.info.state == ReqState::InFlight as u32)
+    };
+    let report = crate::mysql::kill_query(&job.account, peer, &current);
+    let decided = Decided {
+        statement: report.statement.as_deref().map(request::sql_text),
+        ..job.decided
+    };
+    (decided, report.outcome, now_ns())
+}
 
 impl State {
     pub(super) fn run_due(&mut self) {
@@ -13,7 +106,9 @@ impl State {
         let mut done = Vec::new();
         self.stack_budget = STACK_TIME_PER_BATCH;
         for due in self.tracker.pop_due(now_ns()) {
-            let (outcome, record) = self.run_step(&due, &mut cache, &mut facts);
+            let Some((outcome, record)) = self.run_step(&due, &mut cache, &mut facts) else {
+                continue;
+            };
             if matches!(
                 outcome,
                 Outcome::Ended | Outcome::TargetGone | Outcome::Refused(_)
@@ -25,6 +120,40 @@ impl State {
         for record in done {
             self.report(record);
         }
+    }
+
+    /// A `kill_query` thread reported back: its metrics and record. The ladder goes on either
+    /// way; a later step finds the request ended if the kill worked.
+    pub(super) fn kill_done(&mut self, (decided, outcome, done): KillDone) {
+        let record = self.finish(decided, outcome, done);
+        self.report(record);
+    }
+
+    /// Hands a `kill_query` step to a worker thread; its outcome comes back through
+    /// `KillQueries::done`. An error gives the step back with the outcome that kept it from
+    /// starting.
+    fn start_kill_query(&mut self, decided: Decided) -> Result<(), Box<(Decided, Outcome)>> {
+        let Some(account) = decided.due.policy.mysql.clone() else {
+            let why = Outcome::Failed("the policy has no `mysql` account".into());
+            return Err(Box::new((decided, why)));
+        };
+        let jobs = match self.kills.jobs() {
+            Ok(j) => j,
+            Err(e) => {
+                let why = Outcome::Failed(format!("starting the kill_query threads: {e}"));
+                return Err(Box::new((decided, why)));
+            }
+        };
+        jobs.try_send(KillJob { decided, account }).map_err(|e| {
+            let why = |what: &str| Outcome::Failed(format!("kill_query threads {what}"));
+            Box::new(match e {
+                std::sync::mpsc::TrySendError::Full(j) => (
+                    j.decided,
+                    why(&format!("busy: {KILL_QUEUE} steps already waiting")),
+                ),
+                std::sync::mpsc::TrySendError::Disconnected(j) => (j.decided, why("gone")),
+            })
+        })
     }
 
     /// Is the request this ladder is about still what it was, in the kernel, right now?
@@ -44,7 +173,7 @@ impl State {
         due: &Due,
         cache: &mut diagnose::Cache,
         facts: &mut process::FactsCache,
-    ) -> (Outcome, ActionRecord) {
+    ) -> Option<(Outcome, ActionRecord)> {
         let c = due.conn;
         let policy = &due.policy;
         let now = now_ns();
@@ -96,6 +225,16 @@ impl State {
             },
             self.breakers.entry(policy.name.clone()).or_default(),
         );
+        let mut decided = Decided {
+            due: due.clone(),
+            facts,
+            diagnosis,
+            stack,
+            mode,
+            started: now,
+            diagnosed,
+            statement: None,
+        };
         let outcome = match verdict {
             Verdict::Ended => Outcome::Ended,
             Verdict::Refused(r) => Outcome::Refused(r.label()),
@@ -107,6 +246,17 @@ impl State {
                 }
                 Action::Reset => actions::reset(&c, valid),
                 Action::Log => Outcome::Delivered,
+                Action::KillQuery => match self.start_kill_query(decided) {
+                    Ok(()) => {
+                        self.workers.forget(&policy.name);
+                        return None;
+                    }
+                    Err(back) => {
+                        let why;
+                        (decided, why) = *back;
+                        why
+                    }
+                },
             },
             Verdict::Tripped => {
                 error!(
@@ -127,16 +277,32 @@ impl State {
         if verdict == Verdict::Act {
             self.workers.forget(&policy.name);
         }
-        let done = now_ns();
+        let record = self.finish(decided, outcome.clone(), now_ns());
+        Some((outcome, record))
+    }
+
+    /// A step's metrics and record, once its outcome is known (`done`: when it was).
+    fn finish(&mut self, d: Decided, outcome: Outcome, done: u64) -> ActionRecord {
+        let Decided {
+            due,
+            facts,
+            diagnosis,
+            stack,
+            mode,
+            started: now,
+            diagnosed,
+            statement,
+        } = d;
+        let c = due.conn;
+        let policy = &due.policy;
         let lateness = done.saturating_sub(due.due_ns);
-        if matches!(outcome, Outcome::Delivered | Outcome::ShutDown) {
+        if matches!(
+            outcome,
+            Outcome::Delivered | Outcome::ShutDown | Outcome::Killed(_)
+        ) {
             self.metrics.lateness.observe(lateness as f64 / 1e9);
         }
-        let action = if matches!(due.step.action, Action::Log) {
-            "log".to_string()
-        } else {
-            due.step.action.label()
-        };
+        let action = due.step.action.label();
         self.metrics
             .actions
             .get_or_create(&ActionLabels {
@@ -151,19 +317,10 @@ impl State {
                     .label(facts.pod.as_ref().map(|n| n.namespace.as_str())),
             })
             .inc();
-        let detail = match &outcome {
-            Outcome::Refused(r) => Some((*r).to_string()),
-            Outcome::Failed(e) => Some(e.clone()),
-            Outcome::ShutDown => Some(
-                "shut down through the owner's descriptor (socket outside this network namespace, or no SOCK_DESTROY)"
-                    .into(),
-            ),
-            _ => None,
-        };
-        let record = ActionRecord {
+        ActionRecord {
             event: "action",
             policy: policy.name.clone(),
-            request: due.about.request.clone(),
+            request: due.about.request.clone().or(statement),
             route: due.about.route.clone(),
             protocol: due.about.protocol,
             reason: due.key.reason,
@@ -171,7 +328,7 @@ impl State {
             action,
             target: due.step.target,
             result: outcome.label(),
-            detail,
+            detail: outcome.detail(),
             port: c.local_port,
             peer: peer_of(&c),
             pid: c.tgid,
@@ -187,8 +344,7 @@ impl State {
             namespace: facts.pod.as_ref().map(|n| n.namespace.clone()),
             pod: facts.pod.as_ref().map(|n| n.pod.clone()),
             container: facts.pod.as_ref().and_then(|n| n.container.clone()),
-        };
-        (outcome, record)
+        }
     }
 }
 

@@ -484,6 +484,11 @@ impl ConnsReader {
     pub fn records(&self) -> Vec<ConnRecord> {
         read_all(&self.0)
     }
+
+    /// One connection's record, as the kernel has it now.
+    pub fn get(&self, cookie: u64) -> Option<ConnRecord> {
+        self.0.get(&cookie, 0).ok()
+    }
 }
 
 fn read_all(conns: &HashMap<MapData, u64, ConnRecord>) -> Vec<ConnRecord> {
