@@ -294,7 +294,9 @@ pub fn field(b: &[u8; HEAD_BYTES], len: usize, s: &mut Scan) -> bool {
                 s.path_start = start as u32;
                 s.path_len = vlen as u32;
             }
-        } else if (name == NAME_METHOD || name == NAME_METHOD + 1) && !huffman && start + vlen <= len
+        } else if (name == NAME_METHOD || name == NAME_METHOD + 1)
+            && !huffman
+            && start + vlen <= len
         {
             s.method = method_code(b, start, vlen);
         }
@@ -386,7 +388,8 @@ mod tests {
     }
 
     /// grpcio 1.85's first call on a channel, as captured with strace.
-    const GRPC_FIRST: &[u8] = b"\x40\x05:path\x09/t.T/Echo\x40\x0a:authority\x0f127.0.0.1:19555\x83\x86";
+    const GRPC_FIRST: &[u8] =
+        b"\x40\x05:path\x09/t.T/Echo\x40\x0a:authority\x0f127.0.0.1:19555\x83\x86";
 
     #[test]
     fn reads_grpc_first_call_and_refuses_indexed_repeats() {

@@ -17,8 +17,7 @@ use watchdog_common::{
     port_stat,
     probes::{self, KernelOffsets},
     stat, ConnInfo, ConnRecord, Event, EventKind, Meta, PortConfig, StreamInfo, StreamKey,
-    StreamRecord, TaskInfo,
-    LAYOUT_VERSION,
+    StreamRecord, TaskInfo, LAYOUT_VERSION,
 };
 
 use crate::programs::head::RouteKey;

@@ -328,6 +328,39 @@ impl prometheus_client::collector::Collector for KernelCollector {
             .encode_counter::<PortLabels, u64, f64>(&k.conns_table_full, None)?;
         e.encode_family(&[("table", "tasks")])?
             .encode_counter::<PortLabels, u64, f64>(&k.tasks_table_full, None)?;
+        e.encode_family(&[("table", "streams")])?
+            .encode_counter::<PortLabels, u64, f64>(&k.streams_table_full, None)?;
+        let mut e = enc.encode_descriptor(
+            "watchdog_http2_streams",
+            "HTTP/2 streams the kernel followed: started (client HEADERS), ended (the server's HEADERS or either side's RST_STREAM), reaped (their connection closed first)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (event, n) in [
+            ("started", k.streams_started),
+            ("ended", k.streams_ended),
+            ("reaped", k.streams_reaped),
+        ] {
+            e.encode_family(&[("event", event)])?
+                .encode_counter::<PortLabels, u64, f64>(&n, None)?;
+        }
+        let in_flight = k
+            .streams_started
+            .saturating_sub(k.streams_ended + k.streams_reaped) as i64;
+        enc.encode_descriptor(
+            "watchdog_http2_streams_in_flight",
+            "HTTP/2 streams in the kernel's stream table now",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&in_flight)?;
+        enc.encode_descriptor(
+            "watchdog_http2_connections_lost",
+            "HTTP/2 connections whose frames the kernel lost track of (a write it cannot read, too many frames in one call): their streams are no longer followed",
+            None,
+            MetricType::Counter,
+        )?
+        .encode_counter::<PortLabels, u64, f64>(&k.h2_lost, None)?;
         let mut e = enc.encode_descriptor(
             "watchdog_kernel_deadlines",
             "Kernel deadline timers that fired",

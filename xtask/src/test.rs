@@ -130,6 +130,8 @@ impl Stage {
                 "--test",
                 "endpoints",
                 "--test",
+                "grpc",
+                "--test",
                 "mariadb",
                 "--",
                 "--test-threads=1",

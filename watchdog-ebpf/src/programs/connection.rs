@@ -19,8 +19,7 @@ use watchdog_common::{conn_flag, stat, ConnInfo, EventKind, ReqState, PORT_CLIEN
 
 use crate::maps::{
     count, emit, port_config, port_count, sock_state, syscall_set, ConnEntry, H2Dir, SockState,
-    CONNS, CONN_SCRATCH,
-    SOCKS, SOCK_PEER_FIN, SOCK_STATES, TASKS,
+    CONNS, CONN_SCRATCH, SOCKS, SOCK_PEER_FIN, SOCK_STATES, TASKS,
 };
 
 const AF_INET: u32 = 2;
@@ -115,7 +114,11 @@ fn on_accept(ctx: &SockOpsContext) {
     }
     // SAFETY: as above; `ConnRecord` and `ConnEntry` have the same layout (asserted in maps).
     if CONNS
-        .insert(cookie, unsafe { &*entry.cast::<ConnEntry>() }, BPF_NOEXIST.into())
+        .insert(
+            cookie,
+            unsafe { &*entry.cast::<ConnEntry>() },
+            BPF_NOEXIST.into(),
+        )
         .is_err()
     {
         count(stat::CONNS_TABLE_FULL);

@@ -23,11 +23,11 @@ use core::{ffi::c_void, ptr};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     btf_maps::PerCpuArray,
-    macros::btf_map,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_timer_init,
         bpf_timer_set_callback, bpf_timer_start, generated,
     },
+    macros::btf_map,
 };
 use watchdog_common::{
     conn_flag,
@@ -322,7 +322,11 @@ fn start_stream(key: &StreamKey, block: u64, n: u64) {
     s.info.slot = slot;
     s.info.head_state = head_state::UNREADABLE;
     s.info.head_len = 0;
-    let n = if n > HEAD_BYTES as u64 { HEAD_BYTES as u64 } else { n };
+    let n = if n > HEAD_BYTES as u64 {
+        HEAD_BYTES as u64
+    } else {
+        n
+    };
     // A constant-size read (see `turn`): the bytes past the frame are never looked at.
     // SAFETY: the destination is the scratch value's `head` (HEAD_BYTES long); the source is
     // a user address the helper checks.
@@ -352,7 +356,11 @@ fn start_stream(key: &StreamKey, block: u64, n: u64) {
     // SAFETY: `e` points into STREAMS; the timer belongs to that map.
     let armed = unsafe {
         let timer = ptr::addr_of_mut!((*e).timer);
-        bpf_timer_init(timer, ptr::addr_of!(STREAMS) as *mut c_void, CLOCK_MONOTONIC) == 0
+        bpf_timer_init(
+            timer,
+            ptr::addr_of!(STREAMS) as *mut c_void,
+            CLOCK_MONOTONIC,
+        ) == 0
             && bpf_timer_set_callback(timer, on_stream_timer as *mut c_void) == 0
             && bpf_timer_start(timer, (*e).info.deadline_ns, 0) == 0
     };

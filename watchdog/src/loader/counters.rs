@@ -63,6 +63,11 @@ impl Counters {
             timer_init_errors: get(stat::TIMER_INIT_ERRORS),
             timer_start_errors: get(stat::TIMER_START_ERRORS),
             deadlines_rearmed: get(stat::DEADLINES_REARMED),
+            streams_started: get(stat::STREAMS_STARTED),
+            streams_ended: get(stat::STREAMS_ENDED),
+            streams_reaped: get(stat::STREAMS_REAPED),
+            streams_table_full: get(stat::STREAMS_TABLE_FULL),
+            h2_lost: get(stat::H2_LOST),
         }
     }
 

@@ -22,9 +22,10 @@ use aya::{
 };
 use tracing::{info, warn};
 use watchdog_common::{
+    conn_flag,
     head::{RouteValue, ROUTE_KEY_DATA},
-    conn_flag, limits, names, ConnInfo, ConnRecord, Meta, PortConfig, ReqState, StreamKey,
-    StreamRecord, TaskInfo, LAYOUT_VERSION,
+    limits, names, ConnInfo, ConnRecord, Meta, PortConfig, ReqState, StreamKey, StreamRecord,
+    TaskInfo, LAYOUT_VERSION,
 };
 
 mod counters;
@@ -159,6 +160,12 @@ pub struct KernelStats {
     pub timer_init_errors: u64,
     pub timer_start_errors: u64,
     pub deadlines_rearmed: u64,
+    /// HTTP/2 streams (`watchdog_common::stat::STREAMS_*`, `H2_LOST`).
+    pub streams_started: u64,
+    pub streams_ended: u64,
+    pub streams_reaped: u64,
+    pub streams_table_full: u64,
+    pub h2_lost: u64,
 }
 
 /// Per-slot request counters summed over CPUs (see `watchdog_common::port_stat`).
@@ -425,11 +432,6 @@ impl Kernel {
             deadline_ns: s.deadline_ns,
             ..*ev
         })
-    }
-
-    /// HTTP/2 streams in flight (one syscall per entry: for status, not hot paths).
-    pub fn streams(&self) -> usize {
-        self.streams.keys().filter(Result::is_ok).count()
     }
 
     /// The tracked connection with this cookie and its current request's first bytes.
