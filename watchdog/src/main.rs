@@ -15,6 +15,7 @@ mod fds;
 mod kernel_btf;
 mod loader;
 mod metrics;
+mod native;
 mod plan;
 mod pods;
 mod policy;

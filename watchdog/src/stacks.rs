@@ -58,29 +58,24 @@ pub fn is_python(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.contains("libpython"))
 }
 
-/// The Python stack of thread `tid` of process `pid`, if it is a Python interpreter; waits at
-/// most `limit` for it (past that the record says it timed out and the read finishes on its own
-/// thread, unseen).
-pub fn capture(pid: u32, tid: u32, limit: Duration) -> Option<StackReport> {
-    if !is_python(pid) {
-        return None;
-    }
+/// What one capture found: the Python stack (a Python owner only) and the native frames.
+#[derive(Debug, Default)]
+pub struct Captured {
+    pub stack: Option<StackReport>,
+    pub native: Option<crate::native::NativeReport>,
+    /// The time the action waited for both.
+    pub ms: f64,
+}
+
+/// The Python stack of thread `tid` of process `pid` if it is a Python interpreter, and (with
+/// `native`) its native frames, read side by side; waits at most `limit` for them (past that the
+/// record says it timed out and the read finishes on its own thread, unseen).
+pub fn capture(pid: u32, tid: u32, limit: Duration, native: bool) -> Captured {
     let t = Instant::now();
-    let (tx, rx) = mpsc::channel();
-    let spawned = std::thread::Builder::new()
-        .name("watchdog-stack".into())
-        .spawn(move || {
-            let _ = tx.send(read(pid, tid));
-        });
+    let python = is_python(pid).then(|| spawn(move || read(pid, tid)));
+    let native = native.then(|| spawn(move || Ok(crate::native::capture(pid, tid, limit))));
     let ms = || t.elapsed().as_secs_f64() * 1e3;
-    let result = match spawned {
-        Err(e) => Err(format!("no thread to read it: {e}")),
-        Ok(_) => match rx.recv_timeout(limit) {
-            Ok(r) => r,
-            Err(_) => Err(format!("timed out after {} ms", limit.as_millis())),
-        },
-    };
-    Some(match result {
+    let stack = python.map(|rx| match wait(rx, t, limit) {
         Ok(frames) => StackReport {
             frames,
             error: None,
@@ -91,7 +86,51 @@ pub fn capture(pid: u32, tid: u32, limit: Duration) -> Option<StackReport> {
             error: Some(e),
             ms: ms(),
         },
-    })
+    });
+    let native = native.map(|rx| match wait(rx, t, limit) {
+        Ok(r) => r,
+        Err(e) => crate::native::NativeReport {
+            frames: Vec::new(),
+            error: Some(e),
+            stopped_ms: 0.0,
+            ms: ms(),
+        },
+    });
+    Captured {
+        stack,
+        native,
+        ms: ms(),
+    }
+}
+
+/// The answer of a reading thread started at `t`, if it comes within `limit` of `t`.
+fn wait<T>(
+    rx: Result<mpsc::Receiver<Result<T, String>>, String>,
+    t: Instant,
+    limit: Duration,
+) -> Result<T, String> {
+    let left = limit.saturating_sub(t.elapsed());
+    match rx {
+        Err(e) => Err(format!("no thread to read it: {e}")),
+        Ok(rx) => match rx.recv_timeout(left) {
+            Ok(r) => r,
+            Err(_) => Err(format!("timed out after {} ms", limit.as_millis())),
+        },
+    }
+}
+
+/// Runs `f` on a reading thread of its own; its answer comes on the channel.
+fn spawn<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<mpsc::Receiver<Result<T, String>>, String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("watchdog-stack".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map(|_| rx)
+        .map_err(|e| e.to_string())
 }
 
 fn read(pid: u32, tid: u32) -> Result<Vec<StackFrame>, String> {

@@ -13,12 +13,19 @@ const TEST_PACKAGES: &[&str] = &[
     "haproxy",
     "postgresql",
     "curl",
+    "gcc",
+    "binutils",
     "iproute2",
     "bpftool",
     "prometheus",
 ];
 /// Python client and server libraries of the end-to-end tests (PyPI), pinned.
-const PYTHON_PACKAGES: &[&str] = &["websockets==17.4", "grpcio==1.85.3", "gevent==26.9.0"];
+const PYTHON_PACKAGES: &[&str] = &[
+    "websockets==17.4",
+    "grpcio==1.85.3",
+    "gevent==26.9.0",
+    "gunicorn==27.0.1",
+];
 
 fn home() -> PathBuf {
     PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))

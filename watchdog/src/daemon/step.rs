@@ -58,25 +58,16 @@ impl State {
             let cgroup = (!facts.cgroup.is_empty()).then(|| facts.cgroup.clone());
             diagnose::capture(c.tgid, c.tid, cgroup, cache)
         });
-        // The owner's Python stack, before the first action, within its time limit.
-        // A burst of deadlines reads stacks until the batch's share of time is spent; the
-        // rest act at once (their records say why they have no stack).
-        let stack = (due.index == 0 && self.cfg.stacks && policy.stacks && diagnosis.is_some())
-            .then(|| {
-                if self.stack_budget.is_zero() {
-                    return crate::stacks::is_python(c.tgid).then(|| crate::stacks::StackReport {
-                        frames: Vec::new(),
-                        error: Some("skipped: this batch's time for stacks is spent".into()),
-                        ms: 0.0,
-                    });
-                }
-                let limit = self.cfg.stack_timeout.min(self.stack_budget);
-                let r = crate::stacks::capture(c.tgid, c.tid, limit);
-                let spent = Duration::from_secs_f64(r.as_ref().map_or(0.0, |r| r.ms) / 1e3);
-                self.stack_budget = self.stack_budget.saturating_sub(spent);
-                r
-            })
-            .flatten();
+        // The owner's Python stack and native frames, before the first action, within their
+        // time limit. A burst of deadlines reads stacks until the batch's share of time is
+        // spent; the rest act at once (their records say why they have no stack).
+        let captured = if due.index == 0 && self.cfg.stacks && policy.stacks && diagnosis.is_some()
+        {
+            read_stacks(&self.cfg, &mut self.stack_budget, c.tgid, c.tid)
+        } else {
+            crate::stacks::Captured::default()
+        };
+        let (stack, native_stack) = (captured.stack, captured.native);
         let diagnosed = now_ns();
         let mode = self.cfg.mode_of(policy);
         let workers = &self.workers;
@@ -183,12 +174,44 @@ impl State {
             mode,
             diagnosis,
             stack,
+            native_stack,
             namespace: facts.pod.as_ref().map(|n| n.namespace.clone()),
             pod: facts.pod.as_ref().map(|n| n.pod.clone()),
             container: facts.pod.as_ref().and_then(|n| n.container.clone()),
         };
         (outcome, record)
     }
+}
+
+/// The owner's stacks within the time limit and what is left of the batch's time
+/// for them (`budget`).
+fn read_stacks(
+    cfg: &crate::config::Config,
+    budget: &mut Duration,
+    pid: u32,
+    tid: u32,
+) -> crate::stacks::Captured {
+    if budget.is_zero() {
+        let why = "skipped: this batch's time for stacks is spent";
+        return crate::stacks::Captured {
+            stack: crate::stacks::is_python(pid).then(|| crate::stacks::StackReport {
+                frames: Vec::new(),
+                error: Some(why.into()),
+                ms: 0.0,
+            }),
+            native: cfg.native_stacks.then(|| crate::native::NativeReport {
+                frames: Vec::new(),
+                error: Some(why.into()),
+                stopped_ms: 0.0,
+                ms: 0.0,
+            }),
+            ms: 0.0,
+        };
+    }
+    let limit = cfg.stack_timeout.min(*budget);
+    let r = crate::stacks::capture(pid, tid, limit, cfg.native_stacks);
+    *budget = budget.saturating_sub(Duration::from_secs_f64(r.ms / 1e3));
+    r
 }
 
 /// The most time one batch of due steps spends reading stacks (a burst of deadlines must not
