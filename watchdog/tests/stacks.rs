@@ -52,6 +52,35 @@ fn stuck(port: u16, path: &'static str) -> (serde_json::Value, serde_json::Value
         .map(|l| serde_json::from_str(l).unwrap())
         .expect("an event record");
     println!("record: {record}");
+    // `watchdog status` shows the innermost frames of both stacks under the action.
+    let out = Command::new(BIN)
+        .args(["status", "--status-socket"])
+        .arg(d.status_socket())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    println!("status:\n{text}");
+    let first = |key: &str| -> String {
+        let r = &record[key];
+        match r["error"].as_str() {
+            Some(e) => format!("({e})"),
+            None => r["frames"][0]["function"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        }
+    };
+    if record["stack"].is_object() {
+        assert!(
+            text.contains(&format!("      python: {}", first("stack"))),
+            "{text}"
+        );
+    }
+    assert!(
+        text.contains(&format!("      native: {}", first("native_stack"))),
+        "{text}"
+    );
     (lines[0].clone(), record)
 }
 
