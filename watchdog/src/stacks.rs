@@ -63,43 +63,70 @@ pub fn is_python(pid: u32) -> bool {
 pub struct Captured {
     pub stack: Option<StackReport>,
     pub native: Option<crate::native::NativeReport>,
-    /// The time the action waited for both.
-    pub ms: f64,
 }
 
-/// The Python stack of thread `tid` of process `pid` if it is a Python interpreter, and (with
-/// `native`) its native frames, read side by side; waits at most `limit` for them (past that the
-/// record says it timed out and the read finishes on its own thread, unseen).
-pub fn capture(pid: u32, tid: u32, limit: Duration, native: bool) -> Captured {
+/// Reads under way for one owner: started by `start`, collected by `finish`.
+pub struct Pending {
+    t: Instant,
+    limit: Duration,
+    python: Option<Reader<Vec<StackFrame>>>,
+    native: Option<Reader<crate::native::NativeReport>>,
+}
+
+/// A reading thread's channel (or why there is no thread); its answer or why there is none.
+type Reader<T> = Result<mpsc::Receiver<Result<T, String>>, String>;
+
+/// Starts reading the Python stack of thread `tid` of process `pid` if it is a Python
+/// interpreter, and (with `native`) its native frames, side by side on threads of their own.
+/// The reads of a whole batch start at once, so that the batch waits for them together.
+pub fn start(pid: u32, tid: u32, limit: Duration, native: bool) -> Pending {
     let t = Instant::now();
-    let python = is_python(pid).then(|| spawn(move || read(pid, tid)));
-    let native = native.then(|| spawn(move || Ok(crate::native::capture(pid, tid, limit))));
-    let ms = || t.elapsed().as_secs_f64() * 1e3;
-    let stack = python.map(|rx| match wait(rx, t, limit) {
-        Ok(frames) => StackReport {
-            frames,
-            error: None,
-            ms: ms(),
-        },
-        Err(e) => StackReport {
-            frames: Vec::new(),
-            error: Some(e),
-            ms: ms(),
-        },
-    });
-    let native = native.map(|rx| match wait(rx, t, limit) {
-        Ok(r) => r,
-        Err(e) => crate::native::NativeReport {
-            frames: Vec::new(),
-            error: Some(e),
-            stopped_ms: 0.0,
-            ms: ms(),
-        },
-    });
-    Captured {
-        stack,
-        native,
-        ms: ms(),
+    Pending {
+        t,
+        limit,
+        python: is_python(pid).then(|| spawn(move || read(pid, tid))),
+        native: native.then(|| spawn(move || Ok(crate::native::capture(pid, tid, limit)))),
+    }
+}
+
+impl Pending {
+    /// Reads not made (`why`): the record still says which stacks it lacks and why.
+    pub fn skipped(pid: u32, native: bool, why: &'static str) -> Pending {
+        Pending {
+            t: Instant::now(),
+            limit: Duration::ZERO,
+            python: is_python(pid).then(|| Err(why.to_string())),
+            native: native.then(|| Err(why.to_string())),
+        }
+    }
+
+    /// What the reads found, waiting at most until `limit` after their start (past that the
+    /// record says they timed out and the reads finish on their own threads, unseen).
+    pub fn finish(self) -> Captured {
+        let (t, limit) = (self.t, self.limit);
+        let ms = || t.elapsed().as_secs_f64() * 1e3;
+        let stack = self.python.map(|rx| match wait(rx, t, limit) {
+            Ok(frames) => StackReport {
+                frames,
+                error: None,
+                ms: ms(),
+            },
+            Err(e) => StackReport {
+                frames: Vec::new(),
+                error: Some(e),
+                ms: ms(),
+            },
+        });
+        let native = self.native.map(|rx| match wait(rx, t, limit) {
+            Ok(r) => r,
+            Err(e) => crate::native::NativeReport {
+                frames: Vec::new(),
+                error: Some(e),
+                stopped_ms: 0.0,
+                ms: ms(),
+            },
+        });
+        Captured { stack, native }
     }
 }
 
@@ -111,7 +138,7 @@ fn wait<T>(
 ) -> Result<T, String> {
     let left = limit.saturating_sub(t.elapsed());
     match rx {
-        Err(e) => Err(format!("no thread to read it: {e}")),
+        Err(e) => Err(e),
         Ok(rx) => match rx.recv_timeout(left) {
             Ok(r) => r,
             Err(_) => Err(format!("timed out after {} ms", limit.as_millis())),
@@ -130,7 +157,7 @@ fn spawn<T: Send + 'static>(
             let _ = tx.send(f());
         })
         .map(|_| rx)
-        .map_err(|e| e.to_string())
+        .map_err(|e| format!("no thread to read it: {e}"))
 }
 
 fn read(pid: u32, tid: u32) -> Result<Vec<StackFrame>, String> {

@@ -85,8 +85,6 @@ struct State {
     backstop: Backstop,
     evictor: Evictor,
     workers: step::Workers,
-    /// What is left of the current batch's time for reading stacks.
-    stack_budget: Duration,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. `observe_forced` (`--observe`) holds across reloads.
@@ -149,7 +147,6 @@ pub async fn run(
         backstop: Backstop::new(0),
         evictor: Evictor::new(cfg.max_connections),
         workers: step::Workers::default(),
-        stack_budget: Duration::ZERO,
         observe_forced,
     };
     st.backstop = Backstop::new(st.backstop_failures());

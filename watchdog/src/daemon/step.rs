@@ -11,9 +11,38 @@ impl State {
         // Act on the whole batch first and report after: a deadline late in a batch does not
         // wait for the log lines and event writes of the ones before it.
         let mut done = Vec::new();
-        self.stack_budget = STACK_TIME_PER_BATCH;
-        for due in self.tracker.pop_due(now_ns()) {
-            let (outcome, record) = self.run_step(&due, &mut cache, &mut facts);
+        let batch = self.tracker.pop_due(now_ns());
+        // The owners' stacks, before their first action: every read of the batch starts now,
+        // side by side, so the batch waits for them together (at most `stack_timeout`), not
+        // one after the other. At most `STACKS_PER_BATCH` of them: the rest act at once and
+        // their records say why they have no stack.
+        let mut reads = 0;
+        let pending: Vec<Option<crate::stacks::Pending>> = batch
+            .iter()
+            .map(|due| {
+                let wanted = due.index == 0
+                    && self.cfg.stacks
+                    && due.policy.stacks
+                    && Self::still_valid(&self.kernel, due.key, &due.conn);
+                if !wanted {
+                    return None;
+                }
+                reads += 1;
+                let (pid, tid) = (due.conn.tgid, due.conn.tid);
+                Some(if reads > STACKS_PER_BATCH {
+                    crate::stacks::Pending::skipped(
+                        pid,
+                        self.cfg.native_stacks,
+                        "skipped: this batch reads no more stacks",
+                    )
+                } else {
+                    crate::stacks::start(pid, tid, self.cfg.stack_timeout, self.cfg.native_stacks)
+                })
+            })
+            .collect();
+        for (due, read) in batch.into_iter().zip(pending) {
+            let stacks = read.map(crate::stacks::Pending::finish);
+            let (outcome, record) = self.run_step(&due, stacks, &mut cache, &mut facts);
             if matches!(
                 outcome,
                 Outcome::Ended | Outcome::TargetGone | Outcome::Refused(_)
@@ -41,6 +70,7 @@ impl State {
     fn run_step(
         &mut self,
         due: &Due,
+        stacks: Option<crate::stacks::Captured>,
         cache: &mut diagnose::Cache,
         facts: &mut process::FactsCache,
     ) -> (Outcome, ActionRecord) {
@@ -61,12 +91,7 @@ impl State {
         // The owner's Python stack and native frames, before the first action, within their
         // time limit. A burst of deadlines reads stacks until the batch's share of time is
         // spent; the rest act at once (their records say why they have no stack).
-        let captured = if due.index == 0 && self.cfg.stacks && policy.stacks && diagnosis.is_some()
-        {
-            read_stacks(&self.cfg, &mut self.stack_budget, c.tgid, c.tid)
-        } else {
-            crate::stacks::Captured::default()
-        };
+        let captured = stacks.filter(|_| diagnosis.is_some()).unwrap_or_default();
         let (stack, native_stack) = (captured.stack, captured.native);
         let diagnosed = now_ns();
         let mode = self.cfg.mode_of(policy);
@@ -183,40 +208,9 @@ impl State {
     }
 }
 
-/// The owner's stacks within the time limit and what is left of the batch's time
-/// for them (`budget`).
-fn read_stacks(
-    cfg: &crate::config::Config,
-    budget: &mut Duration,
-    pid: u32,
-    tid: u32,
-) -> crate::stacks::Captured {
-    if budget.is_zero() {
-        let why = "skipped: this batch's time for stacks is spent";
-        return crate::stacks::Captured {
-            stack: crate::stacks::is_python(pid).then(|| crate::stacks::StackReport {
-                frames: Vec::new(),
-                error: Some(why.into()),
-                ms: 0.0,
-            }),
-            native: cfg.native_stacks.then(|| crate::native::NativeReport {
-                frames: Vec::new(),
-                error: Some(why.into()),
-                stopped_ms: 0.0,
-                ms: 0.0,
-            }),
-            ms: 0.0,
-        };
-    }
-    let limit = cfg.stack_timeout.min(*budget);
-    let r = crate::stacks::capture(pid, tid, limit, cfg.native_stacks);
-    *budget = budget.saturating_sub(Duration::from_secs_f64(r.ms / 1e3));
-    r
-}
-
-/// The most time one batch of due steps spends reading stacks (a burst of deadlines must not
-/// wait 10 ms each).
-const STACK_TIME_PER_BATCH: Duration = Duration::from_millis(50);
+/// The most owners whose stacks one batch reads (a burst of deadlines must not start a
+/// thousand readers); they are read side by side, so the batch waits at most `stack_timeout`.
+const STACKS_PER_BATCH: usize = 8;
 
 /// Live processes a policy's selector covers, for the `min_workers` floor: a scan of /proc,
 /// remembered for `WORKERS_TTL` so a burst of actions scans once, not per action.
