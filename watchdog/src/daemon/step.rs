@@ -13,9 +13,12 @@ impl State {
         let mut done = Vec::new();
         let batch = self.tracker.pop_due(now_ns());
         // The owners' stacks, before their first action: every read of the batch starts now,
-        // side by side, so the batch waits for them together (at most `stack_timeout`), not
-        // one after the other. At most `STACKS_PER_BATCH` of them: the rest act at once and
-        // their records say why they have no stack.
+        // side by side, so the batch waits for them together, not one after the other. A read
+        // may take until `stack_timeout` past its deadline, no longer: a batch that starts late
+        // (behind the reads of the one before) gives its reads what is left of that. At most
+        // `STACKS_PER_BATCH` of them: the rest act at once and their records say why they
+        // have no stack.
+        let start_ns = now_ns();
         let mut reads = 0;
         let pending: Vec<Option<crate::stacks::Pending>> = batch
             .iter()
@@ -29,14 +32,15 @@ impl State {
                 }
                 reads += 1;
                 let (pid, tid) = (due.conn.tgid, due.conn.tid);
+                let late = Duration::from_nanos(start_ns.saturating_sub(due.due_ns));
+                let limit = self.cfg.stack_timeout.saturating_sub(late);
+                let skip = |why| crate::stacks::Pending::skipped(pid, self.cfg.native_stacks, why);
                 Some(if reads > STACKS_PER_BATCH {
-                    crate::stacks::Pending::skipped(
-                        pid,
-                        self.cfg.native_stacks,
-                        "skipped: this batch reads no more stacks",
-                    )
+                    skip("skipped: this batch reads no more stacks")
+                } else if limit.is_zero() {
+                    skip("skipped: the action is already stack_timeout past its deadline")
                 } else {
-                    crate::stacks::start(pid, tid, self.cfg.stack_timeout, self.cfg.native_stacks)
+                    crate::stacks::start(pid, tid, limit, self.cfg.native_stacks)
                 })
             })
             .collect();
