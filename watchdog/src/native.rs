@@ -106,6 +106,8 @@ pub enum NativeError {
     Regs(Errno),
     #[error("its stack pointer {0:#x} is in no readable mapping")]
     StackUnmapped(u64),
+    #[error("its instruction pointer {0:#x} is in no code mapping (the process changed during the read)")]
+    NoCode(u64),
     #[error("its stack memory at {0:#x} is unreadable: {1}")]
     StackRead(u64, Errno),
     #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
@@ -509,6 +511,9 @@ pub fn capture(pid: u32, tid: u32, wait: Duration) -> NativeReport {
         stopped_ms = s.elapsed().as_secs_f64() * 1e3;
         let snap = snap?;
         let addrs = unwind(pid, &maps, &snap);
+        if addrs.is_empty() {
+            return Err(NativeError::NoCode(snap.ip));
+        }
         Ok(symbolize(pid, &maps, &addrs))
     });
     let ms = t.elapsed().as_secs_f64() * 1e3;
