@@ -17,6 +17,7 @@ mod kernel_btf;
 mod loader;
 mod metrics;
 mod mysql;
+mod native;
 mod plan;
 mod pods;
 mod policy;

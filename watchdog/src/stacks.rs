@@ -58,40 +58,106 @@ pub fn is_python(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.contains("libpython"))
 }
 
-/// The Python stack of thread `tid` of process `pid`, if it is a Python interpreter; waits at
-/// most `limit` for it (past that the record says it timed out and the read finishes on its own
-/// thread, unseen).
-pub fn capture(pid: u32, tid: u32, limit: Duration) -> Option<StackReport> {
-    if !is_python(pid) {
-        return None;
-    }
+/// What one capture found: the Python stack (a Python owner only) and the native frames.
+#[derive(Debug, Default)]
+pub struct Captured {
+    pub stack: Option<StackReport>,
+    pub native: Option<crate::native::NativeReport>,
+}
+
+/// Reads under way for one owner: started by `start`, collected by `finish`.
+pub struct Pending {
+    t: Instant,
+    limit: Duration,
+    python: Option<Reader<Vec<StackFrame>>>,
+    native: Option<Reader<crate::native::NativeReport>>,
+}
+
+/// A reading thread's channel (or why there is no thread); its answer or why there is none.
+type Reader<T> = Result<mpsc::Receiver<Result<T, String>>, String>;
+
+/// Starts reading the Python stack of thread `tid` of process `pid` if it is a Python
+/// interpreter, and (with `native`) its native frames, side by side on threads of their own.
+/// The reads of a whole batch start at once, so that the batch waits for them together.
+pub fn start(pid: u32, tid: u32, limit: Duration, native: bool) -> Pending {
     let t = Instant::now();
-    let (tx, rx) = mpsc::channel();
-    let spawned = std::thread::Builder::new()
-        .name("watchdog-stack".into())
-        .spawn(move || {
-            let _ = tx.send(read(pid, tid));
+    Pending {
+        t,
+        limit,
+        python: is_python(pid).then(|| spawn(move || read(pid, tid))),
+        native: native.then(|| spawn(move || Ok(crate::native::capture(pid, tid, limit)))),
+    }
+}
+
+impl Pending {
+    /// Reads not made (`why`): the record still says which stacks it lacks and why.
+    pub fn skipped(pid: u32, native: bool, why: &'static str) -> Pending {
+        Pending {
+            t: Instant::now(),
+            limit: Duration::ZERO,
+            python: is_python(pid).then(|| Err(why.to_string())),
+            native: native.then(|| Err(why.to_string())),
+        }
+    }
+
+    /// What the reads found, waiting at most until `limit` after their start (past that the
+    /// record says they timed out and the reads finish on their own threads, unseen).
+    pub fn finish(self) -> Captured {
+        let (t, limit) = (self.t, self.limit);
+        let ms = || t.elapsed().as_secs_f64() * 1e3;
+        let stack = self.python.map(|rx| match wait(rx, t, limit) {
+            Ok(frames) => StackReport {
+                frames,
+                error: None,
+                ms: ms(),
+            },
+            Err(e) => StackReport {
+                frames: Vec::new(),
+                error: Some(e),
+                ms: ms(),
+            },
         });
-    let ms = || t.elapsed().as_secs_f64() * 1e3;
-    let result = match spawned {
-        Err(e) => Err(format!("no thread to read it: {e}")),
-        Ok(_) => match rx.recv_timeout(limit) {
+        let native = self.native.map(|rx| match wait(rx, t, limit) {
+            Ok(r) => r,
+            Err(e) => crate::native::NativeReport {
+                frames: Vec::new(),
+                error: Some(e),
+                stopped_ms: 0.0,
+                ms: ms(),
+            },
+        });
+        Captured { stack, native }
+    }
+}
+
+/// The answer of a reading thread started at `t`, if it comes within `limit` of `t`.
+fn wait<T>(
+    rx: Result<mpsc::Receiver<Result<T, String>>, String>,
+    t: Instant,
+    limit: Duration,
+) -> Result<T, String> {
+    let left = limit.saturating_sub(t.elapsed());
+    match rx {
+        Err(e) => Err(e),
+        Ok(rx) => match rx.recv_timeout(left) {
             Ok(r) => r,
             Err(_) => Err(format!("timed out after {} ms", limit.as_millis())),
         },
-    };
-    Some(match result {
-        Ok(frames) => StackReport {
-            frames,
-            error: None,
-            ms: ms(),
-        },
-        Err(e) => StackReport {
-            frames: Vec::new(),
-            error: Some(e),
-            ms: ms(),
-        },
-    })
+    }
+}
+
+/// Runs `f` on a reading thread of its own; its answer comes on the channel.
+fn spawn<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<mpsc::Receiver<Result<T, String>>, String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("watchdog-stack".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map(|_| rx)
+        .map_err(|e| format!("no thread to read it: {e}"))
 }
 
 fn read(pid: u32, tid: u32) -> Result<Vec<StackFrame>, String> {

@@ -108,6 +108,53 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
             s(a, "route"),
             pod(a)
         );
+        for line in stack_lines(a) {
+            println!("      {line}");
+        }
     }
     Ok(())
 }
+
+/// The innermost frames of an action's Python stack and native stack, one line each.
+fn stack_lines(a: &serde_json::Value) -> Vec<String> {
+    let frames = |r: &serde_json::Value, f: &dyn Fn(&serde_json::Value) -> String| {
+        if let Some(e) = r["error"].as_str() {
+            return format!("({e})");
+        }
+        let all: Vec<_> = r["frames"].as_array().into_iter().flatten().collect();
+        let mut out: Vec<String> = all.iter().take(STATUS_FRAMES).map(|x| f(x)).collect();
+        if all.len() > STATUS_FRAMES {
+            out.push(format!("... {} more", all.len() - STATUS_FRAMES));
+        }
+        out.join(" < ")
+    };
+    let base = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
+    let mut lines = Vec::new();
+    if a["stack"].is_object() {
+        lines.push(format!(
+            "python: {}",
+            frames(&a["stack"], &|f| format!(
+                "{} ({}:{})",
+                f["function"].as_str().unwrap_or("?"),
+                base(f["file"].as_str().unwrap_or("?")),
+                f["line"]
+            ))
+        ));
+    }
+    if a["native_stack"].is_object() {
+        lines.push(format!(
+            "native: {}",
+            frames(&a["native_stack"], &|f| {
+                let m = base(f["module"].as_str().unwrap_or("?"));
+                match f["function"].as_str() {
+                    Some(func) => format!("{func} ({m})"),
+                    None => format!("{} ({m})", f["address"].as_str().unwrap_or("?")),
+                }
+            })
+        ));
+    }
+    lines
+}
+
+/// Frames shown per stack in `watchdog status` (the event record has them all).
+const STATUS_FRAMES: usize = 6;

@@ -43,7 +43,7 @@ enum Cmd {
         /// Every part at a small size (under two minutes), to keep the code working.
         #[arg(long)]
         quick: bool,
-        /// One part only (overhead, lateness, scale); results stay under target/.
+        /// One part only (overhead, routes, lateness, scale, stacks); results stay under target/.
         #[arg(long)]
         only: Option<String>,
     },

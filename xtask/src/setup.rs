@@ -14,6 +14,8 @@ const TEST_PACKAGES: &[&str] = &[
     "haproxy",
     "postgresql",
     "curl",
+    "gcc",
+    "binutils",
     "iproute2",
     "bpftool",
     "prometheus",

@@ -325,9 +325,12 @@ pub struct Config {
     pub nice: i32,
     /// Show a request's query string in records (it often carries tokens: off by default).
     pub record_query_string: bool,
-    /// Read the owner's Python stack before the first action (`stacks.rs`). Off by default
-    /// for now: the read (8-22 ms here) comes before the action, so it adds to its lateness.
+    /// Read the owner's Python stack (and native frames) before the first action
+    /// (`stacks.rs`). On by default; the read is bounded by `stack_timeout`.
     pub stacks: bool,
+    /// With `stacks`: also the owner thread's native frames (`native.rs`; stops that one
+    /// thread for a moment).
+    pub native_stacks: bool,
     /// The longest an action waits for that stack.
     pub stack_timeout: Duration,
     /// The directory holding the kubelet's `pods/` and `containers/` log directories.
@@ -381,7 +384,8 @@ impl Config {
             event_buffer_kib: watchdog_common::limits::EVENTS_BYTES / 1024,
             nice: DEFAULT_NICE,
             record_query_string: false,
-            stacks: false,
+            stacks: true,
+            native_stacks: true,
             stack_timeout: DEFAULT_STACK_TIMEOUT,
             kubelet_logs: DEFAULT_KUBELET_LOGS.into(),
             on_interrupt: OnInterrupt::Unload,

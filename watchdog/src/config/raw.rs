@@ -37,6 +37,7 @@ pub(super) struct RawDaemon {
     pub(super) nice: Option<i32>,
     pub(super) record_query_string: Option<bool>,
     pub(super) stacks: Option<bool>,
+    pub(super) native_stacks: Option<bool>,
     pub(super) stack_timeout: Option<Dur>,
     pub(super) kubelet_logs: Option<PathBuf>,
     pub(super) on_interrupt: Option<OnInterrupt>,

@@ -145,6 +145,22 @@ fn kubernetes_names_and_daemon_keys() {
 }
 
 #[test]
+fn stacks_are_on_by_default_and_can_be_turned_off() {
+    let policy = "[[policy]]\nname = \"a\"\nbudget = \"1s\"\n";
+    let d = Config::parse(policy, "f").unwrap();
+    assert!(d.stacks && d.native_stacks && d.policies[0].stacks);
+    assert_eq!(d.stack_timeout, Duration::from_millis(20));
+    assert!(Config::with_policies(vec![]).stacks, "the command line too");
+    let off = Config::parse(&format!("[daemon]\nstacks = false\n{policy}"), "f").unwrap();
+    assert!(!off.stacks);
+    let python_only =
+        Config::parse(&format!("[daemon]\nnative_stacks = false\n{policy}"), "f").unwrap();
+    assert!(python_only.stacks && !python_only.native_stacks);
+    let per_policy = Config::parse(&format!("{policy}stacks = false\n"), "f").unwrap();
+    assert!(per_policy.stacks && !per_policy.policies[0].stacks);
+}
+
+#[test]
 fn signals_by_name_and_number() {
     assert_eq!("SIGKILL".parse::<Sig>().unwrap().0, Signal::SIGKILL);
     assert_eq!("term".parse::<Sig>().unwrap().0, Signal::SIGTERM);

@@ -55,7 +55,8 @@ pub(super) fn validate(raw: RawConfig, origin: &str, text: &str) -> Result<Confi
         cfg.nice = n;
     }
     cfg.record_query_string = raw.daemon.record_query_string.unwrap_or(false);
-    cfg.stacks = raw.daemon.stacks.unwrap_or(false);
+    cfg.stacks = raw.daemon.stacks.unwrap_or(true);
+    cfg.native_stacks = raw.daemon.native_stacks.unwrap_or(true);
     if let Some(t) = raw.daemon.stack_timeout {
         if t.0 > Duration::from_secs(1) {
             return Err(invalid(

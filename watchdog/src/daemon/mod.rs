@@ -85,8 +85,6 @@ struct State {
     backstop: Backstop,
     evictor: Evictor,
     workers: step::Workers,
-    /// What is left of the current batch's time for reading stacks.
-    stack_budget: Duration,
     kills: step::KillQueries,
 }
 
@@ -155,7 +153,6 @@ pub async fn run(
         backstop: Backstop::new(0),
         evictor: Evictor::new(cfg.max_connections),
         workers: step::Workers::default(),
-        stack_budget: Duration::ZERO,
         observe_forced,
         kills: step::KillQueries::new(conns_reader.clone(), kill_tx),
     };

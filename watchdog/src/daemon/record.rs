@@ -36,6 +36,9 @@ pub struct ActionRecord {
     /// The owner's Python stack, innermost first, and how long reading it took (`stacks.rs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stack: Option<crate::stacks::StackReport>,
+    /// The owner's native frames, innermost first (`native.rs`), beside the kernel stack.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub native_stack: Option<crate::native::NativeReport>,
     /// Kubernetes names of the owner (`pods.rs`); absent outside a pod.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
@@ -100,6 +103,9 @@ impl State {
                     kernel_stack = ?d.map(|d| &d.kernel_stack),
                     stack = r.stack.as_ref().map(|s| s.compact(4)).unwrap_or_default(),
                     stack_ms = r.stack.as_ref().map_or(0.0, |s| s.ms),
+                    native_stack = r.native_stack.as_ref().map(|s| s.compact(4)).unwrap_or_default(),
+                    native_stack_ms = r.native_stack.as_ref().map_or(0.0, |s| s.ms),
+                    native_stopped_ms = r.native_stack.as_ref().map_or(0.0, |s| s.stopped_ms),
                     "{msg}"
                 )
             };

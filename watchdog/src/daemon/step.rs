@@ -10,6 +10,7 @@ pub(super) struct Decided {
     facts: ProcessFacts,
     diagnosis: Option<diagnose::Diagnosis>,
     stack: Option<crate::stacks::StackReport>,
+    native_stack: Option<crate::native::NativeReport>,
     mode: Mode,
     /// When the step was taken up, and when its diagnosis was done.
     started: u64,
@@ -104,9 +105,43 @@ impl State {
         // Act on the whole batch first and report after: a deadline late in a batch does not
         // wait for the log lines and event writes of the ones before it.
         let mut done = Vec::new();
-        self.stack_budget = STACK_TIME_PER_BATCH;
-        for due in self.tracker.pop_due(now_ns()) {
-            let Some((outcome, record)) = self.run_step(&due, &mut cache, &mut facts) else {
+        let batch = self.tracker.pop_due(now_ns());
+        // The owners' stacks, before their first action: every read of the batch starts now,
+        // side by side, so the batch waits for them together, not one after the other. A read
+        // may take until `stack_timeout` past its deadline, no longer: a batch that starts late
+        // (behind the reads of the one before) gives its reads what is left of that. At most
+        // `STACKS_PER_BATCH` of them: the rest act at once and their records say why they
+        // have no stack.
+        let start_ns = now_ns();
+        let mut reads = 0;
+        let pending: Vec<Option<crate::stacks::Pending>> = batch
+            .iter()
+            .map(|due| {
+                let wanted = due.index == 0
+                    && self.cfg.stacks
+                    && due.policy.stacks
+                    && Self::still_valid(&self.kernel, due.key, &due.conn);
+                if !wanted {
+                    return None;
+                }
+                reads += 1;
+                let (pid, tid) = (due.conn.tgid, due.conn.tid);
+                let late = Duration::from_nanos(start_ns.saturating_sub(due.due_ns));
+                let limit = self.cfg.stack_timeout.saturating_sub(late);
+                let skip = |why| crate::stacks::Pending::skipped(pid, self.cfg.native_stacks, why);
+                Some(if reads > STACKS_PER_BATCH {
+                    skip("skipped: this batch reads no more stacks")
+                } else if limit.is_zero() {
+                    skip("skipped: the action is already stack_timeout past its deadline")
+                } else {
+                    crate::stacks::start(pid, tid, limit, self.cfg.native_stacks)
+                })
+            })
+            .collect();
+        for (due, read) in batch.into_iter().zip(pending) {
+            let stacks = read.map(crate::stacks::Pending::finish);
+            let Some((outcome, record)) = self.run_step(&due, stacks, &mut cache, &mut facts)
+            else {
                 continue;
             };
             if matches!(
@@ -171,6 +206,7 @@ impl State {
     fn run_step(
         &mut self,
         due: &Due,
+        stacks: Option<crate::stacks::Captured>,
         cache: &mut diagnose::Cache,
         facts: &mut process::FactsCache,
     ) -> Option<(Outcome, ActionRecord)> {
@@ -188,25 +224,11 @@ impl State {
             let cgroup = (!facts.cgroup.is_empty()).then(|| facts.cgroup.clone());
             diagnose::capture(c.tgid, c.tid, cgroup, cache)
         });
-        // The owner's Python stack, before the first action, within its time limit.
-        // A burst of deadlines reads stacks until the batch's share of time is spent; the
-        // rest act at once (their records say why they have no stack).
-        let stack = (due.index == 0 && self.cfg.stacks && policy.stacks && diagnosis.is_some())
-            .then(|| {
-                if self.stack_budget.is_zero() {
-                    return crate::stacks::is_python(c.tgid).then(|| crate::stacks::StackReport {
-                        frames: Vec::new(),
-                        error: Some("skipped: this batch's time for stacks is spent".into()),
-                        ms: 0.0,
-                    });
-                }
-                let limit = self.cfg.stack_timeout.min(self.stack_budget);
-                let r = crate::stacks::capture(c.tgid, c.tid, limit);
-                let spent = Duration::from_secs_f64(r.as_ref().map_or(0.0, |r| r.ms) / 1e3);
-                self.stack_budget = self.stack_budget.saturating_sub(spent);
-                r
-            })
-            .flatten();
+        // The owner's Python stack and native frames, before the first action, within their
+        // time limit. A burst of deadlines reads stacks until the batch's share of time is
+        // spent; the rest act at once (their records say why they have no stack).
+        let captured = stacks.filter(|_| diagnosis.is_some()).unwrap_or_default();
+        let (stack, native_stack) = (captured.stack, captured.native);
         let diagnosed = now_ns();
         let mode = self.cfg.mode_of(policy);
         let workers = &self.workers;
@@ -230,6 +252,7 @@ impl State {
             facts,
             diagnosis,
             stack,
+            native_stack,
             mode,
             started: now,
             diagnosed,
@@ -288,6 +311,7 @@ impl State {
             facts,
             diagnosis,
             stack,
+            native_stack,
             mode,
             started: now,
             diagnosed,
@@ -341,6 +365,7 @@ impl State {
             mode,
             diagnosis,
             stack,
+            native_stack,
             namespace: facts.pod.as_ref().map(|n| n.namespace.clone()),
             pod: facts.pod.as_ref().map(|n| n.pod.clone()),
             container: facts.pod.as_ref().and_then(|n| n.container.clone()),
@@ -348,9 +373,9 @@ impl State {
     }
 }
 
-/// The most time one batch of due steps spends reading stacks (a burst of deadlines must not
-/// wait 10 ms each).
-const STACK_TIME_PER_BATCH: Duration = Duration::from_millis(50);
+/// The most owners whose stacks one batch reads (a burst of deadlines must not start a
+/// thousand readers); they are read side by side, so the batch waits at most `stack_timeout`.
+const STACKS_PER_BATCH: usize = 8;
 
 /// Live processes a policy's selector covers, for the `min_workers` floor: a scan of /proc,
 /// remembered for `WORKERS_TTL` so a burst of actions scans once, not per action.

@@ -253,6 +253,10 @@ impl Daemon {
         v
     }
 
+    pub fn status_socket(&self) -> &std::path::Path {
+        &self.status
+    }
+
     pub fn status_json(&self) -> serde_json::Value {
         let out = Command::new(BIN)
             .arg("status")

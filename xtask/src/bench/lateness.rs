@@ -79,8 +79,10 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
 
     let list = |ps: &[u16]| ps.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
     // These kill rates are the benchmark's normal: keep the kill-rate breaker out of the way.
+    // The enforcement path alone: reading the owners' stacks first (on by default) is measured
+    // by its own part (stacks.rs), on and off side by side.
     let config = format!(
-        "[[policy]]\nname = \"bench-500ms\"\nports = [{}]\nbudget = \"500ms\"\nsignal = \"SIGKILL\"\n\
+        "[daemon]\nstacks = false\n\n[[policy]]\nname = \"bench-500ms\"\nports = [{}]\nbudget = \"500ms\"\nsignal = \"SIGKILL\"\n\
          breaker = {{ max_actions = 100000, window = \"1m\", cooldown = \"1s\" }}\n\n\
          [[policy]]\nname = \"bench-1s\"\nports = [{watched_port}]\nbudget = \"1s\"\nsignal = \"SIGKILL\"\n\
          breaker = {{ max_actions = 100000, window = \"1m\", cooldown = \"1s\" }}\n",

@@ -12,6 +12,7 @@ mod overhead;
 mod plot;
 mod routes;
 mod scale;
+mod stacks;
 
 use std::{
     os::unix::process::CommandExt,
@@ -98,8 +99,8 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
 
     let wanted = |part: &str| only.is_none_or(|o| o == part);
     anyhow::ensure!(
-        only.is_none_or(|o| ["overhead", "routes", "lateness", "scale"].contains(&o)),
-        "--only takes overhead, routes, lateness or scale"
+        only.is_none_or(|o| ["overhead", "routes", "lateness", "scale", "stacks"].contains(&o)),
+        "--only takes overhead, routes, lateness, scale or stacks"
     );
     let mut overhead = Value::Null;
     if wanted("overhead") {
@@ -117,6 +118,10 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     if wanted("scale") {
         scale = scale::run(&plan, &work).context("scale benchmark")?;
     }
+    let mut stacks = Value::Null;
+    if wanted("stacks") {
+        stacks = stacks::run(&plan, &work).context("stacks benchmark")?;
+    }
     let results = json!({
         "machine": machine(),
         "quick": quick,
@@ -125,6 +130,7 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
         "routes": routes,
         "lateness": lateness,
         "scale": scale,
+        "stacks": stacks,
     });
 
     let (out, figures) = if quick || only.is_some() {
@@ -147,6 +153,23 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     )?;
     if !quick && only.is_none() {
         splice_benchmarks_md(&md)?;
+    }
+    // The stacks part has a section of its own in BENCHMARKS.md, written by its own run too.
+    if !quick && (only.is_none() || only == Some("stacks")) {
+        std::fs::write(
+            root().join("bench/results/stacks.json"),
+            serde_json::to_string_pretty(&results["stacks"])?,
+        )?;
+        splice_between(
+            "<!-- stacks:begin (written by cargo xtask bench --only stacks) -->",
+            "<!-- stacks:end -->",
+            &format!(
+                "{}
+{}",
+                run_line(&results),
+                stacks::summary(&results["stacks"])
+            ),
+        )?;
     }
     println!("{md}");
     println!(
@@ -397,18 +420,10 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
-/// The Markdown summary of one run: every figure and whether its target is met.
-fn summary(r: &Value) -> String {
-    let o = &r["overhead"];
-    let l = &r["lateness"];
-    let s = &r["scale"];
+/// The machine and size of a run, the first line of its summary.
+fn run_line(r: &Value) -> String {
     let m = &r["machine"];
-    let mut md = String::new();
-    let mut w = |line: String| {
-        md.push_str(&line);
-        md.push('\n');
-    };
-    w(format!(
+    format!(
         "Run: {} CPU(s) ({}), Linux {}, {} s{}.\n",
         m["cpus"],
         m["cpu"].as_str().unwrap_or(""),
@@ -419,7 +434,20 @@ fn summary(r: &Value) -> String {
         } else {
             ""
         }
-    ));
+    )
+}
+
+/// The Markdown summary of one run: every figure and whether its target is met.
+fn summary(r: &Value) -> String {
+    let o = &r["overhead"];
+    let l = &r["lateness"];
+    let s = &r["scale"];
+    let mut md = String::new();
+    let mut w = |line: String| {
+        md.push_str(&line);
+        md.push('\n');
+    };
+    w(run_line(r));
     w("### 1. Request-path overhead (nginx + wrk, watched vs. not, alternating rounds)\n".into());
     w(format!(
         "{} rounds of {} s each way, wrk `-t1 -c{}` pinned to CPU 1, nginx (1 worker) to CPU 0.\n",
@@ -600,22 +628,33 @@ fn summary(r: &Value) -> String {
             ));
         }
     }
+    if !r["stacks"].is_null() {
+        w("\n### 6. Stacks before the first action\n".into());
+        w(stacks::summary(&r["stacks"]));
+    }
     w("\n![Latency percentiles with and without the watchdog](bench/figures/overhead-latency.svg)\n\n![Lateness CDFs](bench/figures/lateness-cdf.svg)\n\n![Cost vs. tracked connections](bench/figures/scale.svg)".into());
     md
 }
 
 /// Replaces the generated section of BENCHMARKS.md with `md`.
 fn splice_benchmarks_md(md: &str) -> Result<()> {
-    const BEGIN: &str = "<!-- results:begin (written by cargo xtask bench) -->";
-    const END: &str = "<!-- results:end -->";
+    splice_between(
+        "<!-- results:begin (written by cargo xtask bench) -->",
+        "<!-- results:end -->",
+        md,
+    )
+}
+
+/// Replaces what lies between the markers `BEGIN` and `END` of BENCHMARKS.md with `md`.
+fn splice_between(begin: &str, end: &str, md: &str) -> Result<()> {
     let path = root().join("BENCHMARKS.md");
     let text = std::fs::read_to_string(&path).context("reading BENCHMARKS.md")?;
     let (head, rest) = text
-        .split_once(BEGIN)
-        .context("BENCHMARKS.md has no results:begin marker")?;
+        .split_once(begin)
+        .with_context(|| format!("BENCHMARKS.md has no marker {begin}"))?;
     let (_, tail) = rest
-        .split_once(END)
-        .context("BENCHMARKS.md has no results:end marker")?;
-    std::fs::write(path, format!("{head}{BEGIN}\n{md}\n{END}{tail}"))?;
+        .split_once(end)
+        .with_context(|| format!("BENCHMARKS.md has no marker {end}"))?;
+    std::fs::write(path, format!("{head}{begin}\n{md}\n{end}{tail}"))?;
     Ok(())
 }
