@@ -51,6 +51,8 @@ use crate::{
 const MAX_TURNS: u32 = 1024;
 /// Iovecs of one call that a walk follows.
 const MAX_SEGS: u64 = 64;
+/// Iovecs read at once (a power of two).
+const IOV_BATCH: u64 = 8;
 /// How often the timer of a reported stream checks that its connection is still open.
 const LINGER_NS: u64 = 5_000_000_000;
 const CLOCK_MONOTONIC: u64 = 1;
@@ -58,7 +60,7 @@ const CLOCK_MONOTONIC: u64 = 1;
 /// `struct iovec`.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct IoVec {
+pub struct IoVec {
     base: u64,
     len: u64,
 }
@@ -87,6 +89,10 @@ pub struct Walk {
     acc: u64,
     /// A frame header read in one piece.
     hdr: [u8; 16],
+    /// The current batch of iovecs (`seg / IOV_BATCH`), and whether only its first entry
+    /// could be read (then the rest are read one by one).
+    iovs: [IoVec; IOV_BATCH as usize],
+    seg_mask_one: u64,
 }
 
 /// Per-CPU room for the walk of the current call.
@@ -124,14 +130,6 @@ fn walk(st: &mut SockState, r: *const u64, ret: u64, from: u64, rx: bool) -> boo
     let Some((iov, base, n)) = layout(r) else {
         return false;
     };
-    let (mut seg_base, mut seg_len) = (base, n);
-    if iov != 0 {
-        // SAFETY: bpf_probe_read_user checks the address.
-        let Ok(v) = (unsafe { bpf_probe_read_user(iov as *const IoVec) }) else {
-            return false;
-        };
-        (seg_base, seg_len) = (v.base, v.len);
-    }
     let Some(w) = WALKS.get_ptr_mut(0) else {
         return false;
     };
@@ -140,10 +138,12 @@ fn walk(st: &mut SockState, r: *const u64, ret: u64, from: u64, rx: bool) -> boo
     w.cookie = st.cookie;
     w.iov = iov;
     w.niov = n;
-    w.seg = 0;
+    // A single buffer is segment 0; an iovec array starts before its first entry, which the
+    // first turn reads (with its batch).
+    w.seg = if iov == 0 { 0 } else { u64::MAX };
     w.seg_start = 0;
-    w.seg_base = seg_base;
-    w.seg_len = seg_len;
+    w.seg_base = base;
+    w.seg_len = if iov == 0 { n } else { 0 };
     w.pos = from;
     w.total = ret;
     w.skip = u64::from(dir.skip);
@@ -182,23 +182,63 @@ unsafe extern "C" fn turn(_index: u64, _ctx: *mut c_void) -> i64 {
         seg_end = w.total;
     }
     if w.pos >= seg_end {
-        w.seg += 1;
+        w.seg = w.seg.wrapping_add(1);
         if w.iov == 0 || w.seg >= w.niov || w.seg >= MAX_SEGS {
             w.lost = 1;
             return 1;
         }
-        // SAFETY: bpf_probe_read_user checks the address.
-        match unsafe { bpf_probe_read_user((w.iov + w.seg * 16) as *const IoVec) } {
-            Ok(v) => {
-                w.seg_start += w.seg_len;
-                w.seg_base = v.base;
-                w.seg_len = v.len;
+        // The iovecs come in batches of `IOV_BATCH`, one read each: a server's write of a
+        // few frames is often a dozen small iovecs (grpcio: one per header field).
+        let slot = w.seg % IOV_BATCH;
+        if slot == 0 {
+            let at = w.iov + w.seg * 16;
+            // SAFETY: the destination is `iovs` (IOV_BATCH entries); the source is a user
+            // address the helper checks. A batch reaching past the end of a short array
+            // into unmapped memory fails: then one iovec.
+            let rc = unsafe {
+                generated::bpf_probe_read_user(
+                    w.iovs.as_mut_ptr() as *mut c_void,
+                    (IOV_BATCH * 16) as u32,
+                    at as *const c_void,
+                )
+            };
+            if rc != 0 {
+                // SAFETY: as above, one entry.
+                let rc = unsafe {
+                    generated::bpf_probe_read_user(
+                        w.iovs.as_mut_ptr() as *mut c_void,
+                        16,
+                        at as *const c_void,
+                    )
+                };
+                if rc != 0 {
+                    w.lost = 1;
+                    return 1;
+                }
+                // Only this entry is valid: the next iovec starts a batch of its own.
+                w.seg_mask_one = 1;
+            } else {
+                w.seg_mask_one = 0;
             }
-            Err(_) => {
-                w.lost = 1;
-                return 1;
+        } else if w.seg_mask_one != 0 {
+            // SAFETY: bpf_probe_read_user checks the address.
+            match unsafe { bpf_probe_read_user((w.iov + w.seg * 16) as *const IoVec) } {
+                Ok(v) => {
+                    w.seg_start += w.seg_len;
+                    w.seg_base = v.base;
+                    w.seg_len = v.len;
+                    return 0;
+                }
+                Err(_) => {
+                    w.lost = 1;
+                    return 1;
+                }
             }
         }
+        let v = w.iovs[(slot & (IOV_BATCH - 1)) as usize];
+        w.seg_start += w.seg_len;
+        w.seg_base = v.base;
+        w.seg_len = v.len;
         return 0;
     }
     let in_seg = seg_end - w.pos;

@@ -7,6 +7,7 @@
 //! small size (under two minutes) into `target/bench-quick/`, so the test suite keeps this code
 //! working; its figures mean nothing.
 
+mod h2;
 mod lateness;
 mod overhead;
 mod plot;
@@ -99,8 +100,10 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
 
     let wanted = |part: &str| only.is_none_or(|o| o == part);
     anyhow::ensure!(
-        only.is_none_or(|o| ["overhead", "routes", "lateness", "scale", "stacks"].contains(&o)),
-        "--only takes overhead, routes, lateness, scale or stacks"
+        only.is_none_or(
+            |o| ["overhead", "routes", "h2", "lateness", "scale", "stacks"].contains(&o)
+        ),
+        "--only takes overhead, routes, h2, lateness, scale or stacks"
     );
     let mut overhead = Value::Null;
     if wanted("overhead") {
@@ -109,6 +112,10 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     let mut routes = Value::Null;
     if wanted("routes") {
         routes = routes::run(&plan, &work).context("routes benchmark")?;
+    }
+    let mut h2 = Value::Null;
+    if wanted("h2") {
+        h2 = h2::run(&plan, &work).context("HTTP/2 benchmark")?;
     }
     let mut lateness = Value::Null;
     if wanted("lateness") {
@@ -128,6 +135,7 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
         "seconds": started.elapsed().as_secs(),
         "overhead": overhead,
         "routes": routes,
+        "h2": h2,
         "lateness": lateness,
         "scale": scale,
         "stacks": stacks,
@@ -153,6 +161,14 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     )?;
     if !quick && only.is_none() {
         splice_benchmarks_md(&md)?;
+    }
+    // The HTTP/2 part has a section of its own in BENCHMARKS.md, written by its own run too.
+    if !quick && (only.is_none() || only == Some("h2")) {
+        splice_between(
+            "<!-- h2:begin (written by cargo xtask bench --only h2) -->",
+            "<!-- h2:end -->",
+            &format!("{}\n{}", run_line(&results), h2::summary(&results["h2"])),
+        )?;
     }
     // The stacks part has a section of its own in BENCHMARKS.md, written by its own run too.
     if !quick && (only.is_none() || only == Some("stacks")) {

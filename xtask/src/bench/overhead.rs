@@ -367,7 +367,7 @@ fn wrk_on(dir: &Path, port: u16, path: &str, conns: usize, secs: u64) -> Result<
 }
 
 /// (run_time_ns, run_cnt) of the programs with these ids, by name.
-fn prog_stats(ids: &[u64]) -> Result<BTreeMap<String, (u64, u64)>> {
+pub(super) fn prog_stats(ids: &[u64]) -> Result<BTreeMap<String, (u64, u64)>> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()
