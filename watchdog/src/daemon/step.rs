@@ -1,29 +1,49 @@
 //! One batch of due ladder steps: the diagnosis, the enforcement chain (`decide.rs`), the
-//! action, its metrics and its record.
+//! action; then, once every step of the batch has acted, their metrics and records.
 
 use super::*;
 
 impl State {
     pub(super) fn run_due(&mut self) {
-        // Connection tables as of the batch's start, read once per process.
-        let mut cache = diagnose::Cache::default();
+        // Thread states as of the batch's start, read once per thread; connection lists at
+        // most once a second per process.
+        let mut cache = std::mem::take(&mut self.diagnoses);
+        cache.next_batch();
         let mut facts = process::FactsCache::default();
-        // Act on the whole batch first and report after: a deadline late in a batch does not
-        // wait for the log lines and event writes of the ones before it.
+        // Act on the whole batch first and account after: a deadline late in a batch does not
+        // wait for the metrics, records and log lines of the ones before it (the log lines and
+        // event writes are the reporter thread's).
         let mut done = Vec::new();
         self.stack_budget = STACK_TIME_PER_BATCH;
-        for due in self.tracker.pop_due(now_ns()) {
-            let (outcome, record) = self.run_step(&due, &mut cache, &mut facts);
+        let t0 = now_ns();
+        let dues = self
+            .tracker
+            .pop_due_at_most(now_ns(), super::acting::MAX_STEPS_PER_WAKE);
+        for due in dues {
+            let acted = self.run_step(due, &mut cache, &mut facts);
             if matches!(
-                outcome,
+                acted.outcome,
                 Outcome::Ended | Outcome::TargetGone | Outcome::Refused(_)
             ) {
-                self.tracker.finish(due.key);
+                self.tracker.finish(acted.due.key);
             }
-            done.push(record);
+            done.push(acted);
         }
-        for record in done {
+        self.diagnoses = cache;
+        self.pidfds.clear();
+        let t1 = now_ns();
+        let n = done.len();
+        for acted in done {
+            let record = self.account(acted);
             self.report(record);
+        }
+        if n >= BURST_LOG {
+            info!(
+                steps = n,
+                acting_ms = t1.saturating_sub(t0) as f64 / 1e6,
+                accounting_ms = now_ns().saturating_sub(t1) as f64 / 1e6,
+                "burst of due steps: all acted on before any was accounted"
+            );
         }
     }
 
@@ -40,10 +60,10 @@ impl State {
     /// Takes one step of a ladder: diagnosis (first step only), the safety checks, the action.
     fn run_step(
         &mut self,
-        due: &Due,
+        due: Due,
         cache: &mut diagnose::Cache,
         facts: &mut process::FactsCache,
-    ) -> (Outcome, ActionRecord) {
+    ) -> Acted {
         let c = due.conn;
         let policy = &due.policy;
         let now = now_ns();
@@ -54,7 +74,10 @@ impl State {
             tid: c.tid,
             ..Default::default()
         });
-        let diagnosis = (due.index == 0 && valid()).then(|| {
+        // Read once for the diagnosis and the chain (again after a stack read, which takes
+        // time); the action reads it once more after opening its target (`actions.rs`).
+        let current = valid();
+        let diagnosis = (due.index == 0 && current).then(|| {
             let cgroup = (!facts.cgroup.is_empty()).then(|| facts.cgroup.clone());
             diagnose::capture(c.tgid, c.tid, cgroup, cache)
         });
@@ -85,7 +108,7 @@ impl State {
             decide::Inputs {
                 action: due.step.action,
                 mode,
-                still_current: valid(),
+                still_current: current && (stack.is_none() || valid()),
                 guard: policy::guard(&facts, &self.cfg.protect, self.own_pid),
                 floor: policy
                     .min_workers
@@ -101,9 +124,14 @@ impl State {
             Verdict::Logged => Outcome::Delivered,
             Verdict::Observed => Outcome::Observed,
             Verdict::Act => match due.step.action {
-                Action::Signal(sig) => {
-                    actions::signal(due.step.target, c.tgid, c.tid, sig.0, valid)
-                }
+                Action::Signal(sig) => actions::signal(
+                    &mut self.pidfds,
+                    due.step.target,
+                    c.tgid,
+                    c.tid,
+                    sig.0,
+                    valid,
+                ),
                 Action::Reset => actions::reset(&c, valid),
                 Action::Log => Outcome::Delivered,
             },
@@ -127,6 +155,33 @@ impl State {
             self.workers.forget(&policy.name);
         }
         let done = now_ns();
+        Acted {
+            facts,
+            now,
+            diagnosed,
+            done,
+            mode,
+            diagnosis,
+            stack,
+            outcome,
+            due,
+        }
+    }
+
+    /// The metrics and the record of a step taken (`run_step`).
+    fn account(&mut self, a: Acted) -> ActionRecord {
+        let Acted {
+            due,
+            facts,
+            now,
+            diagnosed,
+            done,
+            mode,
+            diagnosis,
+            stack,
+            outcome,
+        } = a;
+        let (c, policy) = (due.conn, &due.policy);
         let lateness = done.saturating_sub(due.due_ns);
         if matches!(outcome, Outcome::Delivered | Outcome::ShutDown) {
             self.metrics.lateness.observe(lateness as f64 / 1e9);
@@ -187,9 +242,26 @@ impl State {
             pod: facts.pod.as_ref().map(|n| n.pod.clone()),
             container: facts.pod.as_ref().and_then(|n| n.container.clone()),
         };
-        (outcome, record)
+        record
     }
 }
+
+/// A step as taken, for `account`.
+struct Acted {
+    due: Due,
+    facts: ProcessFacts,
+    /// When the step began, its diagnosis was read, and its action was done.
+    now: u64,
+    diagnosed: u64,
+    done: u64,
+    mode: Mode,
+    diagnosis: Option<Arc<diagnose::Diagnosis>>,
+    stack: Option<crate::stacks::StackReport>,
+    outcome: Outcome,
+}
+
+/// A batch of at least this many steps logs how long acting and accounting took.
+const BURST_LOG: usize = 64;
 
 /// The most time one batch of due steps spends reading stacks (a burst of deadlines must not
 /// wait 10 ms each).
