@@ -107,6 +107,7 @@ pub(super) fn spawn(
                 wake: thread_wake,
                 health,
                 reader,
+                reopened: None,
             };
             acting.schedule();
             acting.run();
@@ -124,6 +125,8 @@ struct Acting {
     wake: Arc<OwnedFd>,
     health: Arc<Health>,
     reader: Arc<ConnsReader>,
+    /// When the ring was last reopened.
+    reopened: Option<std::time::Instant>,
 }
 
 impl Acting {
@@ -310,6 +313,13 @@ impl Acting {
         if was_ok {
             error!("the event ring buffer failed: reopening it from its pin; the backstop sweeps the table for what it missed");
         }
+        // At most one reopening a second: a ring that fails again at once must not turn this
+        // realtime thread into a busy loop.
+        let since = self.reopened.map_or(TICK_EVERY, |t| t.elapsed());
+        if since < TICK_EVERY {
+            std::thread::sleep(TICK_EVERY - since);
+        }
+        self.reopened = Some(std::time::Instant::now());
         self.st.backstop.owe_sweep();
         match crate::loader::pinned_events(&self.st.cfg.state_dir) {
             Ok(r) => {
@@ -318,7 +328,6 @@ impl Acting {
             }
             Err(e) => {
                 error!("reopening the event ring buffer failed, retrying in 1 s (the backstop enforces meanwhile): {e:#}");
-                std::thread::sleep(TICK_EVERY);
                 self.st.sweep_if_needed();
                 self.st.run_due();
                 false
