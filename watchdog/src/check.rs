@@ -98,7 +98,8 @@ fn probe_realtime(r: &mut Report, priority: u8) {
             false,
             "acting thread",
             format!(
-                "SCHED_FIFO {priority} refused ({e}): it runs in the normal class; grant CAP_SYS_NICE for deadlines on time while workers saturate the CPUs"
+                "SCHED_FIFO {priority} refused ({}): it runs in the normal class, and may be late while workers saturate the CPUs",
+                crate::sched::refusal(&e)
             ),
         ),
     }

@@ -72,6 +72,54 @@ pub fn pin_to(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// Why SCHED_FIFO was refused, in words: no CAP_SYS_NICE, or (with it) a cgroup without a
+/// realtime budget (`CONFIG_RT_GROUP_SCHED`: containers' cgroups get `cpu.rt_runtime_us` 0).
+pub fn refusal(e: &io::Error) -> String {
+    if e.raw_os_error() != Some(libc::EPERM) {
+        return e.to_string();
+    }
+    if !has_sys_nice() {
+        return "no CAP_SYS_NICE".into();
+    }
+    match rt_runtime_us() {
+        Some((path, 0)) => format!(
+            "CAP_SYS_NICE is held, but the cgroup has no realtime budget ({path} is 0: realtime group scheduling)"
+        ),
+        _ => format!("CAP_SYS_NICE is held, yet {e}"),
+    }
+}
+
+/// CAP_SYS_NICE (bit 23) in this process's effective set.
+fn has_sys_nice() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 23) != 0)
+}
+
+/// The realtime budget of this process's cgroup v1 `cpu` controller, if it has one.
+fn rt_runtime_us() -> Option<(String, i64)> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroups.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "cpu")
+            .then(|| path.to_string())
+    })?;
+    let file = format!("/sys/fs/cgroup/cpu{path}/cpu.rt_runtime_us");
+    let v = std::fs::read_to_string(&file).ok()?.trim().parse().ok()?;
+    Some((file, v))
+}
+
 /// Whether this process may put a thread in the realtime class at `priority`: tried on a
 /// short-lived thread of its own (for `watchdog check`), so the caller's class is untouched.
 pub fn fifo_allowed(priority: u8) -> io::Result<()> {

@@ -147,9 +147,10 @@ fn without_cap_sys_nice_the_acting_thread_falls_back_to_the_normal_class_and_sti
     assert_eq!(acting[0].2, SCHED_OTHER, "{all:?}");
     assert_eq!(d.metric("watchdog_acting_thread_realtime", &[]), 0.0);
     let warned = d.log_events(
-        "the acting thread runs in the normal class (SCHED_FIFO needs CAP_SYS_NICE); deadlines may be late while workers saturate the CPUs",
+        "the acting thread runs in the normal class: SCHED_FIFO was refused; deadlines may be late while workers saturate the CPUs",
     );
     assert_eq!(warned.len(), 1, "{}", d.log_text());
+    assert_eq!(warned[0]["error"], "no CAP_SYS_NICE", "{}", d.log_text());
     let started = Instant::now();
     let late = killed_at_budget(&d, port);
     assert!((0.0..100.0).contains(&late), "acted {late} ms late");
@@ -170,9 +171,9 @@ fn without_cap_sys_nice_the_acting_thread_falls_back_to_the_normal_class_and_sti
     };
     let without = check(&no_nice);
     assert!(
-        without
-            .lines()
-            .any(|l| l.starts_with("warn") && l.contains("acting thread") && l.contains("refused")),
+        without.lines().any(|l| l.starts_with("warn")
+            && l.contains("acting thread")
+            && l.contains("refused (no CAP_SYS_NICE)")),
         "{without}"
     );
     let with = check(&[]);
@@ -182,4 +183,57 @@ fn without_cap_sys_nice_the_acting_thread_falls_back_to_the_normal_class_and_sti
             && l.contains("SCHED_FIFO 10 allowed")),
         "{with}"
     );
+}
+
+#[test]
+fn in_a_cgroup_without_a_realtime_budget_the_refusal_says_so_and_the_daemon_still_acts() {
+    // What podman's and the kubelet's cgroups are on a kernel with realtime group scheduling
+    // (this machine's): a new cgroup v1 `cpu` group gets `cpu.rt_runtime_us` 0.
+    let group = std::path::PathBuf::from(format!(
+        "/sys/fs/cgroup/cpu/watchdog-test-rt-{}",
+        std::process::id()
+    ));
+    assert!(
+        std::path::Path::new("/sys/fs/cgroup/cpu/cpu.rt_runtime_us").exists(),
+        "this test needs the cgroup v1 cpu controller with realtime group scheduling"
+    );
+    std::fs::create_dir_all(&group).unwrap();
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _remove = Remove(group.clone());
+    assert_eq!(
+        std::fs::read_to_string(group.join("cpu.rt_runtime_us"))
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    let port = free_port();
+    let _app = app(port, 2, &[]);
+    let enter = format!("echo $$ > {}/tasks && exec \"$@\"", group.display());
+    let wrapper = ["sh", "-c", enter.as_str(), "sh"];
+    let port_s = port.to_string();
+    let args = ["--port", &port_s, "--budget", "1s", "--signal", "SIGKILL"];
+    let d = Daemon::start_wrapped(&state_dir(), &wrapper, &args);
+    let all = threads(d.proc.pid());
+    let acting: Vec<_> = all.iter().filter(|t| t.0 == "watchdog-act").collect();
+    assert_eq!(acting.len(), 1, "{all:?}");
+    assert_eq!(acting[0].2, SCHED_OTHER, "{all:?}");
+    assert_eq!(d.metric("watchdog_acting_thread_realtime", &[]), 0.0);
+    let warned = d.log_events(
+        "the acting thread runs in the normal class: SCHED_FIFO was refused; deadlines may be late while workers saturate the CPUs",
+    );
+    assert_eq!(warned.len(), 1, "{}", d.log_text());
+    let why = warned[0]["error"].as_str().unwrap();
+    assert!(
+        why.starts_with("CAP_SYS_NICE is held, but the cgroup has no realtime budget")
+            && why.contains("cpu.rt_runtime_us is 0"),
+        "{why}"
+    );
+    let late = killed_at_budget(&d, port);
+    assert!((0.0..100.0).contains(&late), "acted {late} ms late");
+    drop(d);
 }

@@ -110,6 +110,7 @@ pub(super) fn spawn(
                 reopened: None,
             };
             acting.schedule();
+            acting.health.ready.store(true, Ordering::Relaxed);
             acting.run();
             acting.st.reporter.finish();
             let _ = done.send(());
@@ -142,8 +143,8 @@ impl Acting {
             if let Err(e) = sched::set_fifo(cfg.acting_priority) {
                 warn!(
                     priority = cfg.acting_priority,
-                    error = %e,
-                    "the acting thread runs in the normal class (SCHED_FIFO needs CAP_SYS_NICE); deadlines may be late while workers saturate the CPUs"
+                    error = %sched::refusal(&e),
+                    "the acting thread runs in the normal class: SCHED_FIFO was refused; deadlines may be late while workers saturate the CPUs"
                 );
             }
         }

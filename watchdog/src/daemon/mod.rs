@@ -183,7 +183,7 @@ pub async fn run(
     // answered before the programs are attached and the policies applied.
     api::http::spawn(http, Arc::new(registry), health.clone())
         .context("starting the metrics server thread")?;
-    health.ready.store(true, Ordering::Relaxed);
+    // Ready once the acting thread runs (it says so itself, `acting.rs`).
     info!(
         cgroup = %st.kernel.cgroup.display(),
         probes = st.kernel.probe_set.label(),
