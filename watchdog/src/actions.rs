@@ -146,9 +146,52 @@ fn gone_or_failed(e: io::Error) -> Outcome {
     }
 }
 
+/// The pidfds opened during one batch of actions, so that a burst of requests owned by one
+/// thread or process opens one, not one per request. A pidfd names the task it was opened for
+/// or nothing at all, so one opened earlier in the batch pins the target exactly as a fresh one
+/// does, and `still_valid` is still read after it was opened. Cleared after each batch.
+#[derive(Default)]
+pub struct Pidfds(std::collections::HashMap<(u32, libc::c_uint), OwnedFd>);
+
+/// Descriptors a batch keeps open at most; beyond it each action opens and closes its own.
+const PIDFDS_KEPT: usize = 256;
+
+impl Pidfds {
+    fn open(&mut self, pid: u32, flags: libc::c_uint) -> io::Result<Pinned<'_>> {
+        if self.0.contains_key(&(pid, flags)) {
+            return Ok(Pinned::Kept(&self.0[&(pid, flags)]));
+        }
+        let fd = pidfd_open(pid, flags)?;
+        if self.0.len() >= PIDFDS_KEPT {
+            return Ok(Pinned::Own(fd));
+        }
+        Ok(Pinned::Kept(self.0.entry((pid, flags)).or_insert(fd)))
+    }
+
+    /// Closes them all (at the end of a batch).
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+enum Pinned<'a> {
+    Kept(&'a OwnedFd),
+    Own(OwnedFd),
+}
+
+impl Pinned<'_> {
+    fn fd(&self) -> &OwnedFd {
+        match self {
+            Pinned::Kept(fd) => fd,
+            Pinned::Own(fd) => fd,
+        }
+    }
+}
+
 /// Sends `sig` to the owner's thread or process, if `still_valid()` holds once the target is
-/// pinned.
+/// pinned (by a pidfd of `fds`, opened now or earlier in the batch).
 pub fn signal(
+    fds: &mut Pidfds,
     target: Target,
     tgid: u32,
     tid: u32,
@@ -157,21 +200,21 @@ pub fn signal(
 ) -> Outcome {
     match target {
         Target::Process => {
-            let fd = match pidfd_open(tgid, 0) {
+            let fd = match fds.open(tgid, 0) {
                 Ok(fd) => fd,
                 Err(e) => return gone_or_failed(e),
             };
             if !still_valid() {
                 return Outcome::Ended;
             }
-            pidfd_send_signal(&fd, sig).map_or_else(gone_or_failed, |()| Outcome::Delivered)
+            pidfd_send_signal(fd.fd(), sig).map_or_else(gone_or_failed, |()| Outcome::Delivered)
         }
-        Target::Thread => match pidfd_open(tid, PIDFD_THREAD) {
+        Target::Thread => match fds.open(tid, PIDFD_THREAD) {
             Ok(fd) => {
                 if !still_valid() {
                     return Outcome::Ended;
                 }
-                pidfd_send_signal(&fd, sig).map_or_else(gone_or_failed, |()| Outcome::Delivered)
+                pidfd_send_signal(fd.fd(), sig).map_or_else(gone_or_failed, |()| Outcome::Delivered)
             }
             // Before Linux 6.9 there are no thread pidfds: tgkill checks that tid still belongs
             // to tgid, which with the validity check just before leaves only a microsecond window.

@@ -52,6 +52,12 @@ pub fn run(config: Option<&Path>, config_only: bool, probes: Option<Probes>) -> 
     }
     if !config_only {
         probe_kernel(&mut r, want);
+        let priority = config
+            .and_then(|p| Config::load(p).ok())
+            .map_or(crate::config::DEFAULT_ACTING_PRIORITY, |c| {
+                c.acting_priority
+            });
+        probe_realtime(&mut r, priority);
     }
     let mut all_required = true;
     for (required, ok, what, detail) in &r.lines {
@@ -75,6 +81,36 @@ pub fn run(config: Option<&Path>, config_only: bool, probes: Option<Probes>) -> 
 }
 
 /// The probe sets this kernel supports and the one `want` picks.
+/// Whether the acting thread will get the realtime class it is configured for.
+fn probe_realtime(r: &mut Report, priority: u8) {
+    if priority == 0 {
+        r.add(
+            false,
+            true,
+            "acting thread",
+            "normal class (acting_priority = 0)",
+        );
+        return;
+    }
+    match crate::sched::fifo_allowed(priority) {
+        Ok(()) => r.add(
+            false,
+            true,
+            "acting thread",
+            format!("SCHED_FIFO {priority} allowed"),
+        ),
+        Err(e) => r.add(
+            false,
+            false,
+            "acting thread",
+            format!(
+                "SCHED_FIFO {priority} refused ({}): it runs in the normal class, and may be late while workers saturate the CPUs",
+                crate::sched::refusal(&e)
+            ),
+        ),
+    }
+}
+
 fn probe_btf(r: &mut Report, btf: &KernelBtf, want: Probes) {
     for spec in crate::kernel_btf::PROGRAMS {
         if spec.program == watchdog_common::names::PROG_SOCK_OPS {
@@ -232,6 +268,7 @@ fn pidfd_signal_kills_a_child() -> Result<u32, String> {
         }
     }
     let outcome = actions::signal(
+        &mut actions::Pidfds::default(),
         crate::config::Target::Process,
         pid as u32,
         pid as u32,

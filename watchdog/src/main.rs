@@ -24,6 +24,7 @@ mod policy;
 mod process;
 mod request;
 mod routes;
+mod sched;
 mod shutdown;
 mod stacks;
 mod status;

@@ -84,6 +84,8 @@ pub struct Metrics {
     pub events: Counter,
     pub recovered: Family<WhyLabels, Counter>,
     pub dropped: Family<ReasonLabels, Counter>,
+    /// 1 while the acting thread runs in the realtime class (SCHED_FIFO).
+    pub acting_realtime: Gauge,
     /// Which namespaces keep a label of their own on `actions`.
     pub namespaces: crate::pods::NamespaceLabels,
 }
@@ -110,6 +112,7 @@ impl Metrics {
             events: Counter::default(),
             recovered: Family::default(),
             dropped: Family::default(),
+            acting_realtime: Gauge::default(),
             namespaces: crate::pods::NamespaceLabels::default(),
         };
         registry.register(
@@ -161,6 +164,11 @@ impl Metrics {
             "watchdog_connections_dropped",
             "Idle connections dropped from tracking to make room when the table passed its high-water mark",
             m.dropped.clone(),
+        );
+        registry.register(
+            "watchdog_acting_thread_realtime",
+            "1 while the thread that acts on deadlines runs in the realtime class (SCHED_FIFO; needs CAP_SYS_NICE), 0 in the normal class",
+            m.acting_realtime.clone(),
         );
         let build: Family<VersionLabels, Gauge> = Family::default();
         build

@@ -134,10 +134,16 @@ impl Tracker {
 
     /// Removes and returns every step due at `now`, advancing each ladder. Steps of one ladder
     /// due at the same instant come out in order.
+    #[cfg(test)]
     pub fn pop_due(&mut self, now: u64) -> Vec<Due> {
+        self.pop_due_at_most(now, usize::MAX)
+    }
+
+    /// `pop_due`, at most `max` steps: the earliest due come out first, the rest stay due.
+    pub fn pop_due_at_most(&mut self, now: u64, max: usize) -> Vec<Due> {
         let mut out = Vec::new();
         while let Some(&(t, key)) = self.queue.first() {
-            if t > now {
+            if t > now || out.len() >= max {
                 break;
             }
             self.queue.pop_first();

@@ -323,6 +323,11 @@ pub struct Config {
     pub event_buffer_kib: u32,
     /// The daemon's own scheduling niceness: it must get the CPU when runaway workers hold it.
     pub nice: i32,
+    /// SCHED_FIFO priority of the acting thread (needs CAP_SYS_NICE); 0: the normal class at
+    /// `nice`.
+    pub acting_priority: u8,
+    /// The CPU the acting thread is kept on, if any.
+    pub acting_cpu: Option<usize>,
     /// Show a request's query string in records (it often carries tokens: off by default).
     pub record_query_string: bool,
     /// Read the owner's Python stack (and native frames) before the first action
@@ -350,6 +355,10 @@ pub const DEFAULT_KUBELET_LOGS: &str = "/var/log";
 /// reason; at -10 the daemon's p99 lateness with twelve spinning workers on two CPUs was twice
 /// as high), short of the realtime class: a daemon bug cannot starve the machine.
 pub const DEFAULT_NICE: i32 = -20;
+/// Above every normal thread, far below the kernel's own realtime threads (interrupt threads
+/// run at 50, watchdog and migration threads at 99): the acting thread preempts spinning
+/// workers at once, and its work per wake-up is bounded (`daemon::acting`).
+pub const DEFAULT_ACTING_PRIORITY: u8 = 10;
 
 impl Config {
     /// The embedded default: observe every accepted TCP connection with a 30 s budget.
@@ -383,6 +392,8 @@ impl Config {
             max_connections: watchdog_common::limits::MAX_CONNS,
             event_buffer_kib: watchdog_common::limits::EVENTS_BYTES / 1024,
             nice: DEFAULT_NICE,
+            acting_priority: DEFAULT_ACTING_PRIORITY,
+            acting_cpu: None,
             record_query_string: false,
             stacks: true,
             native_stacks: true,
@@ -412,6 +423,20 @@ impl Config {
         }
         if !(-20..=19).contains(&self.nice) {
             return Err(("nice", format!("{} is outside -20..=19", self.nice)));
+        }
+        if self.acting_priority > 49 {
+            return Err((
+                "acting_priority",
+                format!(
+                    "{} is outside 0..=49 (the kernel's interrupt threads run at 50)",
+                    self.acting_priority
+                ),
+            ));
+        }
+        if let Some(cpu) = self.acting_cpu {
+            if cpu >= libc::CPU_SETSIZE as usize {
+                return Err(("acting_cpu", format!("{cpu} is not a CPU number")));
+            }
         }
         if !self.kubelet_logs.is_absolute() {
             return Err((

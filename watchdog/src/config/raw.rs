@@ -35,6 +35,8 @@ pub(super) struct RawDaemon {
     pub(super) max_connections: Option<u32>,
     pub(super) event_buffer_kib: Option<u32>,
     pub(super) nice: Option<i32>,
+    pub(super) acting_priority: Option<u8>,
+    pub(super) acting_cpu: Option<usize>,
     pub(super) record_query_string: Option<bool>,
     pub(super) stacks: Option<bool>,
     pub(super) native_stacks: Option<bool>,

@@ -284,6 +284,8 @@ fn toml_entry(key: &'static str) -> impl proptest::strategy::Strategy<Value = St
         "on_interrupt" => &["\"unload\"", "\"keep\""],
         "record_query_string" => &["true", "false"],
         "nice" => &["-20", "0", "5"],
+        "acting_priority" => &["0", "10", "49"],
+        "acting_cpu" => &["0", "1"],
         "metrics_addr" => &["\"127.0.0.1:9477\""],
         "comm" | "exe" | "namespace" | "cgroup" => {
             &["[\"gunicorn\"]", "[\"python3*\"]", "[\"/kubepods/*\"]"]
@@ -344,6 +346,8 @@ fn toml_shaped() -> impl proptest::strategy::Strategy<Value = String> {
         "metrics_addr",
         "probes",
         "nice",
+        "acting_priority",
+        "acting_cpu",
         "on_interrupt",
         "record_query_string",
         "bogus",

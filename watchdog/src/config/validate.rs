@@ -54,6 +54,10 @@ pub(super) fn validate(raw: RawConfig, origin: &str, text: &str) -> Result<Confi
     if let Some(n) = raw.daemon.nice {
         cfg.nice = n;
     }
+    if let Some(p) = raw.daemon.acting_priority {
+        cfg.acting_priority = p;
+    }
+    cfg.acting_cpu = raw.daemon.acting_cpu;
     cfg.record_query_string = raw.daemon.record_query_string.unwrap_or(false);
     cfg.stacks = raw.daemon.stacks.unwrap_or(true);
     cfg.native_stacks = raw.daemon.native_stacks.unwrap_or(true);

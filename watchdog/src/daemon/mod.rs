@@ -1,5 +1,6 @@
-//! Wiring: load the kernel side, apply the config, then one event loop that turns kernel events
-//! into ladders, runs due steps, reloads config and answers status requests, until SIGTERM.
+//! Wiring: load the kernel side, apply the config, then hand the state to the acting thread
+//! (`acting.rs`), which turns kernel events into ladders and runs due steps. The tokio side
+//! here forwards signals (reload, stop) and status requests to it, until SIGTERM.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -15,7 +16,7 @@ use std::{
 use anyhow::Context as _;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
-use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
+use tokio::{signal::unix::SignalKind, sync::mpsc};
 use tracing::{debug, error, info, warn};
 use watchdog_common::{conn_flag, head::proto, ConnInfo, Event, EventKind, PortConfig, ReqState};
 
@@ -58,9 +59,11 @@ fn release_load_memory() {
     }
 }
 
+mod acting;
 mod record;
 mod status_doc;
 mod step;
+mod sweeper;
 
 pub use record::ActionRecord;
 
@@ -79,13 +82,18 @@ struct State {
     metrics: Metrics,
     slots: SlotMap,
     watched_ports: Vec<u16>,
-    events_out: Option<Box<dyn Write + Send>>,
-    recent: VecDeque<ActionRecord>,
+    /// Writes records and log lines on a thread of its own; holds the recent actions.
+    reporter: record::Reporter,
     own_pid: u32,
     backstop: Backstop,
     evictor: Evictor,
     workers: step::Workers,
     kills: step::KillQueries,
+    /// Diagnoses of the current batch, and connection lists kept a little longer.
+    diagnoses: diagnose::Cache,
+    sweeper: sweeper::Sweeper,
+    /// Targets pinned during the current batch (`actions::Pidfds`).
+    pidfds: actions::Pidfds,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. `observe_forced` (`--observe`) holds across reloads.
@@ -106,9 +114,6 @@ pub async fn run(
     let ring = kernel
         .take_events()
         .context("event ring buffer already taken")?;
-    // SAFETY: the ring buffer owns its fd and keeps it open for as long as the AsyncFd lives.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("registering the event ring buffer with the runtime: {e}"))?;
 
     let slots: SlotMap = Arc::new(RwLock::new(Vec::new()));
     let mut registry = Registry::default();
@@ -125,17 +130,22 @@ pub async fn run(
 
     let http = std::net::TcpListener::bind(cfg.metrics_addr)
         .with_context(|| format!("binding the metrics listener on {}", cfg.metrics_addr))?;
+    let status_socket_path = cfg.status_socket.clone();
     let status = api::bind_status(&cfg.status_socket)
         .with_context(|| format!("binding the status socket {}", cfg.status_socket.display()))?;
     let (status_tx, mut status_rx) = mpsc::channel::<StatusRequest>(8);
     let status_task = tokio::spawn(api::serve_status(status, status_tx));
 
-    let events_out = open_events(&cfg.events)?;
-    let conns_reader = Arc::new(
+    let reporter = record::Reporter::start(open_events(&cfg.events)?)?;
+    // A second handle on the connection table, for reads off the acting thread (the status
+    // document, the backstop's sweeps, kill_query's re-check).
+    let status_reader = Arc::new(
         crate::loader::ConnsReader::open(&cfg.state_dir)
-            .context("opening the connection table for status and kill_query")?,
+            .context("opening the connection table for status, sweeps and kill_query")?,
     );
     let (kill_tx, mut kill_rx) = mpsc::unbounded_channel::<step::KillDone>();
+    let wake = acting::new_wake()?;
+    let sweeper = sweeper::Sweeper::start(status_reader.clone(), wake.clone())?;
     let mut st = State {
         kernel,
         cfg: Arc::new(cfg.clone()),
@@ -147,14 +157,16 @@ pub async fn run(
         metrics,
         slots,
         watched_ports: Vec::new(),
-        events_out,
-        recent: VecDeque::new(),
+        reporter,
         own_pid: std::process::id(),
         backstop: Backstop::new(0),
         evictor: Evictor::new(cfg.max_connections),
         workers: step::Workers::default(),
+        diagnoses: diagnose::Cache::default(),
+        sweeper,
+        pidfds: actions::Pidfds::default(),
         observe_forced,
-        kills: step::KillQueries::new(conns_reader.clone(), kill_tx),
+        kills: step::KillQueries::new(status_reader.clone(), kill_tx),
     };
     st.backstop = Backstop::new(st.backstop_failures());
     st.apply(cfg)?;
@@ -171,7 +183,7 @@ pub async fn run(
     // answered before the programs are attached and the policies applied.
     api::http::spawn(http, Arc::new(registry), health.clone())
         .context("starting the metrics server thread")?;
-    health.ready.store(true, Ordering::Relaxed);
+    // Ready once the acting thread runs (it says so itself, `acting.rs`).
     info!(
         cgroup = %st.kernel.cgroup.display(),
         probes = st.kernel.probe_set.label(),
@@ -187,97 +199,47 @@ pub async fn run(
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // Two counter reads per poll; the table is swept only when one of them moved.
-    let mut backstop_poll = tokio::time::interval(Duration::from_millis(100));
-
-    let status_reader = conns_reader;
+    let (done_tx, mut done) = tokio::sync::oneshot::channel();
+    let (ctl, acting) = acting::spawn(st, ring, wake, health, status_reader, done_tx)?;
     let status_slots = Arc::new(tokio::sync::Semaphore::new(2));
-    let mut reopen_ring = false;
+    let mut failed = false;
     loop {
-        if std::mem::take(&mut reopen_ring) {
-            st.backstop.owe_sweep();
-            match crate::loader::pinned_events(&st.cfg.state_dir)
-                .map_err(anyhow::Error::from)
-                .and_then(|r| {
-                    // SAFETY: as at start: the ring buffer owns its fd for the AsyncFd's life.
-                    unsafe { AsyncFd::register_with_interest(r, tokio::io::Interest::READABLE) }
-                        .map_err(anyhow::Error::from)
-                }) {
-                Ok(r) => ring = r,
-                Err(e) => {
-                    error!("reopening the event ring buffer failed, retrying in 1 s (the backstop enforces meanwhile): {e:#}");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    st.sweep_if_needed();
-                    st.run_due();
-                    reopen_ring = true;
-                    continue;
-                }
-            }
-        }
-        let next = match (st.tracker.next_due(), st.backstop.next_at()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let sleep = match next {
-            Some(due) => Duration::from_nanos(due.saturating_sub(now_ns())),
-            None => Duration::from_secs(3600),
-        };
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = match guard {
-                    Ok(g) => g,
-                    Err(e) => {
-                        error!(error = %e, "the event ring buffer failed: reopening it from its pin; the backstop sweeps the table for what it missed");
-                        reopen_ring = true;
-                        continue;
-                    }
-                };
-                let mut batch = Vec::new();
-                while let Some(item) = guard.get_inner_mut().next() {
-                    batch.push(Event::decode(&item));
-                }
-                guard.clear_ready();
-                let mut facts = process::FactsCache::default();
-                for ev in batch {
-                    match ev {
-                        Some(ev) => st.on_event(ev, &mut facts),
-                        None => warn!("undecodable kernel event (layout mismatch?)"),
-                    }
-                }
-                st.run_due();
-            }
-            _ = tokio::time::sleep(sleep) => {
-                st.sweep_if_needed();
-                st.run_due();
-            }
-            _ = backstop_poll.tick() => {
-                st.evict_if_needed();
-                st.sweep_if_needed();
-                st.run_due();
-            }
             Some(reply) = status_rx.recv() => {
-                // Built on a blocking thread from a snapshot; at most two at a time (the socket's
-                // channel holds the rest).
-                let job = st.status_job(status_reader.clone());
-                let permit = status_slots.clone().acquire_owned().await;
-                tokio::task::spawn_blocking(move || {
-                    let _ = reply.send(job.render());
-                    drop(permit);
+                // A snapshot from the acting thread, rendered on a blocking thread; at most two
+                // at a time (the socket's channel holds the rest).
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                ctl.send(acting::Cmd::Status(tx));
+                let slots = status_slots.clone();
+                tokio::spawn(async move {
+                    let Ok(job) = rx.await else { return };
+                    let Ok(permit) = slots.acquire_owned().await else { return };
+                    tokio::task::spawn_blocking(move || {
+                        let _ = reply.send(job.render());
+                        drop(permit);
+                    });
                 });
             }
-            Some(done) = kill_rx.recv() => st.kill_done(done),
-            _ = sighup.recv() => st.reload("SIGHUP"),
-            _ = tick.tick() => {
-                health.last_tick.store(crate::clock::mono_secs(), Ordering::Relaxed);
-                st.housekeeping();
+            Some(k) = kill_rx.recv() => ctl.send(acting::Cmd::KillDone(Box::new(k))),
+            _ = sighup.recv() => ctl.send(acting::Cmd::Reload),
+            _ = sigterm.recv() => { ctl.send(acting::Cmd::Stop(acting::Stop::Term)); break; }
+            _ = sigint.recv() => { ctl.send(acting::Cmd::Stop(acting::Stop::Interrupt)); break; }
+            _ = &mut done => {
+                error!("the acting thread stopped on its own");
+                failed = true;
+                break;
             }
-            _ = sigterm.recv() => { info!("SIGTERM: exiting; the kernel side stays pinned for the next start (`watchdog unload` detaches it)"); break; }
-            _ = sigint.recv() => { crate::shutdown::on_interrupt(st.cfg.on_interrupt, &st.cfg.state_dir); break; }
         }
     }
+    let status_path = status_socket_path;
+    tokio::task::spawn_blocking(move || acting.join())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .context("the acting thread panicked")?;
     status_task.abort();
-    let _ = std::fs::remove_file(&st.cfg.status_socket);
+    let _ = std::fs::remove_file(&status_path);
+    anyhow::ensure!(!failed, "the acting thread stopped on its own");
     Ok(())
 }
 
@@ -567,17 +529,35 @@ impl State {
 
     /// Hands requests whose kernel deadline path failed (see `backstop.rs`) to `on_event`, as
     /// if their deadline event had arrived.
+    /// A read of the whole table is asked of the sweeper thread (`sweeper.rs`) and handed on
+    /// when it is done (`swept`).
     fn sweep_if_needed(&mut self) {
         let now = now_ns();
         let recovered = match self.backstop.plan(self.backstop_failures(), now) {
             Plan::Nothing => return,
-            Plan::Table => self.backstop.sweep(&self.kernel.conns(), now),
+            Plan::Table => {
+                self.sweeper.request();
+                return;
+            }
             Plan::Marked(asked) => {
                 let conns: Vec<ConnInfo> =
                     asked.iter().filter_map(|c| self.kernel.conn(*c)).collect();
                 self.backstop.recheck(&asked, &conns, now)
             }
         };
+        self.recover(recovered, now);
+    }
+
+    /// A table read the sweeper finished: the entries in flight, read from `at` on. Entries
+    /// not in flight mean nothing to the backstop.
+    fn swept(&mut self) {
+        if let Some((at, in_flight)) = self.sweeper.take() {
+            let recovered = self.backstop.sweep(&in_flight, at);
+            self.recover(recovered, now_ns());
+        }
+    }
+
+    fn recover(&mut self, recovered: Vec<(ConnInfo, crate::backstop::Recovered)>, now: u64) {
         let mut facts = process::FactsCache::default();
         for (conn, why) in recovered {
             self.metrics

@@ -1,5 +1,11 @@
 //! The action record: what the daemon remembers of each step, writes to the event stream and
-//! logs, in one format.
+//! logs, in one format; and the reporter thread that does the writing, so that no log line or
+//! event write sits in front of an action (`acting.rs`).
+
+use std::{
+    sync::{mpsc, Mutex},
+    thread::JoinHandle,
+};
 
 use super::*;
 
@@ -32,7 +38,7 @@ pub struct ActionRecord {
     pub diagnosis_ms: f64,
     pub mode: Mode,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub diagnosis: Option<diagnose::Diagnosis>,
+    pub diagnosis: Option<Arc<diagnose::Diagnosis>>,
     /// The owner's Python stack, innermost first, and how long reading it took (`stacks.rs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stack: Option<crate::stacks::StackReport>,
@@ -48,72 +54,118 @@ pub struct ActionRecord {
     pub container: Option<String>,
 }
 
-impl State {
-    /// Logs an action, writes it to the event stream and remembers it for `watchdog status`.
-    pub(super) fn report(&mut self, record: ActionRecord) {
-        self.log_action(&record);
-        if let Some(out) = &mut self.events_out {
-            if let Ok(line) = serde_json::to_string(&record) {
-                let _ = writeln!(out, "{line}");
-                let _ = out.flush();
-            }
-        }
-        if self.recent.len() == RECENT_ACTIONS {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(ActionRecord {
-            diagnosis: None,
-            ..record
-        });
+/// The last actions, for `watchdog status`.
+pub(super) type Recent = Arc<Mutex<VecDeque<ActionRecord>>>;
+
+/// The reporter thread's handle. Records are written in the order they were sent; the channel
+/// is unbounded, and what fills it is bounded by the actions taken (the breaker caps them).
+pub(super) struct Reporter {
+    tx: Option<mpsc::Sender<ActionRecord>>,
+    handle: Option<JoinHandle<()>>,
+    pub(super) recent: Recent,
+}
+
+impl Reporter {
+    pub(super) fn start(mut out: Option<Box<dyn Write + Send>>) -> anyhow::Result<Self> {
+        let (tx, rx) = mpsc::channel::<ActionRecord>();
+        let recent: Recent = Arc::default();
+        let keep = recent.clone();
+        let handle = std::thread::Builder::new()
+            .name("watchdog-report".into())
+            .spawn(move || {
+                for record in rx {
+                    log_action(&record);
+                    if let Some(out) = &mut out {
+                        if let Ok(line) = serde_json::to_string(&record) {
+                            let _ = writeln!(out, "{line}");
+                            let _ = out.flush();
+                        }
+                    }
+                    let Ok(mut recent) = keep.lock() else {
+                        continue;
+                    };
+                    if recent.len() == RECENT_ACTIONS {
+                        recent.pop_front();
+                    }
+                    recent.push_back(ActionRecord {
+                        diagnosis: None,
+                        ..record
+                    });
+                }
+            })
+            .context("starting the reporter thread")?;
+        Ok(Self {
+            tx: Some(tx),
+            handle: Some(handle),
+            recent,
+        })
     }
 
-    fn log_action(&self, r: &ActionRecord) {
-        let d = r.diagnosis.as_ref();
-        // Reads the way Baseplate's does: `GET /reports/2024 on :8080 over its 60s budget`.
-        let what = r.request.as_deref().unwrap_or("request");
-        let budget = humantime::format_duration(Duration::from_millis(r.budget_ms));
-        let (kind, msg) = match r.reason {
-            Reason::Budget => (
-                "request over budget",
-                format!("{what} on :{} over its {budget} budget", r.port),
-            ),
-            Reason::ClientGone => (
-                "request abandoned by its client",
-                format!("{what} on :{} abandoned by its client", r.port),
-            ),
+    /// Writes out what was sent and stops the thread.
+    pub(super) fn finish(&mut self) {
+        self.tx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl State {
+    /// Hands an action's record to the reporter thread: it logs it, writes it to the event
+    /// stream and remembers it for `watchdog status`.
+    pub(super) fn report(&mut self, record: ActionRecord) {
+        if let Some(tx) = &self.reporter.tx {
+            let _ = tx.send(record);
+        }
+    }
+}
+
+fn log_action(r: &ActionRecord) {
+    let d = r.diagnosis.as_ref();
+    // Reads the way Baseplate's does: `GET /reports/2024 on :8080 over its 60s budget`.
+    let what = r.request.as_deref().unwrap_or("request");
+    let budget = humantime::format_duration(Duration::from_millis(r.budget_ms));
+    let (kind, msg) = match r.reason {
+        Reason::Budget => (
+            "request over budget",
+            format!("{what} on :{} over its {budget} budget", r.port),
+        ),
+        Reason::ClientGone => (
+            "request abandoned by its client",
+            format!("{what} on :{} abandoned by its client", r.port),
+        ),
+    };
+    macro_rules! emit {
+        ($lvl:ident) => {
+            $lvl!(
+                kind, policy = %r.policy, route = %r.route, request = r.request.as_deref().unwrap_or(""), protocol = r.protocol,
+                reason = r.reason.label(), port = r.port, peer = %r.peer, pid = r.pid, tid = r.tid,
+                comm = %r.comm, elapsed_ms = r.elapsed_ms, budget_ms = r.budget_ms, step = r.step,
+                action = %r.action, target = ?r.target, result = r.result, detail = r.detail.as_deref().unwrap_or(""),
+                lateness_ms = r.lateness_ms, mode = ?r.mode,
+                namespace = r.namespace.as_deref().unwrap_or(""), pod = r.pod.as_deref().unwrap_or(""),
+                container = r.container.as_deref().unwrap_or(""),
+                thread_state = d.map_or("", |d| d.thread_state.as_str()),
+                syscall = d.map_or("", |d| d.syscall.as_str()),
+                waiting_on = d.and_then(|d| d.waiting_on.as_deref()).unwrap_or(""),
+                wchan = d.map_or("", |d| d.wchan.as_str()),
+                cgroup = d.map_or("", |d| d.cgroup.as_str()),
+                container_id = d.and_then(|d| d.container_id.as_deref()).unwrap_or(""),
+                cmdline = d.map_or("", |d| d.cmdline.as_str()),
+                connections = ?d.map(|d| &d.connections),
+                kernel_stack = ?d.map(|d| &d.kernel_stack),
+                stack = r.stack.as_ref().map(|s| s.compact(4)).unwrap_or_default(),
+                stack_ms = r.stack.as_ref().map_or(0.0, |s| s.ms),
+                native_stack = r.native_stack.as_ref().map(|s| s.compact(4)).unwrap_or_default(),
+                native_stack_ms = r.native_stack.as_ref().map_or(0.0, |s| s.ms),
+                native_stopped_ms = r.native_stack.as_ref().map_or(0.0, |s| s.stopped_ms),
+                "{msg}"
+            )
         };
-        macro_rules! emit {
-            ($lvl:ident) => {
-                $lvl!(
-                    kind, policy = %r.policy, route = %r.route, request = r.request.as_deref().unwrap_or(""), protocol = r.protocol,
-                    reason = r.reason.label(), port = r.port, peer = %r.peer, pid = r.pid, tid = r.tid,
-                    comm = %r.comm, elapsed_ms = r.elapsed_ms, budget_ms = r.budget_ms, step = r.step,
-                    action = %r.action, target = ?r.target, result = r.result, detail = r.detail.as_deref().unwrap_or(""),
-                    lateness_ms = r.lateness_ms, mode = ?r.mode,
-                    namespace = r.namespace.as_deref().unwrap_or(""), pod = r.pod.as_deref().unwrap_or(""),
-                    container = r.container.as_deref().unwrap_or(""),
-                    thread_state = d.map_or("", |d| d.thread_state.as_str()),
-                    syscall = d.map_or("", |d| d.syscall.as_str()),
-                    waiting_on = d.and_then(|d| d.waiting_on.as_deref()).unwrap_or(""),
-                    wchan = d.map_or("", |d| d.wchan.as_str()),
-                    cgroup = d.map_or("", |d| d.cgroup.as_str()),
-                    container_id = d.and_then(|d| d.container_id.as_deref()).unwrap_or(""),
-                    cmdline = d.map_or("", |d| d.cmdline.as_str()),
-                    connections = ?d.map(|d| &d.connections),
-                    kernel_stack = ?d.map(|d| &d.kernel_stack),
-                    stack = r.stack.as_ref().map(|s| s.compact(4)).unwrap_or_default(),
-                    stack_ms = r.stack.as_ref().map_or(0.0, |s| s.ms),
-                    native_stack = r.native_stack.as_ref().map(|s| s.compact(4)).unwrap_or_default(),
-                    native_stack_ms = r.native_stack.as_ref().map_or(0.0, |s| s.ms),
-                    native_stopped_ms = r.native_stack.as_ref().map_or(0.0, |s| s.stopped_ms),
-                    "{msg}"
-                )
-            };
-        }
-        match r.result {
-            "refused" | "failed" => emit!(warn),
-            "ended" => emit!(debug),
-            _ => emit!(warn),
-        }
+    }
+    match r.result {
+        "refused" | "failed" => emit!(warn),
+        "ended" => emit!(debug),
+        _ => emit!(warn),
     }
 }

@@ -30,7 +30,12 @@ impl State {
                 .map(|(n, _)| n.clone())
                 .collect(),
             ladders_active: self.tracker.len(),
-            recent: self.recent.iter().cloned().collect(),
+            recent: self
+                .reporter
+                .recent
+                .lock()
+                .map(|r| r.iter().cloned().collect())
+                .unwrap_or_default(),
             reader,
         }
     }

@@ -1,6 +1,7 @@
 //! One batch of due ladder steps: the diagnosis, the enforcement chain (`decide.rs`), the
-//! action, its metrics and its record. A `kill_query` step runs on a thread of its own
-//! (`mysql.rs`); its record is made when that thread reports back (`State::kill_done`).
+//! action; then, once every step of the batch has acted, their metrics and records. A
+//! `kill_query` step runs on a thread of its own (`mysql.rs`); its record is made when that
+//! thread reports back (`State::kill_done`).
 
 use super::*;
 
@@ -8,7 +9,7 @@ use super::*;
 pub(super) struct Decided {
     due: Due,
     facts: ProcessFacts,
-    diagnosis: Option<diagnose::Diagnosis>,
+    diagnosis: Option<Arc<diagnose::Diagnosis>>,
     stack: Option<crate::stacks::StackReport>,
     native_stack: Option<crate::native::NativeReport>,
     mode: Mode,
@@ -99,13 +100,19 @@ fn kill_one(job: KillJob, reader: &crate::loader::ConnsReader) -> KillDone {
 
 impl State {
     pub(super) fn run_due(&mut self) {
-        // Connection tables as of the batch's start, read once per process.
-        let mut cache = diagnose::Cache::default();
+        // Thread states as of the batch's start, read once per thread; connection lists at
+        // most once a second per process.
+        let mut cache = std::mem::take(&mut self.diagnoses);
+        cache.next_batch();
         let mut facts = process::FactsCache::default();
-        // Act on the whole batch first and report after: a deadline late in a batch does not
-        // wait for the log lines and event writes of the ones before it.
+        // Act on the whole batch first and account after: a deadline late in a batch does not
+        // wait for the metrics, records and log lines of the ones before it (the log lines and
+        // event writes are the reporter thread's).
         let mut done = Vec::new();
-        let batch = self.tracker.pop_due(now_ns());
+        let t0 = now_ns();
+        let batch = self
+            .tracker
+            .pop_due_at_most(now_ns(), super::acting::MAX_STEPS_PER_WAKE);
         // The owners' stacks, before their first action: every read of the batch starts now,
         // side by side, so the batch waits for them together, not one after the other. A read
         // may take until `stack_timeout` past its deadline, no longer: a batch that starts late
@@ -140,7 +147,7 @@ impl State {
             .collect();
         for (due, read) in batch.into_iter().zip(pending) {
             let stacks = read.map(crate::stacks::Pending::finish);
-            let Some((outcome, record)) = self.run_step(&due, stacks, &mut cache, &mut facts)
+            let Some((outcome, decided, at)) = self.run_step(&due, stacks, &mut cache, &mut facts)
             else {
                 continue;
             };
@@ -150,10 +157,23 @@ impl State {
             ) {
                 self.tracker.finish(due.key);
             }
-            done.push(record);
+            done.push((decided, outcome, at));
         }
-        for record in done {
+        self.diagnoses = cache;
+        self.pidfds.clear();
+        let t1 = now_ns();
+        let n = done.len();
+        for (decided, outcome, at) in done {
+            let record = self.finish(decided, outcome, at);
             self.report(record);
+        }
+        if n >= BURST_LOG {
+            info!(
+                steps = n,
+                acting_ms = t1.saturating_sub(t0) as f64 / 1e6,
+                accounting_ms = now_ns().saturating_sub(t1) as f64 / 1e6,
+                "burst of due steps: all acted on before any was accounted"
+            );
         }
     }
 
@@ -209,7 +229,7 @@ impl State {
         stacks: Option<crate::stacks::Captured>,
         cache: &mut diagnose::Cache,
         facts: &mut process::FactsCache,
-    ) -> Option<(Outcome, ActionRecord)> {
+    ) -> Option<(Outcome, Decided, u64)> {
         let c = due.conn;
         let policy = &due.policy;
         let now = now_ns();
@@ -220,7 +240,10 @@ impl State {
             tid: c.tid,
             ..Default::default()
         });
-        let diagnosis = (due.index == 0 && valid()).then(|| {
+        // Read once for the diagnosis and the chain (again after a stack read, which takes
+        // time); the action reads it once more after opening its target (`actions.rs`).
+        let current = valid();
+        let diagnosis = (due.index == 0 && current).then(|| {
             let cgroup = (!facts.cgroup.is_empty()).then(|| facts.cgroup.clone());
             diagnose::capture(c.tgid, c.tid, cgroup, cache)
         });
@@ -237,7 +260,7 @@ impl State {
             decide::Inputs {
                 action: due.step.action,
                 mode,
-                still_current: valid(),
+                still_current: current && (stack.is_none() || valid()),
                 guard: policy::guard(&facts, &self.cfg.protect, self.own_pid),
                 floor: policy
                     .min_workers
@@ -264,9 +287,14 @@ impl State {
             Verdict::Logged => Outcome::Delivered,
             Verdict::Observed => Outcome::Observed,
             Verdict::Act => match due.step.action {
-                Action::Signal(sig) => {
-                    actions::signal(due.step.target, c.tgid, c.tid, sig.0, valid)
-                }
+                Action::Signal(sig) => actions::signal(
+                    &mut self.pidfds,
+                    due.step.target,
+                    c.tgid,
+                    c.tid,
+                    sig.0,
+                    valid,
+                ),
                 Action::Reset => actions::reset(&c, valid),
                 Action::Log => Outcome::Delivered,
                 Action::KillQuery => match self.start_kill_query(decided) {
@@ -300,8 +328,7 @@ impl State {
         if verdict == Verdict::Act {
             self.workers.forget(&policy.name);
         }
-        let record = self.finish(decided, outcome.clone(), now_ns());
-        Some((outcome, record))
+        Some((outcome, decided, now_ns()))
     }
 
     /// A step's metrics and record, once its outcome is known (`done`: when it was).
@@ -372,6 +399,9 @@ impl State {
         }
     }
 }
+
+/// A batch of at least this many steps logs how long acting and accounting took.
+const BURST_LOG: usize = 64;
 
 /// The most owners whose stacks one batch reads (a burst of deadlines must not start a
 /// thousand readers); they are read side by side, so the batch waits at most `stack_timeout`.

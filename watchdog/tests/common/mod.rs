@@ -144,13 +144,27 @@ impl Daemon {
 
     /// `watchdog run ARGS` pinning its kernel state in `state_dir` (adopting what is there).
     pub fn start_in(state_dir: &std::path::Path, args: &[&str]) -> Daemon {
+        Self::start_wrapped(state_dir, &[], args)
+    }
+
+    /// `start_in`, the daemon run through `wrapper` (a command and its arguments, such as
+    /// `setpriv` dropping a capability) when it is not empty.
+    pub fn start_wrapped(state_dir: &std::path::Path, wrapper: &[&str], args: &[&str]) -> Daemon {
         require_root();
         let port = free_port();
         let dir = tmpdir(&format!("daemon{port}"));
         let status = dir.join("status.sock");
         let log = dir.join("watchdog.log");
         let metrics = format!("127.0.0.1:{port}");
-        let child = Command::new(BIN)
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .arg("--log-format")
             .arg("json")
             .arg("run")

@@ -1,7 +1,9 @@
 //! Part 4: how late the watchdog acts after a deadline, measured by the daemon (due → signal
 //! sent) and independently by the client (request sent → connection closed by the dying worker,
-//! minus the budget); then the same slow handler under uWSGI `--harakiri`, gunicorn `--timeout`
-//! and the watchdog with the same 1 s budget, in alternating waves.
+//! minus the budget), with 2×, 6× and 12× as many workers spinning at once as there are CPUs
+//! (the over-budget requests are CPU loops); then the same slow handler under uWSGI
+//! `--harakiri`, gunicorn `--timeout` and the watchdog with the same 1 s budget, in alternating
+//! waves.
 
 use std::{
     io::{Read, Write},
@@ -15,10 +17,19 @@ use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 
 use super::{distribution, spawn_server, wait_port, Daemon, Plan};
-use crate::{harness::free_port, root};
+use crate::{
+    harness::{free_port, metric},
+    root,
+};
 
-const SERVERS: usize = 3;
-const WORKERS: usize = 4;
+/// Servers of the 500 ms distribution, and workers each: room for 12 spinning workers per CPU
+/// on two CPUs, each request on a worker of its own.
+const SERVERS: usize = 4;
+const WORKERS: usize = 6;
+/// Spinning workers per CPU at each load level.
+const PER_CPU: [usize; 3] = [2, 6, 12];
+/// Workers of the 1 s peers.
+const PEER_WORKERS: usize = 4;
 
 pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
     let dir = work.join("lateness");
@@ -26,7 +37,7 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
     let venv = gunicorn_venv()?;
     let app = root().join("watchdog/tests/fixtures/app.py");
 
-    // Three pre-fork servers (4 workers each) for the 500 ms distribution. Their workers note
+    // Pre-fork servers for the 500 ms distribution. Their workers note
     // when each request's head was read, for the measure that does not rely on the daemon.
     let times = dir.join("app-times.txt");
     let ports: Vec<u16> = (0..SERVERS).map(|_| free_port()).collect::<Result<_>>()?;
@@ -51,7 +62,7 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
     let _uwsgi = spawn_server(
         Command::new("sh").arg("-c").arg(format!(
             "echo ready; exec uwsgi --plugin python3 --http-socket 127.0.0.1:{uwsgi_port} \
-             --wsgi-file {d}/slow_wsgi.py --processes {WORKERS} --master --harakiri 1 \
+             --wsgi-file {d}/slow_wsgi.py --processes {PEER_WORKERS} --master --harakiri 1 \
              --logto {d}/uwsgi.log",
             d = dir.display()
         )),
@@ -60,7 +71,7 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
     let gunicorn = |port: u16, timeout: u32, log: &str| {
         spawn_server(
             Command::new("sh").arg("-c").arg(format!(
-                "echo ready; exec {venv}/bin/gunicorn -w {WORKERS} --timeout {timeout} \
+                "echo ready; exec {venv}/bin/gunicorn -w {PEER_WORKERS} --timeout {timeout} \
                  -b 127.0.0.1:{port} --control-socket {d}/{log}.ctl --chdir {d} slow_wsgi:app >{d}/{log} 2>&1",
                 venv = venv.display(),
                 d = dir.display()
@@ -80,46 +91,69 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
     let list = |ps: &[u16]| ps.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
     // These kill rates are the benchmark's normal: keep the kill-rate breaker out of the way.
     // The enforcement path alone: reading the owners' stacks first (on by default) is measured
-    // by its own part (stacks.rs), on and off side by side.
-    let config = format!(
-        "[daemon]\nstacks = false\n\n[[policy]]\nname = \"bench-500ms\"\nports = [{}]\nbudget = \"500ms\"\nsignal = \"SIGKILL\"\n\
+    // by its own part (stacks.rs), on and off side by side; every daemon here has `stacks = false`.
+    let policies = format!(
+        "[[policy]]\nname = \"bench-500ms\"\nports = [{}]\nbudget = \"500ms\"\nsignal = \"SIGKILL\"\n\
          breaker = {{ max_actions = 100000, window = \"1m\", cooldown = \"1s\" }}\n\n\
          [[policy]]\nname = \"bench-1s\"\nports = [{watched_port}]\nbudget = \"1s\"\nsignal = \"SIGKILL\"\n\
          breaker = {{ max_actions = 100000, window = \"1m\", cooldown = \"1s\" }}\n",
         list(&ports)
     );
-    let daemon = Daemon::start(work, "lateness", &config, &[])?;
+    // The daemon as shipped: its acting thread in SCHED_FIFO (root has CAP_SYS_NICE).
+    let daemon = Daemon::start(
+        work,
+        "lateness",
+        &format!("[daemon]\nstacks = false\n\n{policies}"),
+        &[],
+    )?;
+    let realtime = metric(&daemon.metrics, "watchdog_acting_thread_realtime")?;
 
-    // 500 ms: waves of one request per worker on every server, all sent at once.
+    // 500 ms: at each load level, waves of `spinning` requests spread over the servers, all
+    // sent at once, so that that many workers spin together until they are killed.
     let budget = Duration::from_millis(500);
-    let mut samples = Vec::new();
-    let per_wave = SERVERS * WORKERS;
-    for _ in 0..plan.slow_requests.div_ceil(per_wave) {
-        let targets: Vec<u16> = ports
-            .iter()
-            .flat_map(|p| std::iter::repeat_n(*p, WORKERS))
-            .collect();
-        samples.extend(wave(&targets, false)?);
-        // The servers re-fork the killed workers; let them get back to accept().
-        std::thread::sleep(Duration::from_millis(300));
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    ensure!(
+        PER_CPU.iter().max().copied().unwrap_or(0) * cpus <= SERVERS * WORKERS,
+        "{cpus} CPUs need more workers than {SERVERS} servers × {WORKERS}"
+    );
+    let mut levels = Vec::new();
+    let mut seen = 0;
+    for per_cpu in PER_CPU {
+        let spinning = per_cpu * cpus;
+        let (samples, daemon_ms) = level(&daemon, &ports, spinning, plan.slow_requests, &mut seen)?;
+        levels.push(("fifo".to_string(), per_cpu, spinning, samples, daemon_ms));
     }
 
     // 1 s, side by side: one wave to each system in turn.
     let second = Duration::from_secs(1);
     let (mut uwsgi, mut gunicorn_1s, mut watched) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..plan.peer_requests.div_ceil(WORKERS) {
+    for _ in 0..plan.peer_requests.div_ceil(PEER_WORKERS) {
         for (port, out) in [
             (uwsgi_port, &mut uwsgi),
             (gunicorn_port, &mut gunicorn_1s),
             (watched_port, &mut watched),
         ] {
             out.extend(
-                wave(&[port; WORKERS], true)?
+                wave(&[port; PEER_WORKERS], true)?
                     .iter()
                     .map(|s| s.late_after_send(second)),
             );
             std::thread::sleep(Duration::from_millis(500));
         }
+    }
+
+    drop(daemon);
+
+    // What the realtime class earns: the 6× level again with the acting thread in the normal
+    // class, at nice -20 (needs CAP_SYS_NICE too) and at nice 0 (a daemon without it).
+    for (class, nice) in [("nice-20", -20), ("nice0", 0)] {
+        let config =
+            format!("[daemon]\nstacks = false\nacting_priority = 0\nnice = {nice}\n\n{policies}");
+        let d = Daemon::start(work, &format!("lateness-{class}"), &config, &[])?;
+        let spinning = 6 * cpus;
+        let mut seen = 0;
+        let (samples, daemon_ms) = level(&d, &ports, spinning, plan.slow_requests, &mut seen)?;
+        levels.push((class.to_string(), 6, spinning, samples, daemon_ms));
     }
 
     // Independent of the daemon: the worker read the request at `start`, the client saw the
@@ -131,42 +165,81 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
             Some((port.parse().ok()?, t.parse().ok()?))
         })
         .collect();
-    let client: Vec<f64> = samples
+    let mut by_level = Vec::new();
+    for (class, per_cpu, spinning, samples, daemon_ms) in &levels {
+        let client: Vec<f64> = samples
+            .iter()
+            .map(|s| {
+                let start = started
+                    .get(&s.port)
+                    .with_context(|| format!("no start noted for client port {}", s.port))?;
+                Ok((s.closed - start - budget.as_secs_f64()) * 1e3)
+            })
+            .collect::<Result<_>>()?;
+        let from_send: Vec<f64> = samples.iter().map(|s| s.late_after_send(budget)).collect();
+        ensure!(
+            daemon_ms.len() == client.len(),
+            "at {spinning} spinning workers the daemon acted {} times on {} over-budget requests",
+            daemon_ms.len(),
+            client.len()
+        );
+        by_level.push(json!({
+            "class": class,
+            "per_cpu": per_cpu,
+            "spinning": spinning,
+            "daemon": distribution(daemon_ms),
+            "client": distribution(&client),
+            "client_from_send": distribution(&from_send),
+        }));
+    }
+    // The 6× level is the one the figures and the earlier runs show.
+    let six = by_level
         .iter()
-        .map(|s| {
-            let start = started
-                .get(&s.port)
-                .with_context(|| format!("no start noted for client port {}", s.port))?;
-            Ok((s.closed - start - budget.as_secs_f64()) * 1e3)
-        })
-        .collect::<Result<_>>()?;
-    let from_send: Vec<f64> = samples.iter().map(|s| s.late_after_send(budget)).collect();
-    let events = daemon.events()?;
-    let daemon_500: Vec<f64> = events
-        .iter()
-        .filter(|e| e["policy"] == "bench-500ms")
-        .filter_map(|e| e["lateness_ms"].as_f64())
-        .collect();
-    ensure!(
-        daemon_500.len() == client.len(),
-        "the daemon acted {} times on {} over-budget requests",
-        daemon_500.len(),
-        client.len()
-    );
+        .find(|l| l["per_cpu"] == 6 && l["class"] == "fifo")
+        .cloned()
+        .unwrap_or(Value::Null);
     Ok(json!({
         "servers": SERVERS,
         "workers": WORKERS,
-        "concurrent": per_wave,
+        "cpus": cpus,
+        "concurrent": six["spinning"],
+        "acting_realtime": realtime,
+        "levels": by_level,
         "peer_requests": watched.len(),
-        "watchdog": {
-            "daemon": distribution(&daemon_500),
-            "client": distribution(&client),
-            "client_from_send": distribution(&from_send),
-        },
+        "watchdog": six,
         "watchdog_1s": distribution(&watched),
         "uwsgi": distribution(&uwsgi),
         "gunicorn": distribution(&gunicorn_1s),
     }))
+}
+
+/// `n` over-budget requests in waves of `spinning` at once, spread over the servers: the
+/// samples as the clients saw them and the daemon's own lateness figures for them (its event
+/// file from `seen` on).
+fn level(
+    daemon: &Daemon,
+    ports: &[u16],
+    spinning: usize,
+    n: usize,
+    seen: &mut usize,
+) -> Result<(Vec<Sample>, Vec<f64>)> {
+    let mut samples = Vec::new();
+    for _ in 0..n.div_ceil(spinning) {
+        let targets: Vec<u16> = (0..spinning).map(|i| ports[i % ports.len()]).collect();
+        samples.extend(wave(&targets, false)?);
+        // The servers re-fork the killed workers; let them get back to accept().
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The records are written just after the actions.
+    std::thread::sleep(Duration::from_millis(200));
+    let events = daemon.events()?;
+    let daemon_ms = events[*seen..]
+        .iter()
+        .filter(|e| e["policy"] == "bench-500ms")
+        .filter_map(|e| e["lateness_ms"].as_f64())
+        .collect();
+    *seen = events.len();
+    Ok((samples, daemon_ms))
 }
 
 /// The handler all three 1 s peers run: a CPU loop that ignores every cooperative timeout.

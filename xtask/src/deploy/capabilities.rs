@@ -1,5 +1,6 @@
 //! The DaemonSet's capabilities for other users' processes (KILL, SYS_PTRACE,
-//! DAC_READ_SEARCH), shown with `setpriv` to suffice and to be needed.
+//! DAC_READ_SEARCH) and for the acting thread's realtime class (SYS_NICE), shown with `setpriv`
+//! to suffice and to be needed.
 
 use super::*;
 
@@ -55,7 +56,7 @@ pub(super) fn proc_capabilities(caps: &[String]) -> Result<Vec<String>> {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let probes: [(&str, Vec<String>); 3] = [
+        let probes: [(&str, Vec<String>); 4] = [
             ("KILL", vec!["kill".into(), "-0".into(), pid.to_string()]),
             (
                 "SYS_PTRACE",
@@ -64,6 +65,11 @@ pub(super) fn proc_capabilities(caps: &[String]) -> Result<Vec<String>> {
             (
                 "DAC_READ_SEARCH",
                 vec!["ls".into(), format!("/proc/{pid}/fd")],
+            ),
+            // What the acting thread does at start (root's RLIMIT_RTPRIO is 0).
+            (
+                "SYS_NICE",
+                vec!["chrt".into(), "-f".into(), "10".into(), "true".into()],
             ),
         ];
         let try_with = |set: &[String], argv: &[String]| -> Result<bool> {

@@ -14,7 +14,7 @@
 //!   ready and pins its state with the unit's sandbox, `systemctl reload` refuses a broken file
 //!   and applies a good one, `systemctl stop` leaves the state pinned, `watchdog unload` clears it.
 //! - The DaemonSet's capabilities: those for other users' processes (KILL, SYS_PTRACE,
-//!   DAC_READ_SEARCH) are shown to suffice and to be needed with `setpriv` against a process of
+//!   DAC_READ_SEARCH) and for the acting thread's realtime class (SYS_NICE) are shown to suffice and to be needed with `setpriv` against a process of
 //!   `nobody`; the eBPF ones by the container run below, with each of them left out once.
 //! - The image builds with podman from deploy/container/Containerfile (nothing pulled) and runs
 //!   `watchdog check` against this kernel in the DaemonSet's shape: its capabilities only, host
@@ -204,7 +204,7 @@ pub fn check() -> Result<()> {
     let (pod, config_dir, config_path) = base_pod.context("no base rendering")?;
     let caps = capabilities(&pod)?;
     let unproved = proc_capabilities(&caps)?;
-    steps.done("capabilities for other users' processes: KILL, SYS_PTRACE, DAC_READ_SEARCH each needed and enough");
+    steps.done("capabilities for other users' processes and the acting thread: KILL, SYS_PTRACE, DAC_READ_SEARCH, SYS_NICE each needed and enough");
 
     let image = build_image(&binary)?;
     let named = pod["spec"]["template"]["spec"]["containers"][0]["image"]
