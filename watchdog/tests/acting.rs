@@ -90,7 +90,8 @@ fn acting_thread_runs_sched_fifo_on_its_cpu_and_kills_on_time_with_every_cpu_bus
     std::fs::write(
         &cfg,
         format!(
-            "[daemon]\nacting_priority = 12\nacting_cpu = 0\n\n[[policy]]\nname = \"p\"\nports = [{port}]\nbudget = \"1s\"\nsignal = \"SIGKILL\"\n"
+            // Stacks off: this measures the acting thread alone (a stack read before the kill adds up to stack_timeout).
+            "[daemon]\nstacks = false\nacting_priority = 12\nacting_cpu = 0\n\n[[policy]]\nname = \"p\"\nports = [{port}]\nbudget = \"1s\"\nsignal = \"SIGKILL\"\n"
         ),
     )
     .unwrap();
