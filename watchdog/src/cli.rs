@@ -88,6 +88,10 @@ pub struct RunArgs {
     /// SIGTERM does.
     #[arg(long, value_enum)]
     pub on_interrupt: Option<OnInterrupt>,
+    /// Read the owner's Python stack and native frames before the first action (`true`, the
+    /// default; each read adds up to `stack_timeout` to that action's lateness).
+    #[arg(long, value_name = "BOOL")]
+    pub stacks: Option<bool>,
 }
 
 impl RunArgs {

@@ -111,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_connections: a.max_connections,
                 event_buffer_kib: a.event_buffer_kib,
                 on_interrupt: a.on_interrupt,
+                stacks: a.stacks,
             };
             let cfg = Config::resolve(Source::of(a.config.as_deref(), flags)?, &overrides)?;
             init_logging(cli.log_format.unwrap_or(cfg.log_format));

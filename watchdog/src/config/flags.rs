@@ -64,6 +64,8 @@ pub struct Overrides {
     pub max_connections: Option<u32>,
     pub event_buffer_kib: Option<u32>,
     pub on_interrupt: Option<OnInterrupt>,
+    /// `--stacks false`: no stack read before the first action (`[daemon] stacks`).
+    pub stacks: Option<bool>,
 }
 
 fn command_line(field: &str, reason: String) -> ConfigError {
@@ -109,6 +111,9 @@ impl Config {
         }
         if let Some(w) = o.on_interrupt {
             cfg.on_interrupt = w;
+        }
+        if let Some(b) = o.stacks {
+            cfg.stacks = b;
         }
         cfg.check_limits().map_err(|(field, reason)| {
             command_line(&format!("--{}", field.replace('_', "-")), reason)
