@@ -16,13 +16,13 @@
 //! are bounded, keep the loop free, and need no async driver beside the one the daemon has. The
 //! record is written when the thread is done.
 
-use std::{io, net::IpAddr, path::Path, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
 use mysql::{prelude::Queryable, Conn, OptsBuilder};
 
 use crate::{
     actions::Outcome,
-    config::{MysqlAccount, MysqlServer},
+    config::{read_password, MysqlAccount, MysqlServer},
 };
 
 /// Connecting, and every read or write after: the longest one socket operation may wait. A
@@ -32,31 +32,6 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `kill_query` steps running at once (threads); more wait in a short queue (`daemon/step.rs`).
 pub const MAX_IN_FLIGHT: usize = 4;
-
-/// Why a password file cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum PasswordError {
-    #[error("{0}")]
-    Read(#[from] io::Error),
-    #[error("is not UTF-8")]
-    NotUtf8,
-    #[error("is empty")]
-    Empty,
-}
-
-/// The password in `path`: its text without one trailing line end.
-pub fn read_password(path: &Path) -> Result<String, PasswordError> {
-    let bytes = std::fs::read(path)?;
-    let text = String::from_utf8(bytes).map_err(|_| PasswordError::NotUtf8)?;
-    let p = text
-        .strip_suffix('\n')
-        .map(|t| t.strip_suffix('\r').unwrap_or(t))
-        .unwrap_or(&text);
-    if p.is_empty() {
-        return Err(PasswordError::Empty);
-    }
-    Ok(p.to_string())
-}
 
 /// How the server writes a client's `HOST` in its process list (`host_or_ip:port`, IPv6 without
 /// brackets), for the peer `ip`:`port`: the address itself; for a loopback client also

@@ -4,6 +4,7 @@
 
 mod flags;
 mod raw;
+mod secret;
 mod validate;
 mod values;
 
@@ -16,6 +17,7 @@ use std::{
 use serde::Deserialize;
 
 pub use flags::{Overrides, PolicyFlags, Source};
+pub use secret::read_password;
 pub use values::{Dur, Glob, PortRange, Sig};
 
 use crate::routes::Route;
@@ -434,7 +436,7 @@ impl Config {
             ));
         }
         if let Some(cpu) = self.acting_cpu {
-            if cpu >= libc::CPU_SETSIZE as usize {
+            if cpu >= nix::libc::CPU_SETSIZE as usize {
                 return Err(("acting_cpu", format!("{cpu} is not a CPU number")));
             }
         }

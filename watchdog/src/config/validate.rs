@@ -457,7 +457,7 @@ fn mysql(
             meta.len()
         )));
     }
-    crate::mysql::read_password(p).map_err(|e| refuse(e.to_string()))?;
+    super::read_password(p).map_err(|e| refuse(e.to_string()))?;
     Ok(MysqlAccount {
         server,
         user: raw.user.clone(),
