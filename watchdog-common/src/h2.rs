@@ -4,10 +4,11 @@
 //! On an HTTP/2 connection a request is a stream: it starts at the client's HEADERS frame and
 //! ends at the server's first HEADERS frame on the same stream id (time to first byte) or an
 //! RST_STREAM either way. The kernel walks the frame headers of every read and write of such a
-//! connection (`watchdog-ebpf/src/programs/h2.rs`); the functions here run there and in the
-//! daemon, from the same source, with masked indexes and constant loop bounds only.
+//! connection (`watchdog-ebpf/src/programs/h2.rs`) with the frame header below; the daemon
+//! reads a stream's `:method` and `:path` from its header block with `pseudo` (parsing HPACK in
+//! the kernel cost the verifier more than a program may take).
 
-use crate::head::{ends_path, KeyOutcome, HEAD_BYTES, ROUTE_KEY_DATA, ROUTE_KEY_PATH};
+use crate::head::HEAD_BYTES;
 
 /// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`: the client's first bytes, before its first frame.
 pub const PREFACE_LEN: u64 = 24;
@@ -97,12 +98,10 @@ pub struct Pseudo {
     pub path: Path,
 }
 
-/// Byte `i` of a block. The index goes through `black_box` so the compiler keeps the mask: it
-/// could prove the mask redundant and then add a loop-invariant part of the index to the
-/// pointer early, and the verifier, which cannot relate the two, refuses the access.
+/// Byte `i` of a block (masked, so always in bounds).
 #[inline(always)]
 fn at(b: &[u8; HEAD_BYTES], i: usize) -> u8 {
-    b[core::hint::black_box(i) & (HEAD_BYTES - 1)]
+    b[i & (HEAD_BYTES - 1)]
 }
 
 /// Static-table names the watchdog reads: 2 and 3 are `:method`, 4 and 5 `:path`.
@@ -162,8 +161,7 @@ fn literal_name(b: &[u8; HEAD_BYTES], start: usize, len: usize) -> u8 {
     }
 }
 
-/// Where a scan of a header block stands (`field`); kept in plain integers so the kernel can
-/// carry it across the turns of a `bpf_loop`.
+/// Where a scan of a header block stands (`field`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Scan {
@@ -320,62 +318,6 @@ pub fn pseudo(b: &[u8; HEAD_BYTES], len: usize) -> Result<Pseudo, Unreadable> {
     s.result()
 }
 
-/// Builds the route-table key of a stream (the same key an HTTP/1.x request with that method
-/// and path gets: see `head::route_key`).
-#[inline(always)]
-pub fn route_key(
-    port: u16,
-    b: &[u8; HEAD_BYTES],
-    len: usize,
-    ps: &Pseudo,
-    data: &mut [u8; ROUTE_KEY_DATA],
-) -> Result<KeyOutcome, Unreadable> {
-    let p = port.to_be_bytes();
-    data[0] = p[0];
-    data[1] = p[1];
-    data[2] = ps.method;
-    match ps.path {
-        Path::Static(s) => {
-            let mut i = 0;
-            while i < s.len() && i < ROUTE_KEY_PATH - 1 {
-                put(data, 3 + i, s[i]);
-                i += 1;
-            }
-            put(data, 3 + i, 0);
-            Ok(KeyOutcome::Key(((3 + i + 1) * 8) as u32))
-        }
-        Path::Literal { start, len: plen } => {
-            let mut i = 0;
-            while i < ROUTE_KEY_PATH {
-                if i >= plen {
-                    put(data, 3 + i, 0);
-                    return Ok(KeyOutcome::Key(((3 + i + 1) * 8) as u32));
-                }
-                if start + i >= len {
-                    return Err(Unreadable::Split);
-                }
-                let c = at(b, start + i);
-                if ends_path(c) {
-                    put(data, 3 + i, 0);
-                    return Ok(KeyOutcome::Key(((3 + i + 1) * 8) as u32));
-                }
-                put(data, 3 + i, c);
-                i += 1;
-            }
-            Ok(KeyOutcome::Key((ROUTE_KEY_DATA * 8) as u32))
-        }
-    }
-}
-
-/// `data[i] = v`, without a panic path for the verifier to refuse (`i` is always in bounds).
-#[inline(always)]
-fn put(data: &mut [u8; ROUTE_KEY_DATA], i: usize, v: u8) {
-    if i < ROUTE_KEY_DATA {
-        // SAFETY: `i` was just checked against the array's length.
-        unsafe { *data.get_unchecked_mut(i) = v };
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,10 +339,7 @@ mod tests {
         let ps = pseudo(&b, n).unwrap();
         assert_eq!(ps.method, 3);
         assert_eq!(ps.path, Path::Literal { start: 8, len: 9 });
-        let mut d = [0u8; ROUTE_KEY_DATA];
-        let k = route_key(50051, &b, n, &ps, &mut d).unwrap();
-        assert_eq!(k, KeyOutcome::Key((3 + 9 + 1) * 8));
-        assert_eq!(&d[3..13], b"/t.T/Echo\0");
+        assert_eq!(&b[8..17], b"/t.T/Echo");
         // The second call: every field from the dynamic table.
         let (b, n) = block(b"\xc4\xc3\x83\x86\xc2\xc1\xc0");
         assert_eq!(pseudo(&b, n), Err(Unreadable::Indexed));
@@ -411,27 +350,21 @@ mod tests {
         let (b, n) = block(b"\x82\x84\x86");
         let ps = pseudo(&b, n).unwrap();
         assert_eq!((ps.method, ps.path), (1, Path::Static(b"/")));
-        let mut d = [0u8; ROUTE_KEY_DATA];
-        assert_eq!(
-            route_key(80, &b, n, &ps, &mut d).unwrap(),
-            KeyOutcome::Key((3 + 2) * 8)
-        );
         // curl: `:path` as a literal with an indexed name (4), Huffman-coded.
         let (b, n) = block(b"\x82\x04\x85\x62\x8d\x39\x2c\x7f\x86");
         assert_eq!(pseudo(&b, n), Err(Unreadable::Huffman));
         // The same without Huffman, and a query string.
         let (b, n) = block(b"\x82\x04\x0a/reports?a\x86");
-        let mut d = [0u8; ROUTE_KEY_DATA];
         let ps = pseudo(&b, n).unwrap();
         assert_eq!(
-            route_key(80, &b, n, &ps, &mut d).unwrap(),
-            KeyOutcome::Key((3 + 8 + 1) * 8)
+            (ps.method, ps.path),
+            (1, Path::Literal { start: 3, len: 10 })
         );
-        assert_eq!(&d[3..12], b"/reports\0");
-        // Cut inside the path.
+        // Cut inside the path: found, longer than the bytes there (`request::stream_line`
+        // marks it incomplete).
         let (b, _) = block(b"\x83\x04\x10/a/very/long/pat");
         let ps = pseudo(&b, 10).unwrap();
-        assert_eq!(route_key(80, &b, 10, &ps, &mut d), Err(Unreadable::Split));
+        assert_eq!(ps.path, Path::Literal { start: 3, len: 16 });
         assert_eq!(pseudo(&b, 0), Err(Unreadable::Split));
     }
 

@@ -55,8 +55,8 @@ pub fn line(head: &[u8]) -> Option<Line<'_>> {
     })
 }
 
-/// The request line of an HTTP/2 stream, from the first bytes of its header block (the same
-/// HPACK reading the kernel does: `watchdog_common::h2::pseudo`).
+/// The request line of an HTTP/2 stream, from the first bytes of its header block (HPACK:
+/// `watchdog_common::h2::pseudo`).
 pub fn stream_line(block: &[u8]) -> Result<Line<'_>, Unreadable> {
     let mut buf = [0u8; HEAD_BYTES];
     let n = block.len().min(HEAD_BYTES);
