@@ -15,7 +15,8 @@ pub mod state;
 pub use event::{Event, EventKind};
 pub use state::{
     conn_flag, stream_flag, ConnInfo, ConnRecord, Meta, PortConfig, ReqState, StreamInfo,
-    StreamKey, StreamRecord, TaskInfo, PORT_CLIENT_GONE, PORT_ROUTES, PORT_WATCHED,
+    StreamKey, StreamRecord, TaskInfo, PORT_CLIENT_GONE, PORT_NO_UPGRADES, PORT_ROUTES,
+    PORT_WATCHED,
 };
 
 /// Bumped whenever the layout of any map key or value changes. Stamped into the `META` map so a

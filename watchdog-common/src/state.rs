@@ -13,7 +13,7 @@ pub struct PortConfig {
     pub deadline_ns: u64,
     /// Metrics slot (`0..MAX_PORT_SLOTS`).
     pub slot: u32,
-    /// `PORT_WATCHED` | `PORT_CLIENT_GONE`.
+    /// `PORT_WATCHED` | `PORT_CLIENT_GONE` | `PORT_ROUTES` | `PORT_NO_UPGRADES`.
     pub flags: u32,
     /// When an HTTP/2 stream's timer fires after it starts: the earliest budget of the port's
     /// routes and policies (the daemon finds the stream's route and times the rest).
@@ -26,6 +26,8 @@ pub const PORT_WATCHED: u32 = 1;
 pub const PORT_CLIENT_GONE: u32 = 2;
 /// The port has routes: look an HTTP/1.x request's method and path up in `ROUTES`.
 pub const PORT_ROUTES: u32 = 4;
+/// Every policy of the port says `upgrades = false`: answers are not read for a `101`.
+pub const PORT_NO_UPGRADES: u32 = 8;
 
 /// Request state of a tracked connection.
 #[repr(u32)]
@@ -162,8 +164,9 @@ pub struct ConnRecord {
     pub timer: [u64; 2],
     pub info: ConnInfo,
     /// Kernel-owned: the `bpf_ktime_get_ns` time the timer was last armed to fire at (or after),
-    /// 0 before the first request. A request starting while the timer is armed for an earlier
-    /// moment leaves it alone: the callback re-arms for the request then in flight.
+    /// 0 before the first request; its high bit is set once the callback has begun for that
+    /// moment. A request starting while the timer is armed for an earlier moment, not yet
+    /// fired, leaves it alone: the callback re-arms for the request then in flight.
     pub armed_ns: u64,
     /// The current request's first bytes (`info.head_len` of them), copied at its start.
     pub head: [u8; HEAD_BYTES],

@@ -7,6 +7,7 @@
 //! at most one `bpf_timer`; only a request still in flight when it fires (or one whose caller
 //! hangs up) produces an event for userspace.
 #![no_std]
+#![feature(asm_experimental_arch)]
 #![no_main]
 
 mod maps;

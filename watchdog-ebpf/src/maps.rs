@@ -114,6 +114,33 @@ const _: () = assert!(
     core::mem::size_of::<ConnEntry>() == core::mem::size_of::<watchdog_common::ConnRecord>()
 );
 
+/// The high bit of `ConnEntry::armed_ns`: the timer's callback has begun since the timer was
+/// armed for that moment. The callback sets it with a locked add before it reads the record;
+/// whoever arms the timer next stores a plain time, which clears it (`request::arm_for`).
+pub const ARMED_FIRED: u64 = 1 << 63;
+
+/// Adds `value` to `*p` with one locked instruction: BPF's atomic add (`lock *(u64 *)(p) +=`),
+/// which the x86-64 JIT emits as `lock add`, a full barrier: every store before it is visible to
+/// other CPUs before any load after it runs. x86-64 is the only ABI these programs know (see
+/// `programs/abi.rs`); on other JITs this add need not order anything. Written as assembly: the
+/// BPF target has no atomics in `core`.
+///
+/// # Safety
+/// `p` points into a map value.
+#[inline(always)]
+pub unsafe fn locked_add(p: *mut u64, value: u64) {
+    // SAFETY: `p` is an aligned u64 in a map value (the caller's contract), live for the
+    // program's run; the instruction reads and writes only that word.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({p} + 0) += {v}",
+            p = in(reg) p,
+            v = in(reg) value,
+            options(nostack),
+        )
+    };
+}
+
 /// The peer sent FIN: a later RST is the answer to our own write, not a new hang-up.
 pub const SOCK_PEER_FIN: u32 = 1;
 /// The server answered `101 Switching Protocols`: no more requests on this connection.

@@ -3,7 +3,8 @@
 //! daemon writes the plan (`daemon.rs` `apply`), tests read it.
 
 use watchdog_common::{
-    limits::MAX_PORT_SLOTS, PortConfig, PORT_CLIENT_GONE, PORT_ROUTES, PORT_WATCHED,
+    limits::MAX_PORT_SLOTS, PortConfig, PORT_CLIENT_GONE, PORT_NO_UPGRADES, PORT_ROUTES,
+    PORT_WATCHED,
 };
 
 use crate::{
@@ -109,6 +110,9 @@ pub fn port_plan(cfg: &Config) -> Vec<(u16, PortConfig, PortLabels)> {
         }
         if ps.iter().any(|p| !p.routes.is_empty()) {
             f |= PORT_ROUTES;
+        }
+        if !ps.is_empty() && ps.iter().all(|p| !p.upgrades) {
+            f |= PORT_NO_UPGRADES;
         }
         f
     };
@@ -297,5 +301,35 @@ match = { comm = ["x"] }
         assert_eq!(p.route_slots.len(), 2);
         assert_eq!(p.route_slots[1].labels.route, "GET /r/*");
         assert_eq!(p.route_slots[0].slot, MAX_PORT_SLOTS);
+    }
+
+    #[test]
+    fn answers_go_unread_only_where_every_policy_of_the_port_says_so() {
+        let cfg = Config::parse(
+            r#"
+[[policy]]
+name = "rest"
+ports = [8080, 9090]
+budget = "5s"
+upgrades = false
+[[policy]]
+name = "ws"
+ports = [9090]
+budget = "3s"
+match = { comm = ["x"] }
+[[policy]]
+name = "default"
+ports = [7070]
+budget = "3s"
+"#,
+            "t",
+        )
+        .unwrap();
+        let p = plan(&cfg);
+        let port = |n: u16| p.ports.iter().find(|(q, _, _)| *q == n).unwrap().1;
+        assert_ne!(port(8080).flags & PORT_NO_UPGRADES, 0);
+        // Another policy on 9090 may see upgrades: the kernel keeps looking.
+        assert_eq!(port(9090).flags & PORT_NO_UPGRADES, 0);
+        assert_eq!(port(7070).flags & PORT_NO_UPGRADES, 0);
     }
 }

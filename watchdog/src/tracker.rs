@@ -264,6 +264,7 @@ mod tests {
             min_workers: None,
             routes: vec![],
             stacks: true,
+            upgrades: true,
             mysql: None,
         })
     }

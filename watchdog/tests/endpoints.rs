@@ -408,3 +408,57 @@ fn grpc_and_h2c_connections_are_detected_as_http2() {
     );
     assert!(d.metric("watchdog_requests_total", &[("port", &p)]) >= 2.0);
 }
+
+/// `upgrades = false`: the kernel no longer reads answers for a `101`, so an upgraded connection
+/// is followed as requests: a WebSocket message answered after the budget counts as a late
+/// request (observe mode here, so nothing is killed). What the option trades away, shown.
+#[test]
+fn with_upgrades_off_the_101_goes_unread_and_a_late_message_is_a_late_request() {
+    let port = free_port();
+    let mut server = spawn_ready(
+        "ws_server.py",
+        Command::new("python3")
+            .arg(fixture("ws_server.py"))
+            .arg(port.to_string()),
+    );
+    let dir = tmpdir("upgrades-off");
+    let config = write_config(
+        &dir,
+        &format!(
+            "[[policy]]\nname = \"rest\"\nports = [{port}]\nbudget = \"1s\"\nmode = \"observe\"\n\
+             upgrades = false\n"
+        ),
+    );
+    let d = Daemon::start(&["--config", config.to_str().unwrap()]);
+    let out = Command::new("python3")
+        .arg(fixture("ws_client.py"))
+        .args([&port.to_string(), "2.5", "0.1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(server.alive(), "observe mode killed the server");
+    let p = port.to_string();
+    let labels = [("port", p.as_str())];
+    // The kernel saw the handshake and the messages as requests, and no upgrade.
+    assert_eq!(
+        d.metric("watchdog_connections_upgraded_total", &labels),
+        0.0
+    );
+    assert!(d.metric("watchdog_requests_total", &labels) >= 3.0);
+    // The message answered after 2.5 s came due at 1 s, and was recorded (observe mode's
+    // action is `log`).
+    assert_eq!(
+        d.wait_metric(
+            "watchdog_actions_total",
+            &[("action", "log"), ("reason", "budget")],
+            1.0,
+            Duration::from_secs(3)
+        ),
+        1.0
+    );
+}

@@ -18,8 +18,8 @@ use aya_ebpf::{
 use watchdog_common::{conn_flag, stat, ConnInfo, EventKind, ReqState, PORT_CLIENT_GONE};
 
 use crate::maps::{
-    count, emit, port_config, port_count, sock_state, syscall_set, ConnEntry, H2Dir, SockState,
-    CONNS, CONN_SCRATCH, SOCKS, SOCK_PEER_FIN, SOCK_STATES, TASKS,
+    count, emit, locked_add, port_config, port_count, sock_state, syscall_set, ConnEntry, H2Dir,
+    SockState, ARMED_FIRED, CONNS, CONN_SCRATCH, SOCKS, SOCK_PEER_FIN, SOCK_STATES, TASKS,
 };
 
 const AF_INET: u32 = 2;
@@ -287,7 +287,11 @@ pub fn conn_enter_receive_reset(ctx: BtfTracePointContext) -> u32 {
 /// the timer was armed for an earlier one (see `request::arm_for`): the timer moves to its
 /// deadline.
 unsafe extern "C" fn on_deadline(_map: *mut c_void, _key: *mut u64, e: *mut ConnEntry) -> i32 {
+    // Marked before the record is read: a request start that sees the mark arms the timer
+    // itself, one that does not can rely on this read seeing its fields (`request::arm_for`).
     // SAFETY: the kernel passes the map value this timer lives in.
+    unsafe { locked_add(ptr::addr_of_mut!((*e).armed_ns), ARMED_FIRED) };
+    // SAFETY: as above.
     let info = unsafe { (*e).info };
     if info.state != ReqState::InFlight as u32 || info.flags & conn_flag::NO_DEADLINE != 0 {
         count(stat::DEADLINES_STALE);

@@ -13,13 +13,13 @@ use watchdog_common::{
     conn_flag,
     h2::PREFACE_LEN,
     head::{classify, head_state, proto, ROUTE_OFF},
-    port_stat, stat, ReqState, DURATION_BUCKETS_MS, PORT_ROUTES,
+    port_stat, stat, ReqState, DURATION_BUCKETS_MS, PORT_NO_UPGRADES, PORT_ROUTES,
 };
 
 use crate::{
     maps::{
-        count, port_config, port_count, sock_state, task_life, ConnEntry, SockState, CONNS,
-        SOCK_UPGRADED,
+        count, locked_add, port_config, port_count, sock_state, task_life, ConnEntry, SockState,
+        ARMED_FIRED, CONNS, SOCK_UPGRADED,
     },
     programs::{
         connection::init_timer,
@@ -51,26 +51,27 @@ pub fn request_enter_recv(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     // SAFETY: non-null storage pointer.
-    bytes_in(unsafe { &mut *st }, head::current_regs(), ret as u64);
+    bytes_in(unsafe { &mut *st }, head::current_regs, ret as u64);
     0
 }
 
-/// Bytes came in on a tracked connection (both probe sets).
+/// Bytes came in on a tracked connection (both probe sets). `regs` gives the receiving task's
+/// saved user registers, asked for only when the bytes are read.
 #[inline(always)]
-pub fn bytes_in(st: &mut SockState, regs: *const u64, ret: u64) {
+pub fn bytes_in(st: &mut SockState, regs: impl Fn() -> *const u64, ret: u64) {
     if st.proto == u32::from(proto::HTTP2) {
-        h2::on_recv(st, regs, ret, 0);
+        h2::on_recv(st, regs(), ret, 0);
     } else if st.state == ReqState::Idle as u32 {
-        start_request(st, regs, ret);
+        start_request(st, regs(), ret);
     }
 }
 
 /// Bytes went out on a tracked connection (both probe sets). Before the first request the
 /// server's writes are walked as HTTP/2 frames too, in case the connection turns out to be one.
 #[inline(always)]
-pub fn bytes_out(st: &mut SockState, regs: *const u64, ret: u64) {
+pub fn bytes_out(st: &mut SockState, regs: impl Fn() -> *const u64 + Copy, ret: u64) {
     if st.proto == u32::from(proto::HTTP2) || st.gen == 0 {
-        h2::on_send(st, regs, ret);
+        h2::on_send(st, regs(), ret);
         if st.proto == u32::from(proto::HTTP2) {
             return;
         }
@@ -166,43 +167,44 @@ pub fn start_request(st: &mut SockState, regs: *const u64, ret: u64) {
     }
 }
 
-/// A request starting this close to the moment the timer is armed for arms it itself: the
-/// callback may be running already and have read the connection before this request began.
-const ARM_MARGIN_NS: u64 = 1_000_000;
-
 /// Makes sure the connection's timer fires at or before `due` (= request start + `deadline_ns`).
 ///
 /// `bpf_timer_start` costs about as much as the rest of the request path together, so a timer
 /// already armed for an earlier moment (an earlier request on this keep-alive connection) is left
 /// alone: when it fires, the callback finds this request in flight, not yet due, and moves the
 /// timer to its deadline (`on_deadline`). That is safe only if the callback cannot have read the
-/// connection before this request's fields were written: the clock is read after writing them,
-/// and the callback runs no earlier than `armed_ns`, so `armed_ns` more than `ARM_MARGIN_NS`
-/// ahead of that clock reading proves it.
+/// connection before this request's fields were written. The callback marks `armed_ns` with a
+/// locked add (`ARMED_FIRED`) before it reads the record; this function does a locked add of
+/// zero to the same word after writing the fields, then reads it. The two locked operations are
+/// ordered: if ours comes first, the callback's read comes after our fields are visible; if
+/// the callback's comes first, we see the mark and arm the timer ourselves. (This replaced a
+/// second clock read, which cost about three times as much; BENCHMARKS.md.)
 ///
 /// # Safety
 /// `e` points into `CONNS`.
 #[inline(always)]
 unsafe fn arm_for(e: *mut ConnEntry, due: u64, deadline_ns: u64) {
-    // SAFETY: `e` points into CONNS; a plain read of the kernel-only field.
-    let armed = unsafe { ptr::read_volatile(ptr::addr_of!((*e).armed_ns)) };
-    if armed != 0 && armed <= due {
-        // SAFETY: helper without arguments. A helper call: the writes above come before it.
-        let now = unsafe { bpf_ktime_get_ns() };
-        if armed > now.saturating_add(ARM_MARGIN_NS) {
-            return;
-        }
-    }
     // SAFETY: `e` points into CONNS (the caller's contract).
+    let armed_ns = unsafe { ptr::addr_of_mut!((*e).armed_ns) };
+    // SAFETY: as above; the locked add orders the field writes above before the read below.
+    let armed = unsafe {
+        locked_add(armed_ns, 0);
+        ptr::read_volatile(armed_ns)
+    };
+    if armed != 0 && armed & ARMED_FIRED == 0 && armed <= due {
+        return;
+    }
+    // SAFETY: as above.
     let timer = unsafe { ptr::addr_of_mut!((*e).timer) };
     // SAFETY: the timer lives in CONNS; re-arming moves an armed timer. A timer whose init
     // failed at accept (allocation in softirq) is initialised here, in process context.
     let armed = unsafe { bpf_timer_start(timer, deadline_ns, 0) } == 0
         || (unsafe { init_timer(e) } && unsafe { bpf_timer_start(timer, deadline_ns, 0) } == 0);
     if armed {
-        // The timer fires at call time + deadline_ns, never before `due`.
+        // The timer fires at call time + deadline_ns, never before `due`. A plain time: it
+        // clears `ARMED_FIRED`.
         // SAFETY: as above.
-        unsafe { (*e).armed_ns = due };
+        unsafe { *armed_ns = due };
     } else {
         // Userspace's backstop sweep enforces this request's deadline instead.
         // SAFETY: as above.
@@ -223,28 +225,32 @@ pub fn request_exit_send(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     // SAFETY: non-null storage pointer.
-    bytes_out(unsafe { &mut *st }, head::current_regs(), ret as u64);
+    bytes_out(unsafe { &mut *st }, head::current_regs, ret as u64);
     0
 }
 
 /// The first byte went out on a tracked connection: its request (if any) is answered. On an
-/// HTTP/1.x connection, a `101 Switching Protocols` answer ends request tracking for good.
+/// HTTP/1.x connection, a `101 Switching Protocols` answer ends request tracking for good
+/// (unless the port's policies said `upgrades = false`: then the answer is not read).
 #[inline(always)]
-pub fn end_request(st: &mut SockState, regs: *const u64, ret: u64) {
+pub fn end_request(st: &mut SockState, regs: impl Fn() -> *const u64, ret: u64) {
     if st.state != ReqState::InFlight as u32 {
         return;
     }
     st.state = ReqState::Idle as u32;
-    let upgraded = st.proto == proto::HTTP1 as u32 && head::is_switching_protocols(regs, ret);
-    if upgraded {
-        st.flags |= SOCK_UPGRADED;
-        port_count(st.slot, port_stat::UPGRADED, 1);
-    }
     let Some(e) = CONNS.get_ptr_mut(st.cookie) else {
         return;
     };
     // SAFETY: `e` points into CONNS.
     let info = unsafe { &mut (*e).info };
+    let upgraded = st.proto == proto::HTTP1 as u32
+        && port_config(u32::from(info.local_port))
+            .is_some_and(|(_, cfg)| cfg.flags & PORT_NO_UPGRADES == 0)
+        && head::is_switching_protocols(regs(), ret);
+    if upgraded {
+        st.flags |= SOCK_UPGRADED;
+        port_count(st.slot, port_stat::UPGRADED, 1);
+    }
     info.state = ReqState::Idle as u32;
     if upgraded {
         info.flags |= conn_flag::UPGRADED;

@@ -82,7 +82,7 @@ fn on_bytes_in(tgid: u32, fd: u64, regs: *const u64, ret: u64) {
     };
     if let Some(st) = SOCK_STATES.get_ptr_mut(cookie) {
         // SAFETY: map value pointer from a successful lookup.
-        bytes_in(unsafe { &mut *st }, regs, ret);
+        bytes_in(unsafe { &mut *st }, || regs, ret);
     }
 }
 
@@ -96,7 +96,7 @@ fn on_bytes_out(tgid: u32, fd: u64, regs: *const u64, ret: u64) {
     };
     if let Some(st) = SOCK_STATES.get_ptr_mut(cookie) {
         // SAFETY: map value pointer from a successful lookup.
-        bytes_out(unsafe { &mut *st }, regs, ret);
+        bytes_out(unsafe { &mut *st }, || regs, ret);
     }
 }
 

@@ -184,6 +184,7 @@ impl Config {
             min_workers: None,
             routes: vec![],
             stacks: true,
+            upgrades: true,
             mysql: None,
         }]);
         if f.observe {

@@ -238,6 +238,10 @@ pub struct Policy {
     pub routes: Vec<Route>,
     /// Read the owner's Python stack before the first action (with `[daemon] stacks`).
     pub stacks: bool,
+    /// Look at the first bytes of every HTTP/1.x answer for `101 Switching Protocols`. `false`
+    /// (on every policy of a port) saves two user-memory reads per request on that port; a
+    /// connection upgraded there is then followed as requests, and its idle gaps end them.
+    pub upgrades: bool,
     /// The account of `kill_query` steps; required when a ladder of the policy has one.
     pub mysql: Option<MysqlAccount>,
 }
@@ -378,6 +382,7 @@ impl Config {
             min_workers: None,
             routes: vec![],
             stacks: true,
+            upgrades: true,
             mysql: None,
         }])
     }

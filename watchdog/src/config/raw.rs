@@ -63,6 +63,8 @@ pub(super) struct RawPolicy {
     pub(super) breaker: Option<RawBreaker>,
     pub(super) min_workers: Option<u32>,
     pub(super) stacks: Option<bool>,
+    /// Look for a `101 Switching Protocols` answer on HTTP/1.x connections (default true).
+    pub(super) upgrades: Option<bool>,
     pub(super) routes: Option<toml::Spanned<Vec<toml::Spanned<RawRoute>>>>,
     pub(super) mysql: Option<toml::Spanned<RawMysql>>,
 }

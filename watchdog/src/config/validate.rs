@@ -187,6 +187,7 @@ pub(super) fn validate(raw: RawConfig, origin: &str, text: &str) -> Result<Confi
             breaker,
             min_workers: rp.min_workers,
             stacks: rp.stacks.unwrap_or(true),
+            upgrades: rp.upgrades.unwrap_or(true),
             routes,
             mysql: match &rp.mysql {
                 None => None,

@@ -500,6 +500,18 @@ fn summary(r: &Value) -> String {
         f(&o["watched_rps"]["median"]),
         f(&o["syscalls"]["watched_rps"]["median"])
     ));
+    let res = &o["throughput_resolution"];
+    w(format!(
+        "These rounds cannot resolve a few per cent: the baseline moves {} % between rounds \
+         (coefficient of variation) and the per-round throughput ratio has a standard deviation \
+         of {}; {} rounds would make a 3 % difference two standard errors wide. The kernel \
+         cost below, measured per program run, is the figure this VM can resolve.\n",
+        f(&json!(
+            res["baseline_cv"].as_f64().unwrap_or(f64::NAN) * 100.0
+        )),
+        f(&res["ratio_sd"]),
+        f(&res["rounds_to_resolve_3pct"])
+    ));
     w("### 2. In-kernel cost (kernel.bpf_stats_enabled=1, in turns of their own)\n".into());
     w("| probe set | program | ns per run (median round) | runs per request | target |".into());
     w("|---|---|---|---|---|".into());
@@ -510,8 +522,10 @@ fn summary(r: &Value) -> String {
     ] {
         if let Some(progs) = progs.as_object() {
             for (name, p) in progs {
-                // The programs that run on every recv / send (or every syscall return).
-                let hot = name.starts_with("request_") || name == "syscall_exit";
+                // The programs that every socket of the host runs; the tracked path is
+                // judged by its ratio to them (below).
+                let hot = (name.starts_with("request_") || name == "syscall_exit")
+                    && set.contains("not watched");
                 w(format!(
                     "| {set} | {name} | {} | {} | {} |",
                     f(&p["ns_per_run"]),
@@ -523,6 +537,24 @@ fn summary(r: &Value) -> String {
                     }
                 ));
             }
+        }
+    }
+    w("\nA tracked request's own run of the recv and send programs, against the same program on a socket nobody watches (the floor), turns alternating in the same run. A watched turn's ns/run averages nginx's tracked socket with wrk's untracked one, so tracked = runs per request × average − (runs − 1) × floor:\n".into());
+    w("| program | floor ns/run | tracked ns/run | ratio (median turn) | ratio min–max | target |".into());
+    w("|---|---|---|---|---|---|".into());
+    if let Some(t) = o["tracked_path"].as_object() {
+        for p in t.values() {
+            w(format!(
+                "| {} | {} | {} | {} | {}–{} | ≤ {}: {} |",
+                p["program"].as_str().unwrap_or(""),
+                f(&p["floor_ns"]),
+                f(&p["tracked_ns"]),
+                f(&p["ratio"]),
+                f(&p["ratio_turns"]["min"]),
+                f(&p["ratio_turns"]["max"]),
+                f(&p["target_ratio"]),
+                verdict(p["met"].as_bool() == Some(true))
+            ));
         }
     }
     w(format!(

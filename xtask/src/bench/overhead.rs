@@ -117,38 +117,33 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
         }
     }
     // Kernel program costs, in turns of their own: bpf_stats reads the clock twice per program
-    // run, which would weigh on the throughput rounds above.
+    // run, which would weigh on the throughput rounds above. The three turns of a round (port
+    // not watched, sock set, syscall set) alternate, rotating, so that the floor and the tracked
+    // cost of one round are measured side by side.
     let turns = plan.rounds.min(3);
+    let mut untracked = Watched::new("sock");
     sysctl("kernel.bpf_stats_enabled", "1")?;
-    for side in &mut sets {
-        for k in 0..turns {
-            let d = Daemon::start(
-                work,
-                &format!("cost-{}-{k}", side.set),
-                &config(side.set),
-                &[],
-            )?;
+    for k in 0..turns {
+        for turn in (0..3).map(|t| (t + k) % 3) {
+            let (side, name, cfg) = match turn {
+                0 => (
+                    &mut untracked,
+                    "untracked",
+                    config_for("sock", free_port()?),
+                ),
+                t => {
+                    let side = &mut sets[t - 1];
+                    let set = side.set;
+                    (side, set, config(set))
+                }
+            };
+            let d = Daemon::start(work, &format!("cost-{name}-{k}"), &cfg, &[])?;
             let (progs, per_req) = cost_turn(&d, &dir, port, conns, plan.round_secs)?;
             for (name, v) in progs {
                 side.progs.entry(name).or_default().push(v);
             }
             side.kernel_per_req.push(per_req);
         }
-    }
-    // The sock set watching another port: what every socket that is not watched pays.
-    let mut untracked = Watched::new("sock");
-    for k in 0..turns {
-        let d = Daemon::start(
-            work,
-            &format!("cost-untracked-{k}"),
-            &config_for("sock", free_port()?),
-            &[],
-        )?;
-        let (progs, per_req) = cost_turn(&d, &dir, port, conns, plan.round_secs)?;
-        for (name, v) in progs {
-            untracked.progs.entry(name).or_default().push(v);
-        }
-        untracked.kernel_per_req.push(per_req);
     }
     sysctl("kernel.bpf_stats_enabled", "0")?;
 
@@ -167,6 +162,8 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
             "rss_mib": rss_kib(d.pid())? as f64 / 1024.0,
         }));
     }
+    let tracked = tracked_path(&sets[0], &untracked);
+    let resolution = resolution(&base, &sets[0].rounds);
     let [sock, syscalls] = sets.map(|w| w.summary(&base));
     let mut out = sock;
     let o = out.as_object_mut().expect("an object");
@@ -180,6 +177,8 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
         ("daemon", json!(daemon)),
         ("peak_rss_mib", json!(peak_kib as f64 / 1024.0)),
         ("untracked_programs", untracked.programs()),
+        ("tracked_path", tracked),
+        ("throughput_resolution", resolution),
         (
             "untracked_kernel_ns_per_request",
             json!(super::percentile(&untracked.kernel_per_req, 50.0)),
@@ -188,6 +187,71 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
         o.insert(k.into(), v);
     }
     Ok(out)
+}
+
+/// A tracked request's own kernel work per recv and per send, against the floor (the same
+/// program on a socket of a port nobody watches) measured in the same rounds. A watched turn's
+/// ns/run averages nginx's tracked socket with wrk's untracked one: with `r` runs per request,
+/// one of them tracked, `tracked = r * average - (r - 1) * floor`.
+fn tracked_path(watched: &Watched, floor: &Watched) -> Value {
+    let mut out = serde_json::Map::new();
+    for (prog, key, target) in [
+        ("request_enter_recv", "recv", 2.0),
+        ("request_exit_send", "send", 1.5),
+    ] {
+        let (Some(w), Some(f)) = (watched.progs.get(prog), floor.progs.get(prog)) else {
+            continue;
+        };
+        let turns: Vec<(f64, f64)> = w
+            .iter()
+            .zip(f)
+            .map(|(&(avg, runs), &(floor, _))| (floor, runs * avg - (runs - 1.0) * floor))
+            .collect();
+        let ratios: Vec<f64> = turns.iter().map(|(f, t)| t / f).collect();
+        let floors: Vec<f64> = turns.iter().map(|t| t.0).collect();
+        let tracked: Vec<f64> = turns.iter().map(|t| t.1).collect();
+        let ratio = super::percentile(&ratios, 50.0);
+        out.insert(
+            key.into(),
+            json!({
+                "program": prog,
+                "floor_ns": super::percentile(&floors, 50.0),
+                "tracked_ns": super::percentile(&tracked, 50.0),
+                "ratio": ratio,
+                "ratio_turns": spread(&ratios),
+                "target_ratio": target,
+                "met": ratio <= target,
+            }),
+        );
+    }
+    Value::Object(out)
+}
+
+/// How finely the throughput rounds can tell watched from baseline: the spread of the
+/// per-round ratios, and how many rounds would make a 3 % difference two standard errors wide.
+fn resolution(base: &[Wrk], watched: &[Wrk]) -> Value {
+    let ratios: Vec<f64> = base
+        .iter()
+        .zip(watched)
+        .map(|(b, w)| w.rps / b.rps)
+        .collect();
+    let sd = stddev(&ratios);
+    let rps = rpss(base);
+    json!({
+        "rounds": ratios.len(),
+        "ratio_sd": sd,
+        "baseline_cv": stddev(&rps) / (rps.iter().sum::<f64>() / rps.len().max(1) as f64),
+        "rounds_to_resolve_3pct": (sd / 0.015).powi(2).ceil(),
+    })
+}
+
+/// Sample standard deviation (0 for fewer than two values).
+fn stddev(v: &[f64]) -> f64 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
 }
 
 /// The watched rounds of one probe set.
