@@ -7,6 +7,7 @@
 //! small size (under two minutes) into `target/bench-quick/`, so the test suite keeps this code
 //! working; its figures mean nothing.
 
+mod ablation;
 mod h2;
 mod lateness;
 mod overhead;
@@ -100,10 +101,11 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
 
     let wanted = |part: &str| only.is_none_or(|o| o == part);
     anyhow::ensure!(
-        only.is_none_or(
-            |o| ["overhead", "routes", "h2", "lateness", "scale", "stacks"].contains(&o)
-        ),
-        "--only takes overhead, routes, h2, lateness, scale or stacks"
+        only.is_none_or(|o| [
+            "overhead", "routes", "h2", "lateness", "scale", "stacks", "ablation"
+        ]
+        .contains(&o)),
+        "--only takes overhead, routes, h2, lateness, scale, stacks or ablation"
     );
     let mut overhead = Value::Null;
     if wanted("overhead") {
@@ -125,6 +127,11 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     if wanted("scale") {
         scale = scale::run(&plan, &work).context("scale benchmark")?;
     }
+    // Three more builds of the daemon: only when asked for by name.
+    let mut ablation = Value::Null;
+    if only == Some("ablation") {
+        ablation = ablation::run(&plan, &work).context("ablation benchmark")?;
+    }
     let mut stacks = Value::Null;
     if wanted("stacks") {
         stacks = stacks::run(&plan, &work).context("stacks benchmark")?;
@@ -139,6 +146,7 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
         "lateness": lateness,
         "scale": scale,
         "stacks": stacks,
+        "ablation": ablation,
     });
 
     let (out, figures) = if quick || only.is_some() {
@@ -184,6 +192,21 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
 {}",
                 run_line(&results),
                 stacks::summary(&results["stacks"])
+            ),
+        )?;
+    }
+    if !quick && only == Some("ablation") {
+        std::fs::write(
+            root().join("bench/results/ablation.json"),
+            serde_json::to_string_pretty(&results["ablation"])?,
+        )?;
+        splice_between(
+            "<!-- ablation:begin (written by cargo xtask bench --only ablation) -->",
+            "<!-- ablation:end -->",
+            &format!(
+                "{}\n{}",
+                run_line(&results),
+                ablation::summary(&results["ablation"])
             ),
         )?;
     }
@@ -501,17 +524,21 @@ fn summary(r: &Value) -> String {
         f(&o["syscalls"]["watched_rps"]["median"])
     ));
     let res = &o["throughput_resolution"];
-    w(format!(
-        "These rounds cannot resolve a few per cent: the baseline moves {} % between rounds \
+    if res["rounds"].as_u64().unwrap_or(0) < 2 {
+        w("One round: no spread to report.\n".into());
+    } else {
+        w(format!(
+            "These rounds cannot resolve a few per cent: the baseline moves {} % between rounds \
          (coefficient of variation) and the per-round throughput ratio has a standard deviation \
          of {}; {} rounds would make a 3 % difference two standard errors wide. The kernel \
          cost below, measured per program run, is the figure this VM can resolve.\n",
-        f(&json!(
-            res["baseline_cv"].as_f64().unwrap_or(f64::NAN) * 100.0
-        )),
-        f(&res["ratio_sd"]),
-        f(&res["rounds_to_resolve_3pct"])
-    ));
+            f(&json!(
+                res["baseline_cv"].as_f64().unwrap_or(f64::NAN) * 100.0
+            )),
+            f(&res["ratio_sd"]),
+            f(&res["rounds_to_resolve_3pct"])
+        ));
+    }
     w("### 2. In-kernel cost (kernel.bpf_stats_enabled=1, in turns of their own)\n".into());
     w("| probe set | program | ns per run (median round) | runs per request | target |".into());
     w("|---|---|---|---|---|".into());
@@ -542,10 +569,16 @@ fn summary(r: &Value) -> String {
     w("\nA tracked request's own run of the recv and send programs, against the same program on a socket nobody watches (the floor), turns alternating in the same run. A watched turn's ns/run averages nginx's tracked socket with wrk's untracked one, so tracked = runs per request × average − (runs − 1) × floor:\n".into());
     w("| program | floor ns/run | tracked ns/run | ratio (median turn) | ratio min–max | target |".into());
     w("|---|---|---|---|---|---|".into());
-    if let Some(t) = o["tracked_path"].as_object() {
+    for (key, note) in [
+        ("tracked_path", ""),
+        ("tracked_path_no_upgrades", ", `upgrades = false`"),
+    ] {
+        let Some(t) = o[key].as_object() else {
+            continue;
+        };
         for p in t.values() {
             w(format!(
-                "| {} | {} | {} | {} | {}–{} | ≤ {}: {} |",
+                "| {}{note} | {} | {} | {} | {}–{} | ≤ {}: {} |",
                 p["program"].as_str().unwrap_or(""),
                 f(&p["floor_ns"]),
                 f(&p["tracked_ns"]),

@@ -117,19 +117,25 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
         }
     }
     // Kernel program costs, in turns of their own: bpf_stats reads the clock twice per program
-    // run, which would weigh on the throughput rounds above. The three turns of a round (port
-    // not watched, sock set, syscall set) alternate, rotating, so that the floor and the tracked
-    // cost of one round are measured side by side.
+    // run, which would weigh on the throughput rounds above. The four turns of a round (port
+    // not watched, sock set, syscall set, sock set with `upgrades = false`) alternate, rotating,
+    // so that the floor and the tracked cost of one round are measured side by side.
     let turns = plan.rounds.min(3);
     let mut untracked = Watched::new("sock");
+    let mut no_upgrades = Watched::new("sock");
     sysctl("kernel.bpf_stats_enabled", "1")?;
     for k in 0..turns {
-        for turn in (0..3).map(|t| (t + k) % 3) {
+        for turn in (0..4).map(|t| (t + k) % 4) {
             let (side, name, cfg) = match turn {
                 0 => (
                     &mut untracked,
                     "untracked",
                     config_for("sock", free_port()?),
+                ),
+                3 => (
+                    &mut no_upgrades,
+                    "no-upgrades",
+                    config("sock") + "upgrades = false\n",
                 ),
                 t => {
                     let side = &mut sets[t - 1];
@@ -163,6 +169,7 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
         }));
     }
     let tracked = tracked_path(&sets[0], &untracked);
+    let tracked_no_upgrades = tracked_path(&no_upgrades, &untracked);
     let resolution = resolution(&base, &sets[0].rounds);
     let [sock, syscalls] = sets.map(|w| w.summary(&base));
     let mut out = sock;
@@ -178,6 +185,7 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
         ("peak_rss_mib", json!(peak_kib as f64 / 1024.0)),
         ("untracked_programs", untracked.programs()),
         ("tracked_path", tracked),
+        ("tracked_path_no_upgrades", tracked_no_upgrades),
         ("throughput_resolution", resolution),
         (
             "untracked_kernel_ns_per_request",
