@@ -174,6 +174,33 @@ impl Pidfds {
     }
 }
 
+/// A signal target whose pidfd this batch already holds, found before the kernel was re-read
+/// for a step: a check taken after `pinned` returned it was taken after the target was pinned,
+/// which is all `signal` does before sending (`signal_pinned`).
+pub struct PinnedTarget {
+    target: Target,
+    tgid: u32,
+    tid: u32,
+}
+
+/// `Some` if the pidfd `signal` would use for this target is already open in `fds`.
+pub fn pinned(fds: &Pidfds, target: Target, tgid: u32, tid: u32) -> Option<PinnedTarget> {
+    let key = match target {
+        Target::Process => (tgid, 0),
+        Target::Thread => (tid, PIDFD_THREAD),
+    };
+    fds.0
+        .contains_key(&key)
+        .then_some(PinnedTarget { target, tgid, tid })
+}
+
+/// Sends `sig` through a pidfd that was open before the caller's last `still_valid` check
+/// (`pinned`), with nothing but pure decisions between that check and this call: the same
+/// guarantee as `signal`, without reading the kernel a second time.
+pub fn signal_pinned(fds: &mut Pidfds, pin: PinnedTarget, sig: Signal) -> Outcome {
+    signal(fds, pin.target, pin.tgid, pin.tid, sig, || true)
+}
+
 enum Pinned<'a> {
     Kept(&'a OwnedFd),
     Own(OwnedFd),

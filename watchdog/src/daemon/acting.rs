@@ -176,6 +176,8 @@ impl Acting {
                 until = until.min(t);
             }
             let (ring_ready, ring_failed, woken) = self.wait(until.saturating_sub(now), ring_ok);
+            // Owners' facts as of this wake-up: its events and due steps read each owner once.
+            self.st.facts = process::FactsCache::default();
             if woken {
                 self.drain_wake();
                 while let Ok(cmd) = self.rx.try_recv() {
@@ -302,13 +304,14 @@ impl Acting {
                 "burst of kernel events"
             );
         }
-        let mut facts = process::FactsCache::default();
+        let mut facts = std::mem::take(&mut self.st.facts);
         for ev in batch {
             match ev {
                 Some(ev) => self.st.on_event(ev, &mut facts),
                 None => warn!("undecodable kernel event (layout mismatch?)"),
             }
         }
+        self.st.facts = facts;
     }
 
     /// After the ring failed: reopen it from its pin. The backstop sweeps the table for what

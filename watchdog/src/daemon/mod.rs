@@ -94,6 +94,9 @@ struct State {
     sweeper: sweeper::Sweeper,
     /// Targets pinned during the current batch (`actions::Pidfds`).
     pidfds: actions::Pidfds,
+    /// Owners' /proc facts, read once per wake-up of the acting thread: its events and its due
+    /// steps share them (`acting.rs` clears them before each wake-up's work).
+    facts: process::FactsCache,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. `observe_forced` (`--observe`) holds across reloads.
@@ -165,6 +168,7 @@ pub async fn run(
         diagnoses: diagnose::Cache::default(),
         sweeper,
         pidfds: actions::Pidfds::default(),
+        facts: process::FactsCache::default(),
         observe_forced,
         kills: step::KillQueries::new(status_reader.clone(), kill_tx),
     };

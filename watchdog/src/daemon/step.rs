@@ -104,7 +104,7 @@ impl State {
         // most once a second per process.
         let mut cache = std::mem::take(&mut self.diagnoses);
         cache.next_batch();
-        let mut facts = process::FactsCache::default();
+        let mut facts = std::mem::take(&mut self.facts);
         // Act on the whole batch first and account after: a deadline late in a batch does not
         // wait for the metrics, records and log lines of the ones before it (the log lines and
         // event writes are the reporter thread's).
@@ -160,6 +160,7 @@ impl State {
             done.push((decided, outcome, at));
         }
         self.diagnoses = cache;
+        self.facts = facts;
         self.pidfds.clear();
         let t1 = now_ns();
         let n = done.len();
@@ -240,8 +241,17 @@ impl State {
             tid: c.tid,
             ..Default::default()
         });
+        // A signal whose target this batch has pinned already: the check below is taken after
+        // the pin, so when nothing slow runs between it and the signal (a diagnosis read now, a
+        // stack, a worker count), the action sends without reading the kernel again.
+        let pin = match due.step.action {
+            Action::Signal(_) => actions::pinned(&self.pidfds, due.step.target, c.tgid, c.tid),
+            _ => None,
+        };
+        let fresh_diagnosis = due.index == 0 && !cache.has(c.tgid, c.tid);
         // Read once for the diagnosis and the chain (again after a stack read, which takes
-        // time); the action reads it once more after opening its target (`actions.rs`).
+        // time); the action reads it once more after opening its target (`actions.rs`), unless
+        // it was pinned before this read and nothing slow came between.
         let current = valid();
         let diagnosis = (due.index == 0 && current).then(|| {
             let cgroup = (!facts.cgroup.is_empty()).then(|| facts.cgroup.clone());
@@ -252,6 +262,10 @@ impl State {
         // spent; the rest act at once (their records say why they have no stack).
         let captured = stacks.filter(|_| diagnosis.is_some()).unwrap_or_default();
         let (stack, native_stack) = (captured.stack, captured.native);
+        let quick = !(fresh_diagnosis && current)
+            && stack.is_none()
+            && native_stack.is_none()
+            && policy.min_workers.is_none();
         let diagnosed = now_ns();
         let mode = self.cfg.mode_of(policy);
         let workers = &self.workers;
@@ -287,14 +301,17 @@ impl State {
             Verdict::Logged => Outcome::Delivered,
             Verdict::Observed => Outcome::Observed,
             Verdict::Act => match due.step.action {
-                Action::Signal(sig) => actions::signal(
-                    &mut self.pidfds,
-                    due.step.target,
-                    c.tgid,
-                    c.tid,
-                    sig.0,
-                    valid,
-                ),
+                Action::Signal(sig) => match pin {
+                    Some(pin) if quick => actions::signal_pinned(&mut self.pidfds, pin, sig.0),
+                    _ => actions::signal(
+                        &mut self.pidfds,
+                        due.step.target,
+                        c.tgid,
+                        c.tid,
+                        sig.0,
+                        valid,
+                    ),
+                },
                 Action::Reset => actions::reset(&c, valid),
                 Action::Log => Outcome::Delivered,
                 Action::KillQuery => match self.start_kill_query(decided) {

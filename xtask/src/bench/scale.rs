@@ -3,6 +3,11 @@
 //! together, enforced: each is signalled (SIGWINCH to the owning thread, which the servers
 //! ignore, so they survive) with the breaker out of the way: every one acted on, how late,
 //! whether any event was lost.
+//!
+//! For working on the bursts alone (`--only scale`): `WATCHDOG_BENCH_BURSTS=5000,5000,1000`
+//! sends those bursts instead of the plan's (each on connections of its own, so their sum stays
+//! within the largest level), and `WATCHDOG_BENCH_SKIP_LEVELS=1` opens the connections without
+//! measuring each level's footprint. Neither changes the full bench.
 
 use std::{
     io::Write,
@@ -25,8 +30,17 @@ const BUDGET_MS: u64 = 2000;
 
 pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
     let max = *plan.levels.iter().max().context("no levels")?;
+    let burst_sizes = match std::env::var("WATCHDOG_BENCH_BURSTS") {
+        Ok(v) => v
+            .split(',')
+            .map(|n| n.trim().parse::<usize>())
+            .collect::<Result<Vec<_>, _>>()
+            .context("WATCHDOG_BENCH_BURSTS: a comma-separated list of request counts")?,
+        Err(_) => plan.bursts.clone(),
+    };
+    let skip_levels = std::env::var_os("WATCHDOG_BENCH_SKIP_LEVELS").is_some();
     ensure!(
-        max >= plan.bursts.iter().sum::<usize>(),
+        max >= burst_sizes.iter().sum::<usize>(),
         "the bursts need their own connections"
     );
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
@@ -75,7 +89,10 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
         .map(|p| Holder::start(&dir, *p))
         .collect::<Result<Vec<_>>>()?;
 
-    let mut levels = vec![level(&d, 0)?];
+    let mut levels = Vec::new();
+    if !skip_levels {
+        levels.push(level(&d, 0)?);
+    }
     for &n in &plan.levels {
         // Spread evenly: holder k holds its share of n.
         for (k, h) in holders.iter_mut().enumerate() {
@@ -86,13 +103,15 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
             tracked == n as f64,
             "{tracked} connections tracked of {n} open"
         );
-        levels.push(level(&d, n)?);
+        if !skip_levels {
+            levels.push(level(&d, n)?);
+        }
     }
 
     // Bursts, each on connections of its own, sent by every holder at once: all requests are
     // out before any deadline can fall, so the deadlines land within the time it takes to send.
     let mut bursts = Vec::new();
-    for &n in &plan.bursts {
+    for &n in &burst_sizes {
         let before_events = d.events()?.len();
         let lost0 = metric(&d.metrics, "watchdog_events_lost_total")?;
         let recovered0 = metric(&d.metrics, "watchdog_deadlines_recovered_total")?;
