@@ -1,18 +1,19 @@
 //! Facts about a process from /proc, for policy selection and the safety rules.
 
-use std::{collections::HashMap, fs};
+use std::{collections::HashMap, fs, sync::Arc};
 
 /// `facts` read once per (process, thread) within one batch of kernel events or due steps: a
 /// burst of requests owned by one thread (an event loop) reads /proc once, not per request. A
 /// batch spans milliseconds; every action still re-checks the kernel's view first.
 #[derive(Default)]
-pub struct FactsCache(HashMap<(u32, u32), Option<ProcessFacts>>);
+/// Shared, not copied: each request of a burst holds the same facts.
+pub struct FactsCache(HashMap<(u32, u32), Option<Arc<ProcessFacts>>>);
 
 impl FactsCache {
-    pub fn get(&mut self, pid: u32, tid: u32) -> Option<ProcessFacts> {
+    pub fn get(&mut self, pid: u32, tid: u32) -> Option<Arc<ProcessFacts>> {
         self.0
             .entry((pid, tid))
-            .or_insert_with(|| facts(pid, tid))
+            .or_insert_with(|| facts(pid, tid).map(Arc::new))
             .clone()
     }
 }

@@ -57,40 +57,49 @@ pub struct ActionRecord {
 /// The last actions, for `watchdog status`.
 pub(super) type Recent = Arc<Mutex<VecDeque<ActionRecord>>>;
 
-/// The reporter thread's handle. Records are written in the order they were sent; the channel
-/// is unbounded, and what fills it is bounded by the actions taken (the breaker caps them).
+/// The reporter thread's handle. Records are written in the order they were sent, a batch of
+/// due steps at a time (one wake-up of this thread and one write to the event stream per
+/// batch); the channel is unbounded, and what fills it is bounded by the actions taken (the
+/// breaker caps them).
 pub(super) struct Reporter {
-    tx: Option<mpsc::Sender<ActionRecord>>,
+    tx: Option<mpsc::Sender<Vec<ActionRecord>>>,
     handle: Option<JoinHandle<()>>,
     pub(super) recent: Recent,
 }
 
 impl Reporter {
     pub(super) fn start(mut out: Option<Box<dyn Write + Send>>) -> anyhow::Result<Self> {
-        let (tx, rx) = mpsc::channel::<ActionRecord>();
+        let (tx, rx) = mpsc::channel::<Vec<ActionRecord>>();
         let recent: Recent = Arc::default();
         let keep = recent.clone();
         let handle = std::thread::Builder::new()
             .name("watchdog-report".into())
             .spawn(move || {
-                for record in rx {
-                    log_action(&record);
-                    if let Some(out) = &mut out {
-                        if let Ok(line) = serde_json::to_string(&record) {
-                            let _ = writeln!(out, "{line}");
-                            let _ = out.flush();
+                let mut lines = Vec::new();
+                for batch in rx {
+                    for record in &batch {
+                        log_action(record);
+                        if out.is_some() && serde_json::to_writer(&mut lines, record).is_ok() {
+                            lines.push(b'\n');
                         }
                     }
+                    if let Some(out) = &mut out {
+                        let _ = out.write_all(&lines);
+                        let _ = out.flush();
+                    }
+                    lines.clear();
                     let Ok(mut recent) = keep.lock() else {
                         continue;
                     };
-                    if recent.len() == RECENT_ACTIONS {
-                        recent.pop_front();
+                    for record in batch {
+                        if recent.len() == RECENT_ACTIONS {
+                            recent.pop_front();
+                        }
+                        recent.push_back(ActionRecord {
+                            diagnosis: None,
+                            ..record
+                        });
                     }
-                    recent.push_back(ActionRecord {
-                        diagnosis: None,
-                        ..record
-                    });
                 }
             })
             .context("starting the reporter thread")?;
@@ -111,11 +120,11 @@ impl Reporter {
 }
 
 impl State {
-    /// Hands an action's record to the reporter thread: it logs it, writes it to the event
-    /// stream and remembers it for `watchdog status`.
-    pub(super) fn report(&mut self, record: ActionRecord) {
-        if let Some(tx) = &self.reporter.tx {
-            let _ = tx.send(record);
+    /// Hands actions' records to the reporter thread: it logs them, writes them to the event
+    /// stream and remembers them for `watchdog status`.
+    pub(super) fn report(&mut self, records: Vec<ActionRecord>) {
+        if let (Some(tx), false) = (&self.reporter.tx, records.is_empty()) {
+            let _ = tx.send(records);
         }
     }
 }

@@ -8,7 +8,7 @@ use super::*;
 /// A step that was decided: what its metrics and record need once its outcome is known.
 pub(super) struct Decided {
     due: Due,
-    facts: ProcessFacts,
+    facts: Arc<ProcessFacts>,
     diagnosis: Option<Arc<diagnose::Diagnosis>>,
     stack: Option<crate::stacks::StackReport>,
     native_stack: Option<crate::native::NativeReport>,
@@ -164,10 +164,11 @@ impl State {
         self.pidfds.clear();
         let t1 = now_ns();
         let n = done.len();
-        for (decided, outcome, at) in done {
-            let record = self.finish(decided, outcome, at);
-            self.report(record);
-        }
+        let records = done
+            .into_iter()
+            .map(|(decided, outcome, at)| self.finish(decided, outcome, at))
+            .collect();
+        self.report(records);
         if n >= BURST_LOG {
             info!(
                 steps = n,
@@ -182,7 +183,7 @@ impl State {
     /// way; a later step finds the request ended if the kill worked.
     pub(super) fn kill_done(&mut self, (decided, outcome, done): KillDone) {
         let record = self.finish(decided, outcome, done);
-        self.report(record);
+        self.report(vec![record]);
     }
 
     /// Hands a `kill_query` step to a worker thread; its outcome comes back through
@@ -236,10 +237,12 @@ impl State {
         let now = now_ns();
         let kernel = &self.kernel;
         let valid = || Self::still_valid(kernel, due.key, &c);
-        let facts = facts.get(c.tgid, c.tid).unwrap_or(ProcessFacts {
-            pid: c.tgid,
-            tid: c.tid,
-            ..Default::default()
+        let facts = facts.get(c.tgid, c.tid).unwrap_or_else(|| {
+            Arc::new(ProcessFacts {
+                pid: c.tgid,
+                tid: c.tid,
+                ..Default::default()
+            })
         });
         // A signal whose target this batch has pinned already: the check below is taken after
         // the pin, so when nothing slow runs between it and the signal (a diagnosis read now, a
