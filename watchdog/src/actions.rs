@@ -450,3 +450,44 @@ pub fn sock_destroy_supported() -> Result<(), String> {
     };
     sock_destroy(&conn).map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn a_pinned_target_is_signalled_through_its_batch_pidfd_and_never_after_it_is_gone() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut fds = Pidfds::default();
+        assert!(pinned(&fds, Target::Process, pid, pid).is_none());
+        // The check runs after the pin, and says no: nothing is sent.
+        assert_eq!(
+            signal(&mut fds, Target::Process, pid, pid, Signal::SIGKILL, || {
+                false
+            }),
+            Outcome::Ended
+        );
+        let pin = pinned(&fds, Target::Process, pid, pid).expect("pinned by the first step");
+        assert!(pinned(&fds, Target::Thread, pid, pid).is_none());
+        assert_eq!(
+            signal_pinned(&mut fds, pin, Signal::SIGKILL),
+            Outcome::Delivered
+        );
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+        // Reaped: its pid may be handed out again, but the batch's pidfd names the old process.
+        let pin = pinned(&fds, Target::Process, pid, pid).unwrap();
+        assert_eq!(
+            signal_pinned(&mut fds, pin, Signal::SIGKILL),
+            Outcome::TargetGone
+        );
+        fds.clear();
+        assert!(pinned(&fds, Target::Process, pid, pid).is_none());
+    }
+}
