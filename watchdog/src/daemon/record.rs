@@ -58,8 +58,7 @@ pub struct ActionRecord {
 pub(super) type Recent = Arc<Mutex<VecDeque<ActionRecord>>>;
 
 /// The reporter thread's handle. Records are written in the order they were sent, a batch of
-/// due steps at a time (one wake-up of this thread and one write to the event stream per
-/// batch); the channel is unbounded, and what fills it is bounded by the actions taken (the
+/// due steps at a time (one wake-up of this thread per batch); the channel is unbounded, and what fills it is bounded by the actions taken (the
 /// breaker caps them).
 pub(super) struct Reporter {
     tx: Option<mpsc::Sender<Vec<ActionRecord>>>,
@@ -75,19 +74,23 @@ impl Reporter {
         let handle = std::thread::Builder::new()
             .name("watchdog-report".into())
             .spawn(move || {
-                let mut lines = Vec::new();
+                let mut line = Vec::new();
                 for batch in rx {
                     for record in &batch {
                         log_action(record);
-                        if out.is_some() && serde_json::to_writer(&mut lines, record).is_ok() {
-                            lines.push(b'\n');
+                        // One write per line, newline included: a reader of the stream never
+                        // sees part of a record (a batch in one write, 300 KB, it did).
+                        if let Some(out) = &mut out {
+                            line.clear();
+                            if serde_json::to_writer(&mut line, record).is_ok() {
+                                line.push(b'\n');
+                                let _ = out.write_all(&line);
+                            }
                         }
                     }
                     if let Some(out) = &mut out {
-                        let _ = out.write_all(&lines);
                         let _ = out.flush();
                     }
-                    lines.clear();
                     let Ok(mut recent) = keep.lock() else {
                         continue;
                     };
