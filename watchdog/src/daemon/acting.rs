@@ -177,7 +177,7 @@ impl Acting {
             }
             let (ring_ready, ring_failed, woken) = self.wait(until.saturating_sub(now), ring_ok);
             // Owners' facts as of this wake-up: its events and due steps read each owner once.
-            self.st.facts = process::FactsCache::default();
+            self.st.facts = process::FactsCache::new(policy::uses_lineage(&self.st.cfg));
             if woken {
                 self.drain_wake();
                 while let Ok(cmd) = self.rx.try_recv() {
