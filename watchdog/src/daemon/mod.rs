@@ -120,7 +120,7 @@ pub async fn run(
 
     let slots: SlotMap = Arc::new(RwLock::new(Vec::new()));
     let mut registry = Registry::default();
-    let metrics = Metrics::register(
+    let mut metrics = Metrics::register(
         &mut registry,
         Some(kernel.counters()),
         slots.clone(),
@@ -139,7 +139,10 @@ pub async fn run(
     let (status_tx, mut status_rx) = mpsc::channel::<StatusRequest>(8);
     let status_task = tokio::spawn(api::serve_status(status, status_tx));
 
-    let reporter = record::Reporter::start(open_events(&cfg.events)?)?;
+    let reporter = record::Reporter::start(
+        open_events(&cfg.events)?,
+        step::Accounting::of(&mut metrics),
+    )?;
     // A second handle on the connection table, for reads off the acting thread (the status
     // document, the backstop's sweeps, kill_query's re-check).
     let status_reader = Arc::new(

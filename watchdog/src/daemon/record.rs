@@ -61,21 +61,29 @@ pub(super) type Recent = Arc<Mutex<VecDeque<ActionRecord>>>;
 /// due steps at a time (one wake-up of this thread per batch); the channel is unbounded, and what fills it is bounded by the actions taken (the
 /// breaker caps them).
 pub(super) struct Reporter {
-    tx: Option<mpsc::Sender<Vec<ActionRecord>>>,
+    tx: Option<mpsc::Sender<Vec<step::KillDone>>>,
     handle: Option<JoinHandle<()>>,
     pub(super) recent: Recent,
 }
 
 impl Reporter {
-    pub(super) fn start(mut out: Option<Box<dyn Write + Send>>) -> anyhow::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Vec<ActionRecord>>();
+    pub(super) fn start(
+        mut out: Option<Box<dyn Write + Send>>,
+        mut accounting: step::Accounting,
+    ) -> anyhow::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Vec<step::KillDone>>();
         let recent: Recent = Arc::default();
         let keep = recent.clone();
         let handle = std::thread::Builder::new()
             .name("watchdog-report".into())
             .spawn(move || {
                 let mut line = Vec::new();
-                for batch in rx {
+                for done in rx {
+                    // Metrics first, then the lines: a record in the stream is counted already.
+                    let batch: Vec<ActionRecord> = done
+                        .into_iter()
+                        .map(|(decided, outcome, at)| accounting.finish(decided, outcome, at))
+                        .collect();
                     for record in &batch {
                         log_action(record);
                         // One write per line, newline included: a reader of the stream never
@@ -123,11 +131,12 @@ impl Reporter {
 }
 
 impl State {
-    /// Hands actions' records to the reporter thread: it logs them, writes them to the event
-    /// stream and remembers them for `watchdog status`.
-    pub(super) fn report(&mut self, records: Vec<ActionRecord>) {
-        if let (Some(tx), false) = (&self.reporter.tx, records.is_empty()) {
-            let _ = tx.send(records);
+    /// Hands a batch of carried-out steps to the reporter thread: it counts them (metrics),
+    /// makes their records, logs them, writes them to the event stream and remembers them for
+    /// `watchdog status`.
+    pub(super) fn report(&mut self, steps: Vec<step::KillDone>) {
+        if let (Some(tx), false) = (&self.reporter.tx, steps.is_empty()) {
+            let _ = tx.send(steps);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! One batch of due ladder steps: the diagnosis, the enforcement chain (`decide.rs`), the
-//! action; then, once every step of the batch has acted, their metrics and records. A
+//! action; then, once every step of the batch has acted, their metrics and records, made on
+//! the reporter thread (`Accounting`, `record.rs`). A
 //! `kill_query` step runs on a thread of its own (`mysql.rs`); its record is made when that
 //! thread reports back (`State::kill_done`).
 
@@ -106,8 +107,8 @@ impl State {
         cache.next_batch();
         let mut facts = std::mem::take(&mut self.facts);
         // Act on the whole batch first and account after: a deadline late in a batch does not
-        // wait for the metrics, records and log lines of the ones before it (the log lines and
-        // event writes are the reporter thread's).
+        // wait for the metrics, records and log lines of the ones before it, and the next
+        // batch does not either (they are the reporter thread's).
         let mut done = Vec::new();
         let t0 = now_ns();
         let batch = self
@@ -164,17 +165,13 @@ impl State {
         self.pidfds.clear();
         let t1 = now_ns();
         let n = done.len();
-        let records = done
-            .into_iter()
-            .map(|(decided, outcome, at)| self.finish(decided, outcome, at))
-            .collect();
-        self.report(records);
+        self.report(done);
         if n >= BURST_LOG {
             info!(
                 steps = n,
                 acting_ms = t1.saturating_sub(t0) as f64 / 1e6,
-                accounting_ms = now_ns().saturating_sub(t1) as f64 / 1e6,
-                "burst of due steps: all acted on before any was accounted"
+                handoff_ms = now_ns().saturating_sub(t1) as f64 / 1e6,
+                "burst of due steps: all acted on, then handed to the reporter thread (metrics, records)"
             );
         }
     }
@@ -182,8 +179,7 @@ impl State {
     /// A `kill_query` thread reported back: its metrics and record. The ladder goes on either
     /// way; a later step finds the request ended if the kill worked.
     pub(super) fn kill_done(&mut self, (decided, outcome, done): KillDone) {
-        let record = self.finish(decided, outcome, done);
-        self.report(vec![record]);
+        self.report(vec![(decided, outcome, done)]);
     }
 
     /// Hands a `kill_query` step to a worker thread; its outcome comes back through
@@ -350,9 +346,33 @@ impl State {
         }
         Some((outcome, decided, now_ns()))
     }
+}
+
+/// What a step's accounting updates: the action counters and the lateness histogram (handles
+/// on the daemon's metrics) and the namespaces that keep a label of their own. The reporter
+/// thread owns it (`record.rs`): a burst's accounting runs beside its actions, not in front
+/// of the next batch's.
+pub(super) struct Accounting {
+    actions: prometheus_client::metrics::family::Family<
+        ActionLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    lateness: prometheus_client::metrics::histogram::Histogram,
+    namespaces: crate::pods::NamespaceLabels,
+}
+
+impl Accounting {
+    /// Handles on `metrics`' action counters and lateness; the namespace labels move here.
+    pub(super) fn of(metrics: &mut Metrics) -> Self {
+        Self {
+            actions: metrics.actions.clone(),
+            lateness: metrics.lateness.clone(),
+            namespaces: std::mem::take(&mut metrics.namespaces),
+        }
+    }
 
     /// A step's metrics and record, once its outcome is known (`done`: when it was).
-    fn finish(&mut self, d: Decided, outcome: Outcome, done: u64) -> ActionRecord {
+    pub(super) fn finish(&mut self, d: Decided, outcome: Outcome, done: u64) -> ActionRecord {
         let Decided {
             due,
             facts,
@@ -371,11 +391,10 @@ impl State {
             outcome,
             Outcome::Delivered | Outcome::ShutDown | Outcome::Killed(_)
         ) {
-            self.metrics.lateness.observe(lateness as f64 / 1e9);
+            self.lateness.observe(lateness as f64 / 1e9);
         }
         let action = due.step.action.label();
-        self.metrics
-            .actions
+        self.actions
             .get_or_create(&ActionLabels {
                 policy: policy.name.clone(),
                 route: due.about.route.clone(),
@@ -383,7 +402,6 @@ impl State {
                 result: outcome.label().into(),
                 reason: due.key.reason.label().into(),
                 namespace: self
-                    .metrics
                     .namespaces
                     .label(facts.pod.as_ref().map(|n| n.namespace.as_str())),
             })
