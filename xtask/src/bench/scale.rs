@@ -7,7 +7,9 @@
 //! For working on the bursts alone (`--only scale`): `WATCHDOG_BENCH_BURSTS=5000,5000,1000`
 //! sends those bursts instead of the plan's (each on connections of its own, so their sum stays
 //! within the largest level), and `WATCHDOG_BENCH_SKIP_LEVELS=1` opens the connections without
-//! measuring each level's footprint. Neither changes the full bench.
+//! measuring each level's footprint; `WATCHDOG_BENCH_DAEMON=/path/to/watchdog` runs another
+//! build of the daemon (a baseline, side by side under the same load). None changes the full
+//! bench.
 
 use std::{
     io::Write,
@@ -83,7 +85,10 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
          signal = \"SIGWINCH\"\ntarget = \"thread\"\n\
          breaker = {{ max_actions = 100000, window = \"1m\", cooldown = \"1s\" }}\n"
     );
-    let d = Daemon::start(work, "scale", &config, &[])?;
+    let d = match std::env::var_os("WATCHDOG_BENCH_DAEMON") {
+        Some(bin) => Daemon::start_bin(Path::new(&bin), work, "scale", &config, &[])?,
+        None => Daemon::start(work, "scale", &config, &[])?,
+    };
     let mut holders = ports
         .iter()
         .map(|p| Holder::start(&dir, *p))
