@@ -7,8 +7,9 @@
 //!
 //! Bounded work per wake-up: at most `MAX_EVENTS_PER_WAKE` events are read from the ring and
 //! at most `MAX_STEPS_PER_WAKE` due steps are taken before it polls again (what is left is
-//! still due, so the next poll returns at once, after any command). The records, log lines and
-//! event writes of a batch go to the reporter thread (`record.rs`), after the batch's actions.
+//! still due, so the next poll returns at once, after any command). The metrics, records, log
+//! lines and event writes of a batch are the reporter thread's (`record.rs`), after the
+//! batch's actions. Owners' /proc facts are read once per wake-up, for its events and its steps.
 
 use std::{
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
