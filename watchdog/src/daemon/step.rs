@@ -101,7 +101,7 @@ fn kill_one(job: KillJob, reader: &crate::loader::ConnsReader) -> KillDone {
 
 impl State {
     pub(super) fn run_due(&mut self) {
-        // Thread states as of the batch's start, read once per thread; connection lists at
+        // Thread states read once per thread for a few batches (5 ms); connection lists at
         // most once a second per process.
         let mut cache = std::mem::take(&mut self.diagnoses);
         cache.next_batch();
@@ -247,14 +247,14 @@ impl State {
             Action::Signal(_) => actions::pinned(&self.pidfds, due.step.target, c.tgid, c.tid),
             _ => None,
         };
-        let fresh_diagnosis = due.index == 0 && !cache.has(c.tgid, c.tid);
+        let fresh_diagnosis = due.index == 0 && !cache.has(c.tgid, c.tid, c.owner_life);
         // Read once for the diagnosis and the chain (again after a stack read, which takes
         // time); the action reads it once more after opening its target (`actions.rs`), unless
         // it was pinned before this read and nothing slow came between.
         let current = valid();
         let diagnosis = (due.index == 0 && current).then(|| {
             let cgroup = (!facts.cgroup.is_empty()).then(|| facts.cgroup.clone());
-            diagnose::capture(c.tgid, c.tid, cgroup, cache)
+            diagnose::capture(c.tgid, c.tid, c.owner_life, cgroup, cache)
         });
         // The owner's Python stack and native frames, before the first action, within their
         // time limit. A burst of deadlines reads stacks until the batch's share of time is
