@@ -174,6 +174,33 @@ impl Pidfds {
     }
 }
 
+/// A signal target whose pidfd this batch already holds, found before the kernel was re-read
+/// for a step: a check taken after `pinned` returned it was taken after the target was pinned,
+/// which is all `signal` does before sending (`signal_pinned`).
+pub struct PinnedTarget {
+    target: Target,
+    tgid: u32,
+    tid: u32,
+}
+
+/// `Some` if the pidfd `signal` would use for this target is already open in `fds`.
+pub fn pinned(fds: &Pidfds, target: Target, tgid: u32, tid: u32) -> Option<PinnedTarget> {
+    let key = match target {
+        Target::Process => (tgid, 0),
+        Target::Thread => (tid, PIDFD_THREAD),
+    };
+    fds.0
+        .contains_key(&key)
+        .then_some(PinnedTarget { target, tgid, tid })
+}
+
+/// Sends `sig` through a pidfd that was open before the caller's last `still_valid` check
+/// (`pinned`), with nothing but pure decisions between that check and this call: the same
+/// guarantee as `signal`, without reading the kernel a second time.
+pub fn signal_pinned(fds: &mut Pidfds, pin: PinnedTarget, sig: Signal) -> Outcome {
+    signal(fds, pin.target, pin.tgid, pin.tid, sig, || true)
+}
+
 enum Pinned<'a> {
     Kept(&'a OwnedFd),
     Own(OwnedFd),
@@ -422,4 +449,45 @@ pub fn sock_destroy_supported() -> Result<(), String> {
         ..ConnInfo::default()
     };
     sock_destroy(&conn).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn a_pinned_target_is_signalled_through_its_batch_pidfd_and_never_after_it_is_gone() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut fds = Pidfds::default();
+        assert!(pinned(&fds, Target::Process, pid, pid).is_none());
+        // The check runs after the pin, and says no: nothing is sent.
+        assert_eq!(
+            signal(&mut fds, Target::Process, pid, pid, Signal::SIGKILL, || {
+                false
+            }),
+            Outcome::Ended
+        );
+        let pin = pinned(&fds, Target::Process, pid, pid).expect("pinned by the first step");
+        assert!(pinned(&fds, Target::Thread, pid, pid).is_none());
+        assert_eq!(
+            signal_pinned(&mut fds, pin, Signal::SIGKILL),
+            Outcome::Delivered
+        );
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+        // Reaped: its pid may be handed out again, but the batch's pidfd names the old process.
+        let pin = pinned(&fds, Target::Process, pid, pid).unwrap();
+        assert_eq!(
+            signal_pinned(&mut fds, pin, Signal::SIGKILL),
+            Outcome::TargetGone
+        );
+        fds.clear();
+        assert!(pinned(&fds, Target::Process, pid, pid).is_none());
+    }
 }

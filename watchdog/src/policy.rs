@@ -27,6 +27,12 @@ pub fn selects(sel: &Selector, p: &ProcessFacts) -> bool {
         && (sel.container.is_empty() || any(&sel.container, names(|n| n.container.clone())))
 }
 
+/// Does a selector of `cfg` (a policy's or `[protect]`) name processes by pid, so that `selects`
+/// needs the owners' ancestors (`ProcessFacts::lineage`)?
+pub fn uses_lineage(cfg: &crate::config::Config) -> bool {
+    !cfg.protect.pids.is_empty() || cfg.policies.iter().any(|p| !p.selector.pids.is_empty())
+}
+
 /// The policy for a request on `port` owned by `p`: the first, in file order, whose ports and
 /// selector both match.
 pub fn select<'a>(cfg: &'a Config, port: u16, p: &ProcessFacts) -> Option<&'a Policy> {
@@ -147,6 +153,27 @@ pub fn nanos(d: Duration) -> u64 {
 mod tests {
     use super::*;
     use crate::config::Glob;
+
+    #[test]
+    fn lineage_is_read_only_for_a_pid_selector_and_then_reaches_init() {
+        let mut cfg = crate::config::Config::observe_everything();
+        assert!(!uses_lineage(&cfg));
+        let pid = std::process::id();
+        let alone = crate::process::FactsCache::new(false)
+            .get(pid, pid)
+            .unwrap();
+        assert_eq!(alone.lineage, vec![pid]);
+        let full = crate::process::FactsCache::new(true).get(pid, pid).unwrap();
+        assert_eq!(full.lineage.first(), Some(&pid));
+        assert_eq!(full.lineage.last(), Some(&1), "{:?}", full.lineage);
+        // A tree named by its root: the policy selects it only with the lineage.
+        cfg.protect.pids = vec![1];
+        assert!(uses_lineage(&cfg));
+        assert!(selects(&cfg.protect, &full) && !selects(&cfg.protect, &alone));
+        cfg.protect.pids.clear();
+        cfg.policies[0].selector.pids = vec![1];
+        assert!(uses_lineage(&cfg));
+    }
 
     fn facts() -> ProcessFacts {
         ProcessFacts {

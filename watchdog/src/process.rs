@@ -1,18 +1,38 @@
 //! Facts about a process from /proc, for policy selection and the safety rules.
 
-use std::{collections::HashMap, fs};
+use std::{collections::HashMap, fs, sync::Arc};
 
-/// `facts` read once per (process, thread) within one batch of kernel events or due steps: a
-/// burst of requests owned by one thread (an event loop) reads /proc once, not per request. A
-/// batch spans milliseconds; every action still re-checks the kernel's view first.
-#[derive(Default)]
-pub struct FactsCache(HashMap<(u32, u32), Option<ProcessFacts>>);
+/// `facts` read once per (process, thread) within one wake-up of the acting thread (its kernel
+/// events and its due steps): a burst of requests owned by one thread (an event loop) reads
+/// /proc once, not per request. A wake-up spans milliseconds; every action still re-checks the
+/// kernel's view first. Shared, not copied: each request of a burst holds the same facts.
+pub struct FactsCache {
+    facts: HashMap<(u32, u32), Option<Arc<ProcessFacts>>>,
+    lineage: bool,
+}
+
+impl Default for FactsCache {
+    fn default() -> Self {
+        Self::new(true)
+    }
+}
 
 impl FactsCache {
-    pub fn get(&mut self, pid: u32, tid: u32) -> Option<ProcessFacts> {
-        self.0
+    /// `lineage`: whether the facts need the process's ancestors (a `pids` selector of a policy
+    /// or of `[protect]`). Walking them reads one `stat` per ancestor, most of the cost of
+    /// `facts` for a server a few levels below init; without it, the lineage is the process.
+    pub fn new(lineage: bool) -> Self {
+        Self {
+            facts: HashMap::new(),
+            lineage,
+        }
+    }
+
+    pub fn get(&mut self, pid: u32, tid: u32) -> Option<Arc<ProcessFacts>> {
+        let lineage = self.lineage;
+        self.facts
             .entry((pid, tid))
-            .or_insert_with(|| facts(pid, tid))
+            .or_insert_with(|| read_facts(pid, tid, lineage).map(Arc::new))
             .clone()
     }
 }
@@ -41,6 +61,11 @@ const PF_KTHREAD: u32 = 0x0020_0000;
 
 /// Reads what the policy needs about `pid` (owner thread `tid`). `None` if the process is gone.
 pub fn facts(pid: u32, tid: u32) -> Option<ProcessFacts> {
+    read_facts(pid, tid, true)
+}
+
+/// `facts`, with the lineage only if `lineage` (else the process alone).
+fn read_facts(pid: u32, tid: u32, lineage: bool) -> Option<ProcessFacts> {
     let proc = procfs::process::Process::new(pid as i32).ok()?;
     let stat = proc.stat().ok()?;
     let exe = fs::read_link(format!("/proc/{pid}/exe"))
@@ -54,7 +79,11 @@ pub fn facts(pid: u32, tid: u32) -> Option<ProcessFacts> {
         exe,
         pod: crate::pods::names_of_cgroup(&cgroup),
         cgroup,
-        lineage: lineage(pid, stat.ppid as u32),
+        lineage: if lineage {
+            self::lineage(pid, stat.ppid as u32)
+        } else {
+            vec![pid]
+        },
         kernel_thread: stat.flags & PF_KTHREAD != 0,
     })
 }

@@ -7,8 +7,9 @@
 //!
 //! Bounded work per wake-up: at most `MAX_EVENTS_PER_WAKE` events are read from the ring and
 //! at most `MAX_STEPS_PER_WAKE` due steps are taken before it polls again (what is left is
-//! still due, so the next poll returns at once, after any command). The records, log lines and
-//! event writes of a batch go to the reporter thread (`record.rs`), after the batch's actions.
+//! still due, so the next poll returns at once, after any command). The metrics, records, log
+//! lines and event writes of a batch are the reporter thread's (`record.rs`), after the
+//! batch's actions. Owners' /proc facts are read once per wake-up, for its events and its steps.
 
 use std::{
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
@@ -176,6 +177,8 @@ impl Acting {
                 until = until.min(t);
             }
             let (ring_ready, ring_failed, woken) = self.wait(until.saturating_sub(now), ring_ok);
+            // Owners' facts as of this wake-up: its events and due steps read each owner once.
+            self.st.facts = process::FactsCache::new(policy::uses_lineage(&self.st.cfg));
             if woken {
                 self.drain_wake();
                 while let Ok(cmd) = self.rx.try_recv() {
@@ -302,13 +305,14 @@ impl Acting {
                 "burst of kernel events"
             );
         }
-        let mut facts = process::FactsCache::default();
+        let mut facts = std::mem::take(&mut self.st.facts);
         for ev in batch {
             match ev {
                 Some(ev) => self.st.on_event(ev, &mut facts),
                 None => warn!("undecodable kernel event (layout mismatch?)"),
             }
         }
+        self.st.facts = facts;
     }
 
     /// After the ring failed: reopen it from its pin. The backstop sweeps the table for what

@@ -94,6 +94,9 @@ struct State {
     sweeper: sweeper::Sweeper,
     /// Targets pinned during the current batch (`actions::Pidfds`).
     pidfds: actions::Pidfds,
+    /// Owners' /proc facts, read once per wake-up of the acting thread: its events and its due
+    /// steps share them (`acting.rs` clears them before each wake-up's work).
+    facts: process::FactsCache,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. `observe_forced` (`--observe`) holds across reloads.
@@ -117,7 +120,7 @@ pub async fn run(
 
     let slots: SlotMap = Arc::new(RwLock::new(Vec::new()));
     let mut registry = Registry::default();
-    let metrics = Metrics::register(
+    let mut metrics = Metrics::register(
         &mut registry,
         Some(kernel.counters()),
         slots.clone(),
@@ -136,7 +139,10 @@ pub async fn run(
     let (status_tx, mut status_rx) = mpsc::channel::<StatusRequest>(8);
     let status_task = tokio::spawn(api::serve_status(status, status_tx));
 
-    let reporter = record::Reporter::start(open_events(&cfg.events)?)?;
+    let reporter = record::Reporter::start(
+        open_events(&cfg.events)?,
+        step::Accounting::of(&mut metrics),
+    )?;
     // A second handle on the connection table, for reads off the acting thread (the status
     // document, the backstop's sweeps, kill_query's re-check).
     let status_reader = Arc::new(
@@ -165,6 +171,7 @@ pub async fn run(
         diagnoses: diagnose::Cache::default(),
         sweeper,
         pidfds: actions::Pidfds::default(),
+        facts: process::FactsCache::default(),
         observe_forced,
         kills: step::KillQueries::new(status_reader.clone(), kill_tx),
     };

@@ -57,40 +57,60 @@ pub struct ActionRecord {
 /// The last actions, for `watchdog status`.
 pub(super) type Recent = Arc<Mutex<VecDeque<ActionRecord>>>;
 
-/// The reporter thread's handle. Records are written in the order they were sent; the channel
-/// is unbounded, and what fills it is bounded by the actions taken (the breaker caps them).
+/// The reporter thread's handle. Records are written in the order they were sent, a batch of
+/// due steps at a time (one wake-up of this thread per batch); the channel is unbounded, and what fills it is bounded by the actions taken (the
+/// breaker caps them).
 pub(super) struct Reporter {
-    tx: Option<mpsc::Sender<ActionRecord>>,
+    tx: Option<mpsc::Sender<Vec<step::KillDone>>>,
     handle: Option<JoinHandle<()>>,
     pub(super) recent: Recent,
 }
 
 impl Reporter {
-    pub(super) fn start(mut out: Option<Box<dyn Write + Send>>) -> anyhow::Result<Self> {
-        let (tx, rx) = mpsc::channel::<ActionRecord>();
+    pub(super) fn start(
+        mut out: Option<Box<dyn Write + Send>>,
+        mut accounting: step::Accounting,
+    ) -> anyhow::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Vec<step::KillDone>>();
         let recent: Recent = Arc::default();
         let keep = recent.clone();
         let handle = std::thread::Builder::new()
             .name("watchdog-report".into())
             .spawn(move || {
-                for record in rx {
-                    log_action(&record);
-                    if let Some(out) = &mut out {
-                        if let Ok(line) = serde_json::to_string(&record) {
-                            let _ = writeln!(out, "{line}");
-                            let _ = out.flush();
+                let mut line = Vec::new();
+                for done in rx {
+                    // Metrics first, then the lines: a record in the stream is counted already.
+                    let batch: Vec<ActionRecord> = done
+                        .into_iter()
+                        .map(|(decided, outcome, at)| accounting.finish(decided, outcome, at))
+                        .collect();
+                    for record in &batch {
+                        log_action(record);
+                        // One write per line, newline included: a reader of the stream never
+                        // sees part of a record (a batch in one write, 300 KB, it did).
+                        if let Some(out) = &mut out {
+                            line.clear();
+                            if serde_json::to_writer(&mut line, record).is_ok() {
+                                line.push(b'\n');
+                                let _ = out.write_all(&line);
+                            }
                         }
+                    }
+                    if let Some(out) = &mut out {
+                        let _ = out.flush();
                     }
                     let Ok(mut recent) = keep.lock() else {
                         continue;
                     };
-                    if recent.len() == RECENT_ACTIONS {
-                        recent.pop_front();
+                    for record in batch {
+                        if recent.len() == RECENT_ACTIONS {
+                            recent.pop_front();
+                        }
+                        recent.push_back(ActionRecord {
+                            diagnosis: None,
+                            ..record
+                        });
                     }
-                    recent.push_back(ActionRecord {
-                        diagnosis: None,
-                        ..record
-                    });
                 }
             })
             .context("starting the reporter thread")?;
@@ -111,11 +131,12 @@ impl Reporter {
 }
 
 impl State {
-    /// Hands an action's record to the reporter thread: it logs it, writes it to the event
-    /// stream and remembers it for `watchdog status`.
-    pub(super) fn report(&mut self, record: ActionRecord) {
-        if let Some(tx) = &self.reporter.tx {
-            let _ = tx.send(record);
+    /// Hands a batch of carried-out steps to the reporter thread: it counts them (metrics),
+    /// makes their records, logs them, writes them to the event stream and remembers them for
+    /// `watchdog status`.
+    pub(super) fn report(&mut self, steps: Vec<step::KillDone>) {
+        if let (Some(tx), false) = (&self.reporter.tx, steps.is_empty()) {
+            let _ = tx.send(steps);
         }
     }
 }

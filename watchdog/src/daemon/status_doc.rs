@@ -130,7 +130,7 @@ impl StatusJob {
                     pid: c.tgid,
                     tid: c.tid,
                     pod: facts.as_ref().and_then(|f| f.pod.clone()),
-                    comm: facts.map(|f| f.comm).unwrap_or_default(),
+                    comm: facts.map(|f| f.comm.clone()).unwrap_or_default(),
                     age_ms: now.saturating_sub(c.start_ns) / 1_000_000,
                     budget_ms: policy
                         .as_ref()

@@ -1,5 +1,6 @@
 //! One batch of due ladder steps: the diagnosis, the enforcement chain (`decide.rs`), the
-//! action; then, once every step of the batch has acted, their metrics and records. A
+//! action; then, once every step of the batch has acted, their metrics and records, made on
+//! the reporter thread (`Accounting`, `record.rs`). A
 //! `kill_query` step runs on a thread of its own (`mysql.rs`); its record is made when that
 //! thread reports back (`State::kill_done`).
 
@@ -8,7 +9,7 @@ use super::*;
 /// A step that was decided: what its metrics and record need once its outcome is known.
 pub(super) struct Decided {
     due: Due,
-    facts: ProcessFacts,
+    facts: Arc<ProcessFacts>,
     diagnosis: Option<Arc<diagnose::Diagnosis>>,
     stack: Option<crate::stacks::StackReport>,
     native_stack: Option<crate::native::NativeReport>,
@@ -100,14 +101,14 @@ fn kill_one(job: KillJob, reader: &crate::loader::ConnsReader) -> KillDone {
 
 impl State {
     pub(super) fn run_due(&mut self) {
-        // Thread states as of the batch's start, read once per thread; connection lists at
+        // Thread states read once per thread for a few batches (5 ms); connection lists at
         // most once a second per process.
         let mut cache = std::mem::take(&mut self.diagnoses);
         cache.next_batch();
-        let mut facts = process::FactsCache::default();
+        let mut facts = std::mem::take(&mut self.facts);
         // Act on the whole batch first and account after: a deadline late in a batch does not
-        // wait for the metrics, records and log lines of the ones before it (the log lines and
-        // event writes are the reporter thread's).
+        // wait for the metrics, records and log lines of the ones before it, and the next
+        // batch does not either (they are the reporter thread's).
         let mut done = Vec::new();
         let t0 = now_ns();
         let batch = self
@@ -160,19 +161,17 @@ impl State {
             done.push((decided, outcome, at));
         }
         self.diagnoses = cache;
+        self.facts = facts;
         self.pidfds.clear();
         let t1 = now_ns();
         let n = done.len();
-        for (decided, outcome, at) in done {
-            let record = self.finish(decided, outcome, at);
-            self.report(record);
-        }
+        self.report(done);
         if n >= BURST_LOG {
             info!(
                 steps = n,
                 acting_ms = t1.saturating_sub(t0) as f64 / 1e6,
-                accounting_ms = now_ns().saturating_sub(t1) as f64 / 1e6,
-                "burst of due steps: all acted on before any was accounted"
+                handoff_ms = now_ns().saturating_sub(t1) as f64 / 1e6,
+                "burst of due steps: all acted on, then handed to the reporter thread (metrics, records)"
             );
         }
     }
@@ -180,8 +179,7 @@ impl State {
     /// A `kill_query` thread reported back: its metrics and record. The ladder goes on either
     /// way; a later step finds the request ended if the kill worked.
     pub(super) fn kill_done(&mut self, (decided, outcome, done): KillDone) {
-        let record = self.finish(decided, outcome, done);
-        self.report(record);
+        self.report(vec![(decided, outcome, done)]);
     }
 
     /// Hands a `kill_query` step to a worker thread; its outcome comes back through
@@ -235,23 +233,38 @@ impl State {
         let now = now_ns();
         let kernel = &self.kernel;
         let valid = || Self::still_valid(kernel, due.key, &c);
-        let facts = facts.get(c.tgid, c.tid).unwrap_or(ProcessFacts {
-            pid: c.tgid,
-            tid: c.tid,
-            ..Default::default()
+        let facts = facts.get(c.tgid, c.tid).unwrap_or_else(|| {
+            Arc::new(ProcessFacts {
+                pid: c.tgid,
+                tid: c.tid,
+                ..Default::default()
+            })
         });
+        // A signal whose target this batch has pinned already: the check below is taken after
+        // the pin, so when nothing slow runs between it and the signal (a diagnosis read now, a
+        // stack, a worker count), the action sends without reading the kernel again.
+        let pin = match due.step.action {
+            Action::Signal(_) => actions::pinned(&self.pidfds, due.step.target, c.tgid, c.tid),
+            _ => None,
+        };
+        let fresh_diagnosis = due.index == 0 && !cache.has(c.tgid, c.tid, c.owner_life);
         // Read once for the diagnosis and the chain (again after a stack read, which takes
-        // time); the action reads it once more after opening its target (`actions.rs`).
+        // time); the action reads it once more after opening its target (`actions.rs`), unless
+        // it was pinned before this read and nothing slow came between.
         let current = valid();
         let diagnosis = (due.index == 0 && current).then(|| {
             let cgroup = (!facts.cgroup.is_empty()).then(|| facts.cgroup.clone());
-            diagnose::capture(c.tgid, c.tid, cgroup, cache)
+            diagnose::capture(c.tgid, c.tid, c.owner_life, cgroup, cache)
         });
         // The owner's Python stack and native frames, before the first action, within their
         // time limit. A burst of deadlines reads stacks until the batch's share of time is
         // spent; the rest act at once (their records say why they have no stack).
         let captured = stacks.filter(|_| diagnosis.is_some()).unwrap_or_default();
         let (stack, native_stack) = (captured.stack, captured.native);
+        let quick = !(fresh_diagnosis && current)
+            && stack.is_none()
+            && native_stack.is_none()
+            && policy.min_workers.is_none();
         let diagnosed = now_ns();
         let mode = self.cfg.mode_of(policy);
         let workers = &self.workers;
@@ -287,14 +300,17 @@ impl State {
             Verdict::Logged => Outcome::Delivered,
             Verdict::Observed => Outcome::Observed,
             Verdict::Act => match due.step.action {
-                Action::Signal(sig) => actions::signal(
-                    &mut self.pidfds,
-                    due.step.target,
-                    c.tgid,
-                    c.tid,
-                    sig.0,
-                    valid,
-                ),
+                Action::Signal(sig) => match pin {
+                    Some(pin) if quick => actions::signal_pinned(&mut self.pidfds, pin, sig.0),
+                    _ => actions::signal(
+                        &mut self.pidfds,
+                        due.step.target,
+                        c.tgid,
+                        c.tid,
+                        sig.0,
+                        valid,
+                    ),
+                },
                 Action::Reset => actions::reset(&c, valid),
                 Action::Log => Outcome::Delivered,
                 Action::KillQuery => match self.start_kill_query(decided) {
@@ -330,9 +346,33 @@ impl State {
         }
         Some((outcome, decided, now_ns()))
     }
+}
+
+/// What a step's accounting updates: the action counters and the lateness histogram (handles
+/// on the daemon's metrics) and the namespaces that keep a label of their own. The reporter
+/// thread owns it (`record.rs`): a burst's accounting runs beside its actions, not in front
+/// of the next batch's.
+pub(super) struct Accounting {
+    actions: prometheus_client::metrics::family::Family<
+        ActionLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    lateness: prometheus_client::metrics::histogram::Histogram,
+    namespaces: crate::pods::NamespaceLabels,
+}
+
+impl Accounting {
+    /// Handles on `metrics`' action counters and lateness; the namespace labels move here.
+    pub(super) fn of(metrics: &mut Metrics) -> Self {
+        Self {
+            actions: metrics.actions.clone(),
+            lateness: metrics.lateness.clone(),
+            namespaces: std::mem::take(&mut metrics.namespaces),
+        }
+    }
 
     /// A step's metrics and record, once its outcome is known (`done`: when it was).
-    fn finish(&mut self, d: Decided, outcome: Outcome, done: u64) -> ActionRecord {
+    pub(super) fn finish(&mut self, d: Decided, outcome: Outcome, done: u64) -> ActionRecord {
         let Decided {
             due,
             facts,
@@ -351,11 +391,10 @@ impl State {
             outcome,
             Outcome::Delivered | Outcome::ShutDown | Outcome::Killed(_)
         ) {
-            self.metrics.lateness.observe(lateness as f64 / 1e9);
+            self.lateness.observe(lateness as f64 / 1e9);
         }
         let action = due.step.action.label();
-        self.metrics
-            .actions
+        self.actions
             .get_or_create(&ActionLabels {
                 policy: policy.name.clone(),
                 route: due.about.route.clone(),
@@ -363,7 +402,6 @@ impl State {
                 result: outcome.label().into(),
                 reason: due.key.reason.label().into(),
                 namespace: self
-                    .metrics
                     .namespaces
                     .label(facts.pod.as_ref().map(|n| n.namespace.as_str())),
             })

@@ -3,6 +3,13 @@
 //! together, enforced: each is signalled (SIGWINCH to the owning thread, which the servers
 //! ignore, so they survive) with the breaker out of the way: every one acted on, how late,
 //! whether any event was lost.
+//!
+//! For working on the bursts alone (`--only scale`): `WATCHDOG_BENCH_BURSTS=5000,5000,1000`
+//! sends those bursts instead of the plan's (each on connections of its own, so their sum stays
+//! within the largest level), and `WATCHDOG_BENCH_SKIP_LEVELS=1` opens the connections without
+//! measuring each level's footprint; `WATCHDOG_BENCH_DAEMON=/path/to/watchdog` runs another
+//! build of the daemon (a baseline, side by side under the same load). None changes the full
+//! bench.
 
 use std::{
     io::Write,
@@ -25,8 +32,17 @@ const BUDGET_MS: u64 = 2000;
 
 pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
     let max = *plan.levels.iter().max().context("no levels")?;
+    let burst_sizes = match std::env::var("WATCHDOG_BENCH_BURSTS") {
+        Ok(v) => v
+            .split(',')
+            .map(|n| n.trim().parse::<usize>())
+            .collect::<Result<Vec<_>, _>>()
+            .context("WATCHDOG_BENCH_BURSTS: a comma-separated list of request counts")?,
+        Err(_) => plan.bursts.clone(),
+    };
+    let skip_levels = std::env::var_os("WATCHDOG_BENCH_SKIP_LEVELS").is_some();
     ensure!(
-        max >= plan.bursts.iter().sum::<usize>(),
+        max >= burst_sizes.iter().sum::<usize>(),
         "the bursts need their own connections"
     );
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
@@ -69,13 +85,19 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
          signal = \"SIGWINCH\"\ntarget = \"thread\"\n\
          breaker = {{ max_actions = 100000, window = \"1m\", cooldown = \"1s\" }}\n"
     );
-    let d = Daemon::start(work, "scale", &config, &[])?;
+    let d = match std::env::var_os("WATCHDOG_BENCH_DAEMON") {
+        Some(bin) => Daemon::start_bin(Path::new(&bin), work, "scale", &config, &[])?,
+        None => Daemon::start(work, "scale", &config, &[])?,
+    };
     let mut holders = ports
         .iter()
         .map(|p| Holder::start(&dir, *p))
         .collect::<Result<Vec<_>>>()?;
 
-    let mut levels = vec![level(&d, 0)?];
+    let mut levels = Vec::new();
+    if !skip_levels {
+        levels.push(level(&d, 0)?);
+    }
     for &n in &plan.levels {
         // Spread evenly: holder k holds its share of n.
         for (k, h) in holders.iter_mut().enumerate() {
@@ -86,14 +108,16 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
             tracked == n as f64,
             "{tracked} connections tracked of {n} open"
         );
-        levels.push(level(&d, n)?);
+        if !skip_levels {
+            levels.push(level(&d, n)?);
+        }
     }
 
     // Bursts, each on connections of its own, sent by every holder at once: all requests are
     // out before any deadline can fall, so the deadlines land within the time it takes to send.
     let mut bursts = Vec::new();
-    for &n in &plan.bursts {
-        let before_events = d.events()?.len();
+    for &n in &burst_sizes {
+        let mut stream = Tail::open(&d.events)?;
         let lost0 = metric(&d.metrics, "watchdog_events_lost_total")?;
         let recovered0 = metric(&d.metrics, "watchdog_deadlines_recovered_total")?;
         let cpu0 = cpu_secs(d.pid())?;
@@ -106,10 +130,12 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
         }
         let spread_ms = t0.elapsed().as_secs_f64() * 1e3;
         let until = t0 + Duration::from_millis(BUDGET_MS) + Duration::from_secs(30);
+        // Only the new bytes are read while the burst is acted on, and their lines counted, not
+        // parsed: parsing the whole stream every 200 ms (20,000 records with their diagnoses,
+        // in a debug build) kept a CPU busy beside the daemon through the burst.
         let acted = loop {
-            let events = d.events()?;
-            if events.len() - before_events >= n || Instant::now() > until {
-                break events[before_events..].to_vec();
+            if stream.lines()? >= n || Instant::now() > until {
+                break stream.records()?;
             }
             std::thread::sleep(Duration::from_millis(200));
         };
@@ -267,6 +293,49 @@ fn map_memlock(pid: u32) -> Result<u64> {
         total += field("memlock:").unwrap_or(0);
     }
     Ok(total)
+}
+
+/// The event stream from where it ended when opened: complete lines written since.
+struct Tail {
+    file: std::fs::File,
+    bytes: Vec<u8>,
+    lines: usize,
+}
+
+impl Tail {
+    fn open(path: &Path) -> Result<Self> {
+        use std::io::Seek;
+        let mut file = std::fs::File::open(path).context("opening the event stream")?;
+        file.seek(std::io::SeekFrom::End(0))?;
+        Ok(Self {
+            file,
+            bytes: Vec::new(),
+            lines: 0,
+        })
+    }
+
+    /// Complete lines so far (reads what was appended since the last call).
+    fn lines(&mut self) -> Result<usize> {
+        use std::io::Read;
+        let from = self.bytes.len();
+        self.file.read_to_end(&mut self.bytes)?;
+        self.lines += self.bytes[from..].iter().filter(|&&b| b == b'\n').count();
+        Ok(self.lines)
+    }
+
+    /// The complete lines, parsed.
+    fn records(&mut self) -> Result<Vec<Value>> {
+        self.lines()?;
+        let end = self
+            .bytes
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        std::str::from_utf8(&self.bytes[..end])?
+            .lines()
+            .map(|l| serde_json::from_str(l).context("an event line"))
+            .collect()
+    }
 }
 
 /// Puts the local port range back when the benchmark ends, however it ends.
