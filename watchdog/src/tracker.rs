@@ -54,6 +54,8 @@ pub struct About {
     pub protocol: &'static str,
     /// The budget that ran out: the route's, or the policy's.
     pub budget: std::time::Duration,
+    /// When the kernel emitted the event that started the ladder (`bpf_ktime_get_ns`).
+    pub event_ns: u64,
 }
 
 #[derive(Clone, Debug)]

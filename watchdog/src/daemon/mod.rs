@@ -452,6 +452,7 @@ impl State {
             route: route.clone(),
             protocol: proto::label(c.proto),
             budget,
+            event_ns: ev.ts_ns,
         });
         let labels = PortLabels {
             policy: policy.name.clone(),

@@ -34,6 +34,12 @@ pub struct ActionRecord {
     pub elapsed_ms: u64,
     pub budget_ms: u64,
     pub lateness_ms: f64,
+    /// Of a first step's lateness, the kernel's part: how long after the due instant its timer
+    /// callback ran and emitted the event (softirq work can wait on a busy CPU). The rest is the
+    /// daemon's: reading the event, deciding, acting. Absent for later steps, which the daemon
+    /// times itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timer_ms: Option<f64>,
     /// Of the lateness, the time taken to capture the diagnosis before acting.
     pub diagnosis_ms: f64,
     pub mode: Mode,

@@ -426,6 +426,8 @@ impl Accounting {
             elapsed_ms: done.saturating_sub(c.start_ns) / 1_000_000,
             budget_ms: due.about.budget.as_millis() as u64,
             lateness_ms: lateness as f64 / 1e6,
+            timer_ms: (due.index == 0)
+                .then(|| due.about.event_ns.saturating_sub(due.due_ns) as f64 / 1e6),
             diagnosis_ms: diagnosed.saturating_sub(now) as f64 / 1e6,
             mode,
             diagnosis,

@@ -120,8 +120,8 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
     let mut seen = 0;
     for per_cpu in PER_CPU {
         let spinning = per_cpu * cpus;
-        let (samples, daemon_ms) = level(&daemon, &ports, spinning, plan.slow_requests, &mut seen)?;
-        levels.push(("fifo".to_string(), per_cpu, spinning, samples, daemon_ms));
+        let (samples, late) = level(&daemon, &ports, spinning, plan.slow_requests, &mut seen)?;
+        levels.push(("fifo".to_string(), per_cpu, spinning, samples, late));
     }
 
     // 1 s, side by side: one wave to each system in turn.
@@ -152,8 +152,8 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
         let d = Daemon::start(work, &format!("lateness-{class}"), &config, &[])?;
         let spinning = 6 * cpus;
         let mut seen = 0;
-        let (samples, daemon_ms) = level(&d, &ports, spinning, plan.slow_requests, &mut seen)?;
-        levels.push((class.to_string(), 6, spinning, samples, daemon_ms));
+        let (samples, late) = level(&d, &ports, spinning, plan.slow_requests, &mut seen)?;
+        levels.push((class.to_string(), 6, spinning, samples, late));
     }
 
     // Independent of the daemon: the worker read the request at `start`, the client saw the
@@ -166,7 +166,7 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
         })
         .collect();
     let mut by_level = Vec::new();
-    for (class, per_cpu, spinning, samples, daemon_ms) in &levels {
+    for (class, per_cpu, spinning, samples, (daemon_ms, timer_ms)) in &levels {
         let client: Vec<f64> = samples
             .iter()
             .map(|s| {
@@ -188,6 +188,7 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
             "per_cpu": per_cpu,
             "spinning": spinning,
             "daemon": distribution(daemon_ms),
+            "timer": distribution(timer_ms),
             "client": distribution(&client),
             "client_from_send": distribution(&from_send),
         }));
@@ -214,15 +215,15 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
 }
 
 /// `n` over-budget requests in waves of `spinning` at once, spread over the servers: the
-/// samples as the clients saw them and the daemon's own lateness figures for them (its event
-/// file from `seen` on).
+/// samples as the clients saw them, and the daemon's own lateness figures for them with the
+/// kernel timer's part of each (its event file from `seen` on).
 fn level(
     daemon: &Daemon,
     ports: &[u16],
     spinning: usize,
     n: usize,
     seen: &mut usize,
-) -> Result<(Vec<Sample>, Vec<f64>)> {
+) -> Result<(Vec<Sample>, (Vec<f64>, Vec<f64>))> {
     let mut samples = Vec::new();
     for _ in 0..n.div_ceil(spinning) {
         let targets: Vec<u16> = (0..spinning).map(|i| ports[i % ports.len()]).collect();
@@ -233,13 +234,18 @@ fn level(
     // The records are written just after the actions.
     std::thread::sleep(Duration::from_millis(200));
     let events = daemon.events()?;
-    let daemon_ms = events[*seen..]
+    let mine: Vec<&Value> = events[*seen..]
         .iter()
         .filter(|e| e["policy"] == "bench-500ms")
+        .collect();
+    let daemon_ms = mine
+        .iter()
         .filter_map(|e| e["lateness_ms"].as_f64())
         .collect();
+    // The kernel's part of each: its timer callback's delay after the due instant.
+    let timer_ms = mine.iter().filter_map(|e| e["timer_ms"].as_f64()).collect();
     *seen = events.len();
-    Ok((samples, daemon_ms))
+    Ok((samples, (daemon_ms, timer_ms)))
 }
 
 /// The handler all three 1 s peers run: a CPU loop that ignores every cooperative timeout.

@@ -635,6 +635,7 @@ fn summary(r: &Value) -> String {
         let load = format!("{} ({}× CPUs)", lv["spinning"], lv["per_cpu"]);
         for (by, key) in [
             ("daemon (due → signal sent)", "daemon"),
+            ("of which the kernel timer (due → callback ran)", "timer"),
             ("worker + client (request read by the worker → connection closed at the client − budget)", "client"),
             ("client alone (request sent → connection closed − budget)", "client_from_send"),
         ] {
