@@ -214,6 +214,9 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
     }))
 }
 
+/// The daemon's lateness figures of a level (ms), and the kernel timer's part of each.
+type Late = (Vec<f64>, Vec<f64>);
+
 /// `n` over-budget requests in waves of `spinning` at once, spread over the servers: the
 /// samples as the clients saw them, and the daemon's own lateness figures for them with the
 /// kernel timer's part of each (its event file from `seen` on).
@@ -223,7 +226,7 @@ fn level(
     spinning: usize,
     n: usize,
     seen: &mut usize,
-) -> Result<(Vec<Sample>, (Vec<f64>, Vec<f64>))> {
+) -> Result<(Vec<Sample>, Late)> {
     let mut samples = Vec::new();
     for _ in 0..n.div_ceil(spinning) {
         let targets: Vec<u16> = (0..spinning).map(|i| ports[i % ports.len()]).collect();
