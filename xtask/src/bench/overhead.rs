@@ -380,6 +380,27 @@ pub(super) fn cost_turn_on(
     Ok((out, total_ns / w.requests))
 }
 
+/// nginx (one worker, CPU 0) answering `200 ok` on `port`, with wrk's percentile script beside
+/// its config in `dir` (which holds a `logs/` directory): the server of the kernel-cost parts.
+pub(super) fn small_nginx(dir: &Path, port: u16) -> Result<crate::harness::Guard> {
+    std::fs::write(dir.join("pct.lua"), WRK_SCRIPT)?;
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "worker_processes 1;\ndaemon off;\nmaster_process on;\npid {d}/nginx.pid;\n\
+             error_log {d}/logs/error.log;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 100000000;\n\
+             client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};\n\
+             uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+             server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
+            d = dir.display()
+        ),
+    )?;
+    let nginx = spawn_nginx(dir)?;
+    super::wait_port(port)?;
+    Ok(nginx)
+}
+
 pub(super) fn spawn_nginx(dir: &Path) -> Result<crate::harness::Guard> {
     // nginx prints nothing when it starts: wrap it so spawn_server sees a ready line.
     spawn_server(

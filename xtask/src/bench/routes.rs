@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::{
     distribution, lateness,
-    overhead::{cost_turn_on, spawn_nginx, WRK_SCRIPT},
+    overhead::{cost_turn_on, small_nginx},
     spawn_server, sysctl, wait_port, Daemon, Plan,
 };
 use crate::{harness::free_port, root};
@@ -47,21 +47,7 @@ pub fn run(plan: &Plan, work: &Path) -> Result<Value> {
     let dir = work.join("routes");
     std::fs::create_dir_all(dir.join("logs"))?;
     let port = free_port()?;
-    std::fs::write(dir.join("pct.lua"), WRK_SCRIPT)?;
-    std::fs::write(
-        dir.join("nginx.conf"),
-        format!(
-            "worker_processes 1;\ndaemon off;\nmaster_process on;\npid {d}/nginx.pid;\n\
-             error_log {d}/logs/error.log;\nevents {{ worker_connections 1024; }}\n\
-             http {{\n  access_log off;\n  keepalive_requests 100000000;\n\
-             client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};\n\
-             uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-             server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
-            d = dir.display()
-        ),
-    )?;
-    let _nginx = spawn_nginx(&dir)?;
-    wait_port(port)?;
+    let _nginx = small_nginx(&dir, port)?;
     let config = |set: &str, watched: u16, routes: bool| {
         format!(
             "[daemon]\nprobes = \"{set}\"\n\n[[policy]]\nname = \"nginx\"\nports = [{watched}]\n\
