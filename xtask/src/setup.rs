@@ -126,6 +126,27 @@ pub fn toolchain() -> Result<()> {
 /// for, so a machine without `nightly` gets this one.
 const NIGHTLY_DATE: &str = "2026-05-19";
 
+/// The eBPF object is shaped for the verifier by this one compiler (its LLVM decides the
+/// instruction sequences `watchdog-ebpf/verified-insns.txt` budgets): a `nightly` of another
+/// date fails the build here, naming the fix, instead of producing programs nobody verified.
+fn pinned_nightly() -> Result<()> {
+    let v = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let date = v
+        .lines()
+        .find_map(|l| l.strip_prefix("commit-date: "))
+        .unwrap_or("unknown");
+    if date != NIGHTLY_DATE {
+        bail!(
+            "`nightly` is rustc {date}, but the eBPF crate is built and verified with \
+             nightly-{NIGHTLY_DATE}: install that one and make `nightly` name it (`rustup \
+             toolchain install nightly-{NIGHTLY_DATE} --profile minimal --component rust-src`), \
+             or, to try another on purpose, change `NIGHTLY_DATE` in xtask/src/setup.rs and \
+             re-record watchdog-ebpf/verified-insns.txt"
+        );
+    }
+    Ok(())
+}
+
 /// `rustc +nightly` works, or the pinned nightly is installed (with rust-src) from
 /// static.rust-lang.org and made what `nightly` names; fails naming the fix when it cannot be.
 fn nightly() -> Result<()> {
@@ -136,7 +157,7 @@ fn nightly() -> Result<()> {
             .is_ok_and(|o| o.status.success())
     };
     if works() {
-        return Ok(());
+        return pinned_nightly();
     }
     let dated = format!("nightly-{NIGHTLY_DATE}");
     let fix = format!(
@@ -172,7 +193,7 @@ fn nightly() -> Result<()> {
     if !works() {
         bail!("installed {dated}, but `rustc +nightly` still fails: {fix}");
     }
-    Ok(())
+    pinned_nightly()
 }
 
 /// python3 runs the test servers (watchdog/tests/fixtures), pip installs their libraries, and
