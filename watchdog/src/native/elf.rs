@@ -49,6 +49,7 @@ pub(super) const MAX_LIVE_BYTES: usize = 96 << 20;
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
 /// The bytes held now against [`MAX_LIVE_BYTES`].
+#[cfg(test)]
 pub(super) fn live_bytes() -> usize {
     LIVE.load(Ordering::Relaxed)
 }

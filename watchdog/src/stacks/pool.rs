@@ -73,7 +73,8 @@ fn pool() -> &'static Pool {
 }
 
 /// The pool's threads now.
-pub fn counts() -> Counts {
+#[cfg(test)]
+fn counts() -> Counts {
     pool().counts.lock().map(|c| *c).unwrap_or_default()
 }
 
