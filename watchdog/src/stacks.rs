@@ -12,7 +12,6 @@ use std::{time::Duration, time::Instant};
 
 use serde::Serialize;
 
-
 /// One Python frame, innermost first in a stack.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct StackFrame {
@@ -80,9 +79,12 @@ pub struct Pending {
     /// Whether the executable says Python (a read that times out is then reported).
     python_exe: bool,
     /// The Python read: `None` from the reader when the process is no Python interpreter.
-    python: Option<Reader<Option<Result<Vec<StackFrame>, String>>>>,
+    python: Option<Reader<Option<PythonRead>>>,
     native: Option<Reader<crate::native::NativeReport>>,
 }
+
+/// A Python read's frames or why there are none.
+type PythonRead = Result<Vec<StackFrame>, String>;
 
 /// A read handed to the reader pool (or why it was not); its answer or why there is none.
 type Reader<T> = Result<pool::Ticket<T>, String>;

@@ -230,8 +230,7 @@ pub(super) fn read(f: &Opened) -> Result<Module, ElfError> {
     let parse = |e: goblin::error::Error| ElfError::Parse(e.to_string());
     let head = f.read("ELF header", 0, 64.min(f.size), 64)?;
     let h = goblin::elf::Elf::parse_header(&head).map_err(parse)?;
-    let container = if h.e_ident[goblin::elf::header::EI_CLASS] == goblin::elf::header::ELFCLASS64
-    {
+    let container = if h.e_ident[goblin::elf::header::EI_CLASS] == goblin::elf::header::ELFCLASS64 {
         Container::Big
     } else {
         Container::Little

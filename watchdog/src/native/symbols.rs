@@ -143,7 +143,10 @@ mod tests {
     #[test]
     fn names_read_as_a_person_reads_them() {
         assert_eq!(demangle(b"clock_nanosleep"), "clock_nanosleep");
-        assert_eq!(demangle(b"_ZN2v88internal4Heap2GCEv"), "v8::internal::Heap::GC()");
+        assert_eq!(
+            demangle(b"_ZN2v88internal4Heap2GCEv"),
+            "v8::internal::Heap::GC()"
+        );
         assert_eq!(
             demangle(b"_ZN3std2rt10lang_start17h0123456789abcdefE"),
             "std::rt::lang_start"

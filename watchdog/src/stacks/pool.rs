@@ -234,7 +234,11 @@ mod tests {
                 }
                 Err(_) => refused += 1,
             }
-            assert!(t.elapsed() < Duration::from_millis(200), "{:?}", t.elapsed());
+            assert!(
+                t.elapsed() < Duration::from_millis(200),
+                "{:?}",
+                t.elapsed()
+            );
             let c = counts();
             assert!(c.threads <= MAX_THREADS, "{c:?}");
         }
