@@ -204,14 +204,13 @@ pub(super) struct Module {
 }
 
 impl Module {
-    /// The bytes this holds against the budget.
+    /// The bytes this holds against the budget (the few load segments aside).
     pub(super) fn bytes(&self) -> usize {
         let b = |o: Option<&Buf>| o.map_or(0, |b| b.len());
         b(self.eh_frame.as_ref().map(|e| &e.1))
             + b(self.eh_frame_hdr.as_ref().map(|e| &e.1))
             + b(self.debug_frame.as_ref())
             + self.symbols.as_ref().map_or(0, Symbols::bytes)
-            + self.loads.len() * 24
     }
 
     /// The load bias of a file whose bytes at `offset` are mapped at `start`.
