@@ -5,15 +5,22 @@
 //! its process) is held for a moment: `PTRACE_SEIZE` + `PTRACE_INTERRUPT`, its registers and the
 //! live part of its stack copied out (`process_vm_readv`), then `PTRACE_DETACH`. The unwinding
 //! (DWARF CFI from each module's `.eh_frame`, with `framehop`; Debian's binaries have no frame
-//! pointers) and the symbolization (`.symtab` / `.dynsym`, with `blazesym`) run afterwards on
-//! the copy, with the thread already running again. Modules are read through
-//! `/proc/PID/map_files`, so this works across containers and for deleted files.
+//! pointers) and the symbolization (`.symtab` / `.dynsym`) run afterwards on the copy, with the
+//! thread already running again. Modules are read through `/proc/PID/map_files`, so this works
+//! across containers and for deleted files, with bounded `pread`s into buffers of our own
+//! (`native/elf.rs`), never a memory mapping, a perf map or a FIFO: a process cannot crash,
+//! bloat or wedge the reader with what it maps (`native/cache.rs` bounds what is kept).
+
+mod cache;
+mod elf;
+mod symbols;
 
 use std::{
+    cell::Cell,
     collections::HashMap,
     io::IoSliceMut,
     ops::Range,
-    sync::{mpsc, Arc, Mutex, OnceLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -33,9 +40,6 @@ use serde::Serialize;
 const MAX_FRAMES: usize = 64;
 /// The most of the thread's stack copied out (from its stack pointer up).
 const MAX_STACK_BYTES: u64 = 512 * 1024;
-/// Files whose unwind tables are kept between captures (a node runs a few interpreters and
-/// runtimes, each with its few dozen libraries); past it the cache starts over.
-const MAX_CACHED_FILES: usize = 256;
 
 /// One native frame, innermost first in a stack.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -164,10 +168,22 @@ struct Seized {
     attached: bool,
 }
 
+thread_local! {
+    /// Set when this thread may still trace a thread it could not detach (it never stopped):
+    /// only the tracer's exit detaches it, so a pooled reader that sees this ends and is
+    /// replaced (see `stacks`), or the traced thread would wait for it at its next signal.
+    static STILL_TRACING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread must end to let go of a thread it traced (and clears the mark).
+pub fn must_end_to_detach() -> bool {
+    STILL_TRACING.with(|s| s.replace(false))
+}
+
 impl Drop for Seized {
     fn drop(&mut self) {
-        if self.attached {
-            let _ = ptrace::detach(self.tid, self.resend);
+        if self.attached && ptrace::detach(self.tid, self.resend).is_err() {
+            STILL_TRACING.with(|s| s.set(true));
         }
     }
 }
@@ -195,8 +211,8 @@ fn snapshot(pid: u32, tid: u32, maps: &[Mapping], wait: Duration) -> Result<Snap
         match waitpid(t, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) => {
                 if Instant::now() >= deadline {
-                    // Leaving the thread seized but running is harmless: it is detached when
-                    // this reading thread ends (the kernel detaches a tracer's tracees).
+                    // The thread stays seized until this reading thread ends (the kernel then
+                    // detaches it): `Seized`'s drop marks this thread to end.
                     return Err(NativeError::NoStop(wait.as_millis()));
                 }
                 std::thread::sleep(Duration::from_micros(50));
@@ -250,99 +266,17 @@ fn snapshot(_: u32, _: u32, _: &[Mapping], _: Duration) -> Result<Snapshot, Nati
     Err(NativeError::Unsupported)
 }
 
-/// What unwinding needs of one ELF file, kept between captures (keyed by device and inode:
-/// a forked worker and its successor share their master's files).
-struct UnwindInfo {
-    /// PT_LOAD segments: file offset, virtual address, file size.
-    loads: Vec<(u64, u64, u64)>,
-    text_svma: Option<Range<u64>>,
-    got_svma: Option<Range<u64>>,
-    eh_frame: Option<(Range<u64>, Arc<[u8]>)>,
-    eh_frame_hdr: Option<(Range<u64>, Arc<[u8]>)>,
-    debug_frame: Option<Arc<[u8]>>,
-}
+/// The most distinct files one capture reads (a process can map thousands; a stack passes
+/// through a few): past it the rest are left out and unwinding stops at their frames.
+const MAX_MODULES: usize = 256;
 
-impl UnwindInfo {
-    fn read(path: &str) -> Option<UnwindInfo> {
-        let file = std::fs::File::open(path).ok()?;
-        // SAFETY: a read-only private mapping of a file opened here; it is only read while the
-        // mapping lives (in this function) and copied out. A file truncated meanwhile could
-        // fault: the files are a process's mapped binaries, which the loader never truncates.
-        let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
-        let elf = goblin::elf::Elf::parse(&map).ok()?;
-        let section = |name: &str| {
-            elf.section_headers.iter().find(|s| {
-                elf.shdr_strtab.get_at(s.sh_name) == Some(name)
-                    && s.sh_type != goblin::elf::section_header::SHT_NOBITS
-            })
-        };
-        let data = |s: &goblin::elf::SectionHeader| -> Option<Arc<[u8]>> {
-            let r = s.file_range()?;
-            map.get(r).map(Arc::from)
-        };
-        let svma = |s: &goblin::elf::SectionHeader| s.sh_addr..s.sh_addr + s.sh_size;
-        Some(UnwindInfo {
-            loads: elf
-                .program_headers
-                .iter()
-                .filter(|p| p.p_type == goblin::elf::program_header::PT_LOAD)
-                .map(|p| (p.p_offset, p.p_vaddr, p.p_filesz))
-                .collect(),
-            text_svma: section(".text").map(svma),
-            got_svma: section(".got").map(svma),
-            eh_frame: section(".eh_frame").and_then(|s| Some((svma(s), data(s)?))),
-            eh_frame_hdr: section(".eh_frame_hdr").and_then(|s| Some((svma(s), data(s)?))),
-            debug_frame: section(".debug_frame").and_then(data),
-        })
-    }
+/// The files a capture uses: each with its mapped range, load bias and what was read of it
+/// (or why nothing was).
+type Modules = HashMap<cache::FileKey, (Range<u64>, u64, Result<Arc<elf::Module>, String>)>;
 
-    /// The load bias of a file whose bytes at `offset` are mapped at `start`.
-    fn bias(&self, start: u64, offset: u64) -> Option<u64> {
-        let (off, vaddr, _) = self
-            .loads
-            .iter()
-            .find(|(o, _, size)| (*o..o + size.max(&1)).contains(&offset))
-            .or_else(|| self.loads.first())?;
-        start.checked_sub(vaddr + offset.checked_sub(*off)?)
-    }
-}
-
-type FileKey = (u64, u64);
-
-fn unwind_cache() -> &'static Mutex<HashMap<FileKey, Option<Arc<UnwindInfo>>>> {
-    static CACHE: OnceLock<Mutex<HashMap<FileKey, Option<Arc<UnwindInfo>>>>> = OnceLock::new();
-    CACHE.get_or_init(Default::default)
-}
-
-fn unwind_info(pid: u32, m: &Mapping) -> Option<Arc<UnwindInfo>> {
-    let key = (m.dev, m.inode);
-    if let Some(hit) = unwind_cache().lock().ok()?.get(&key) {
-        return hit.clone();
-    }
-    let via = format!(
-        "/proc/{pid}/map_files/{:x}-{:x}",
-        m.range.start, m.range.end
-    );
-    let info = UnwindInfo::read(&via)
-        .or_else(|| UnwindInfo::read(&format!("/proc/{pid}/root{}", m.path.as_deref()?)))
-        .map(Arc::new);
-    let mut cache = unwind_cache().lock().ok()?;
-    if cache.len() >= MAX_CACHED_FILES {
-        cache.clear();
-    }
-    cache.insert(key, info.clone());
-    info
-}
-
-/// Unwinds the snapshot with each mapped file's CFI (frame pointers where there is none, as in
-/// JIT code); the addresses innermost first.
-fn unwind(pid: u32, maps: &[Mapping], snap: &Snapshot) -> Vec<framehop::FrameAddress> {
-    use framehop::{
-        x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
-        ExplicitModuleSectionInfo, Module, Unwinder,
-    };
-    let mut unwinder = UnwinderX86_64::<Arc<[u8]>>::new();
-    let mut seen: HashMap<FileKey, (Range<u64>, u64, Arc<UnwindInfo>, String)> = HashMap::new();
+/// Reads (or finds cached) each mapped file's CFI and symbols, at most `MAX_MODULES` of them.
+fn modules(pid: u32, maps: &[Mapping]) -> Modules {
+    let mut seen: Modules = HashMap::new();
     for m in maps.iter().filter(|m| m.inode != 0 && m.path.is_some()) {
         let key = (m.dev, m.inode);
         if let Some(entry) = seen.get_mut(&key) {
@@ -350,16 +284,32 @@ fn unwind(pid: u32, maps: &[Mapping], snap: &Snapshot) -> Vec<framehop::FrameAdd
             entry.0.end = entry.0.end.max(m.range.end);
             continue;
         }
-        let Some(info) = unwind_info(pid, m) else {
-            continue;
+        if seen.len() >= MAX_MODULES {
+            break;
+        }
+        let module = cache::module(pid, m);
+        let bias = match &module {
+            Ok(info) => match info.bias(m.range.start, m.offset) {
+                Some(b) => b,
+                None => continue,
+            },
+            Err(_) => 0,
         };
-        let Some(bias) = info.bias(m.range.start, m.offset) else {
-            continue;
-        };
-        let name = m.path.clone().unwrap_or_default();
-        seen.insert(key, (m.range.clone(), bias, info, name));
+        seen.insert(key, (m.range.clone(), bias, module));
     }
-    for (range, bias, info, name) in seen.into_values() {
+    seen
+}
+
+/// Unwinds the snapshot with each mapped file's CFI (frame pointers where there is none, as in
+/// JIT code); the addresses innermost first.
+fn unwind(maps: &[Mapping], modules: &Modules, snap: &Snapshot) -> Vec<framehop::FrameAddress> {
+    use framehop::{
+        x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
+        ExplicitModuleSectionInfo, Module, Unwinder,
+    };
+    let mut unwinder = UnwinderX86_64::<elf::Buf>::new();
+    for (key, (range, bias, info)) in modules {
+        let Ok(info) = info else { continue };
         let section_info = ExplicitModuleSectionInfo {
             base_svma: 0,
             text_svma: info.text_svma.clone(),
@@ -371,7 +321,8 @@ fn unwind(pid: u32, maps: &[Mapping], snap: &Snapshot) -> Vec<framehop::FrameAdd
             debug_frame: info.debug_frame.clone(),
             ..Default::default()
         };
-        unwinder.add_module(Module::new(name, range, bias, section_info));
+        let name = format!("{}:{}", key.0, key.1);
+        unwinder.add_module(Module::new(name, range.clone(), *bias, section_info));
     }
     let base = snap.sp;
     let stack = &snap.stack;
@@ -399,101 +350,49 @@ fn unwind(pid: u32, maps: &[Mapping], snap: &Snapshot) -> Vec<framehop::FrameAdd
     frames
 }
 
-/// What symbolizing one address found: the symbol's name and the address's offset into it, or
-/// why there is none.
-type Resolved = Result<(String, u64), String>;
-
-/// One batch of addresses of process `pid` for the symbolizer thread.
-struct Job {
-    pid: u32,
-    addrs: Vec<u64>,
-    reply: mpsc::Sender<Result<Vec<Resolved>, String>>,
-}
-
-/// The symbolizer lives on a thread of its own (blazesym's is not `Send`) and is kept between
-/// captures: it caches each file's parsed symbols by device, inode and mtime, so the second
-/// worker of a pool costs less than the first. It starts over after `MAX_SYMBOLIZED_PIDS`
-/// processes, which bounds what it remembers per process.
-const MAX_SYMBOLIZED_PIDS: usize = 64;
-
-fn symbolizer() -> Option<mpsc::Sender<Job>> {
-    static TX: OnceLock<Option<Mutex<mpsc::Sender<Job>>>> = OnceLock::new();
-    let tx = TX.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("watchdog-symbols".into())
-            .spawn(move || serve_symbols(rx))
-            .ok()
-            .map(|_| Mutex::new(tx))
-    });
-    tx.as_ref()?.lock().ok().map(|t| t.clone())
-}
-
-fn serve_symbols(rx: mpsc::Receiver<Job>) {
-    use blazesym::symbolize::{source, Input, Symbolized, Symbolizer};
-    let mut symbolizer = Symbolizer::new();
-    let mut pids = 0;
-    for job in rx {
-        pids += 1;
-        if pids > MAX_SYMBOLIZED_PIDS {
-            symbolizer = Symbolizer::new();
-            pids = 1;
-        }
-        let src = source::Source::Process(source::Process::new(job.pid.into()));
-        let out = symbolizer
-            .symbolize(&src, Input::AbsAddr(&job.addrs))
-            .map(|all| {
-                all.into_iter()
-                    .map(|s| match s {
-                        Symbolized::Sym(s) => Ok((s.name.into_owned(), s.offset as u64)),
-                        Symbolized::Unknown(why) => Err(why.to_string()),
-                    })
-                    .collect()
-            })
-            .map_err(|e| format!("symbols unreadable: {e}"));
-        let _ = job.reply.send(out);
-    }
-}
-
-fn symbolize(pid: u32, maps: &[Mapping], addrs: &[framehop::FrameAddress]) -> Vec<NativeFrame> {
-    let lookups: Vec<u64> = addrs.iter().map(|a| a.address_for_lookup()).collect();
-    let (reply, answer) = mpsc::channel();
-    let resolved = symbolizer()
-        .ok_or_else(|| "no symbolizer thread".to_string())
-        .and_then(|tx| {
-            tx.send(Job {
-                pid,
-                addrs: lookups,
-                reply,
-            })
-            .map_err(|e| e.to_string())
-        })
-        .and_then(|()| answer.recv().map_err(|e| e.to_string())?);
+/// Names each address from the symbols of the file mapped there (read by `modules`, never
+/// through a path the process controls, a perf map or a memory mapping of its files).
+fn symbolize(
+    maps: &[Mapping],
+    modules: &Modules,
+    addrs: &[framehop::FrameAddress],
+) -> Vec<NativeFrame> {
     addrs
         .iter()
-        .enumerate()
-        .map(|(i, a)| {
+        .map(|a| {
             let address = a.address();
-            let module = maps
-                .iter()
-                .find(|m| m.range.contains(&address))
-                .and_then(|m| m.path.clone());
+            let mapping = maps.iter().find(|m| m.range.contains(&address));
             let mut frame = NativeFrame {
                 address: format!("{address:#x}"),
                 function: None,
                 offset: None,
-                module,
+                module: mapping.and_then(|m| m.path.clone()),
                 why: None,
             };
-            match resolved.as_ref().map(|r| r.get(i)) {
-                Ok(Some(Ok((name, offset)))) => {
-                    frame.function = Some(name.clone());
+            let found = match mapping.map(|m| (m, modules.get(&(m.dev, m.inode)))) {
+                None => Err("in no mapping".to_string()),
+                Some((m, _)) if m.inode == 0 => Err(match m.path.as_deref() {
+                    Some("[vdso]") => "the vDSO is not symbolized".to_string(),
+                    _ => "anonymous memory (JIT code?)".to_string(),
+                }),
+                Some((_, None)) => Err(format!("past the {MAX_MODULES} files read")),
+                Some((_, Some((_, _, Err(e))))) => Err(format!("file not read: {e}")),
+                Some((_, Some((_, bias, Ok(info))))) => match &info.symbols {
+                    Err(e) => Err(format!("no symbols: {e}")),
+                    Ok(symbols) => a
+                        .address_for_lookup()
+                        .checked_sub(*bias)
+                        .and_then(|svma| symbols.lookup(svma))
+                        .ok_or_else(|| "no symbol contains the address".to_string()),
+                },
+            };
+            match found {
+                Ok((name, offset)) => {
+                    frame.function = Some(name);
                     // Return addresses are looked up one byte back (inside the call).
                     frame.offset = Some(offset + (address - a.address_for_lookup()));
                 }
-                Ok(Some(Err(why))) => frame.why = Some(why.clone()),
-                Ok(None) => frame.why = Some("not symbolized".into()),
-                Err(e) => frame.why = Some(e.clone()),
+                Err(why) => frame.why = Some(why),
             }
             frame
         })
@@ -510,11 +409,12 @@ pub fn capture(pid: u32, tid: u32, wait: Duration) -> NativeReport {
         let snap = snapshot(pid, tid, &maps, wait);
         stopped_ms = s.elapsed().as_secs_f64() * 1e3;
         let snap = snap?;
-        let addrs = unwind(pid, &maps, &snap);
+        let modules = modules(pid, &maps);
+        let addrs = unwind(&maps, &modules, &snap);
         if addrs.is_empty() {
             return Err(NativeError::NoCode(snap.ip));
         }
-        Ok(symbolize(pid, &maps, &addrs))
+        Ok(symbolize(&maps, &modules, &addrs))
     });
     let ms = t.elapsed().as_secs_f64() * 1e3;
     match result {

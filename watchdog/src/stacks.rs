@@ -6,7 +6,9 @@
 //! On a gevent server the OS thread's current Python stack is the running greenlet's: the one
 //! that spins or blocks, which is the one that owns the request.
 
-use std::{sync::mpsc, time::Duration, time::Instant};
+mod pool;
+
+use std::{time::Duration, time::Instant};
 
 use serde::Serialize;
 
@@ -46,16 +48,21 @@ impl StackReport {
     }
 }
 
-/// Is `pid` a Python interpreter (its executable, or a libpython it loaded, as uWSGI does)?
-pub fn is_python(pid: u32) -> bool {
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-    if exe
+/// Is `pid`'s executable a Python interpreter? (A readlink: no wait on the process's memory
+/// lock, so the acting thread may ask.)
+fn exe_is_python(pid: u32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .unwrap_or_default()
         .file_name()
         .is_some_and(|n| n.to_string_lossy().starts_with("python"))
-    {
-        return true;
-    }
-    std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.contains("libpython"))
+}
+
+/// Is `pid` a Python interpreter (its executable, or a libpython it loaded, as uWSGI does)?
+/// Reading its maps waits on its memory lock: readers only.
+pub fn is_python(pid: u32) -> bool {
+    exe_is_python(pid)
+        || std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .is_ok_and(|m| m.contains("libpython"))
 }
 
 /// What one capture found: the Python stack (a Python owner only) and the native frames.
@@ -69,43 +76,61 @@ pub struct Captured {
 pub struct Pending {
     t: Instant,
     limit: Duration,
-    python: Option<Reader<Vec<StackFrame>>>,
+    /// Whether the executable says Python (a read that times out is then reported).
+    python_exe: bool,
+    /// The Python read: `None` from the reader when the process is no Python interpreter.
+    python: Option<Reader<Option<PythonRead>>>,
     native: Option<Reader<crate::native::NativeReport>>,
 }
 
-/// A reading thread's channel (or why there is no thread); its answer or why there is none.
-type Reader<T> = Result<mpsc::Receiver<Result<T, String>>, String>;
+/// A Python read's frames or why there are none.
+type PythonRead = Result<Vec<StackFrame>, String>;
+
+/// A read handed to the reader pool (or why it was not); its answer or why there is none.
+type Reader<T> = Result<pool::Ticket<T>, String>;
 
 /// Starts reading the Python stack of thread `tid` of process `pid` if it is a Python
-/// interpreter, and (with `native`) its native frames, side by side on threads of their own.
-/// The reads of a whole batch start at once, so that the batch waits for them together.
+/// interpreter, and (with `native`) its native frames, side by side on the reader pool's
+/// threads. The reads of a whole batch start at once, so that the batch waits for them
+/// together. Nothing here waits on the process (its maps are read by the reader).
 pub fn start(pid: u32, tid: u32, limit: Duration, native: bool) -> Pending {
     let t = Instant::now();
     Pending {
         t,
         limit,
-        python: is_python(pid).then(|| spawn(move || read(pid, tid))),
-        native: native.then(|| spawn(move || Ok(crate::native::capture(pid, tid, limit)))),
+        python_exe: exe_is_python(pid),
+        python: Some(pool::submit(move || is_python(pid).then(|| read(pid, tid)))),
+        native: native.then(|| pool::submit(move || crate::native::capture(pid, tid, limit))),
     }
 }
 
 impl Pending {
     /// Reads not made (`why`): the record still says which stacks it lacks and why.
     pub fn skipped(pid: u32, native: bool, why: &'static str) -> Pending {
+        let python_exe = exe_is_python(pid);
         Pending {
             t: Instant::now(),
             limit: Duration::ZERO,
-            python: is_python(pid).then(|| Err(why.to_string())),
+            python_exe,
+            python: python_exe.then(|| Err(why.to_string())),
             native: native.then(|| Err(why.to_string())),
         }
     }
 
     /// What the reads found, waiting at most until `limit` after their start (past that the
-    /// record says they timed out and the reads finish on their own threads, unseen).
+    /// record says they timed out and the reads are abandoned to the pool, unseen).
     pub fn finish(self) -> Captured {
         let (t, limit) = (self.t, self.limit);
         let ms = || t.elapsed().as_secs_f64() * 1e3;
-        let stack = self.python.map(|rx| match wait(rx, t, limit) {
+        let python_exe = self.python_exe;
+        let python = self.python.and_then(|rx| match wait(rx, t, limit) {
+            Ok(None) => None,
+            Ok(Some(r)) => Some(r),
+            // Not known to be Python: a read that did not answer says nothing.
+            Err(_) if !python_exe => None,
+            Err(e) => Some(Err(e)),
+        });
+        let stack = python.map(|r| match r {
             Ok(frames) => StackReport {
                 frames,
                 error: None,
@@ -130,34 +155,12 @@ impl Pending {
     }
 }
 
-/// The answer of a reading thread started at `t`, if it comes within `limit` of `t`.
-fn wait<T>(
-    rx: Result<mpsc::Receiver<Result<T, String>>, String>,
-    t: Instant,
-    limit: Duration,
-) -> Result<T, String> {
-    let left = limit.saturating_sub(t.elapsed());
-    match rx {
-        Err(e) => Err(e),
-        Ok(rx) => match rx.recv_timeout(left) {
-            Ok(r) => r,
-            Err(_) => Err(format!("timed out after {} ms", limit.as_millis())),
-        },
-    }
-}
-
-/// Runs `f` on a reading thread of its own; its answer comes on the channel.
-fn spawn<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<mpsc::Receiver<Result<T, String>>, String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("watchdog-stack".into())
-        .spawn(move || {
-            let _ = tx.send(f());
-        })
-        .map(|_| rx)
-        .map_err(|e| format!("no thread to read it: {e}"))
+/// The answer of a read started at `t`, if it comes within `limit` of `t`.
+fn wait<T>(rx: Reader<T>, t: Instant, limit: Duration) -> Result<T, String> {
+    rx?.wait_until(
+        t + limit,
+        &format!("timed out after {} ms", limit.as_millis()),
+    )
 }
 
 fn read(pid: u32, tid: u32) -> Result<Vec<StackFrame>, String> {
