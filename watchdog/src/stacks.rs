@@ -163,7 +163,34 @@ fn wait<T>(rx: Reader<T>, t: Instant, limit: Duration) -> Result<T, String> {
     )
 }
 
+/// py-spy memory-maps the interpreter and its libpython to parse them: a file the target's
+/// user could truncate meanwhile would kill the daemon with SIGBUS. Read only when each is a
+/// regular file owned by root and writable by nobody else (what a packaged Python is).
+fn interpreter_files_trusted(pid: u32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut files = vec![format!("/proc/{pid}/exe")];
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| e.to_string())?;
+    files.extend(
+        maps.lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .filter(|path| path.contains("libpython"))
+            .map(|path| format!("/proc/{pid}/root{path}")),
+    );
+    files.dedup();
+    for f in files {
+        let m = std::fs::metadata(&f).map_err(|e| format!("{f}: {e}"))?;
+        if !m.is_file() || m.uid() != 0 || m.mode() & 0o022 != 0 {
+            return Err(format!(
+                "not read: {f} is not a root-owned file only root can write (a file the target \
+                 can truncate is never mapped)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn read(pid: u32, tid: u32) -> Result<Vec<StackFrame>, String> {
+    interpreter_files_trusted(pid)?;
     let config = py_spy::Config {
         blocking: py_spy::config::LockingStrategy::NonBlocking,
         // A thread blocked in a C call (time.sleep, a socket read) counts as idle to py-spy.

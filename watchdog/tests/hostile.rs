@@ -294,3 +294,54 @@ impl Drop for Cleanup {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// py-spy (the Python stack) memory-maps the interpreter: one the target's user owns could be
+/// truncated under the read (SIGBUS in the daemon), so it is not read at all. The worker runs
+/// a copy of Debian's interpreter owned by `nobody`; its stack says why it was not read, its
+/// native frames and the action come as usual, and a root-owned interpreter is still read.
+#[test]
+fn a_python_interpreter_the_target_can_write_is_never_mapped() {
+    require_root();
+    let dir = tmpdir("hostile-python");
+    let python = dir.join("python3");
+    std::fs::copy("/usr/bin/python3.11", &python).expect("Debian's python3.11 (setup installs it)");
+    let ok = Command::new("chown")
+        .args(["nobody:nogroup"])
+        .arg(&python)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "chown");
+    let (own, root) = (free_port(), free_port());
+    let (d, events) = daemon(
+        &dir,
+        &[("own", own, "SIGKILL"), ("root", root, "SIGKILL")],
+    );
+    for (i, (port, interpreter)) in [(own, python.as_path()), (root, Path::new("/usr/bin/python3.11"))]
+        .into_iter()
+        .enumerate()
+    {
+        let mut server = spawn_ready(
+            "threaded",
+            Command::new(interpreter)
+                .arg(fixture("threaded.py"))
+                .arg(port.to_string()),
+        );
+        let r = http_get(&local(port), "/slow", Duration::from_secs(3));
+        assert!(r.is_err(), "answered: {r:?}");
+        assert!(
+            wait_until(Duration::from_secs(2), || !server.alive()),
+            "the action still happened"
+        );
+        let rec = &records(&events, i + 1)[i];
+        assert_eq!(rec["result"], "delivered", "{rec}");
+        println!("python stack with {}: {}", interpreter.display(), rec["stack"]);
+        let error = rec["stack"]["error"].as_str().unwrap_or("");
+        if port == own {
+            assert!(error.contains("not read"), "a writable interpreter is not mapped: {rec}");
+        } else {
+            assert!(error.is_empty(), "a root-owned interpreter is read: {rec}");
+        }
+    }
+    assert!(d.proc.alive());
+}
