@@ -207,7 +207,19 @@ pub fn still_current(
     conn: Option<&ConnInfo>,
 ) -> bool {
     let Some(task) = task else {
-        return false;
+        // Owner life 0: the task table was full when the request started, so the kernel flagged
+        // it `UNARMED` for the backstop. Current while the connection still names this request
+        // and this tid, and no task has since been recorded under the tid (that would be another
+        // life). Limit: an owner that exits mid-request leaves no trace to delete; a new thread
+        // reusing its tid before the deadline, and never owning a request, would match. Only
+        // when the table is full; the pidfd's start time check closes it.
+        return ev.owner_life == 0
+            && conn.is_some_and(|now| {
+                now.state == ReqState::InFlight as u32
+                    && now.gen == ev.gen
+                    && now.tid == ev.tid
+                    && now.owner_life == 0
+            });
     };
     if task.life != ev.owner_life {
         return false;

@@ -362,19 +362,23 @@ fn start_stream(key: &StreamKey, block: u64, n: u64) {
     s.info.slot = slot;
     s.info.head_state = head_state::UNREADABLE;
     s.info.head_len = 0;
+    // The scratch is reused by every stream start on this CPU: zeroed first, then at most the
+    // bytes of this frame that the call returned (`n`, bounded by the walk's segment and the
+    // syscall's return) are copied, so an event never carries bytes of another stream.
+    // SAFETY: `head` of this CPU's scratch value, HEAD_BYTES long.
+    unsafe { ptr::write_bytes(ptr::addr_of_mut!(s.head), 0, 1) };
     let n = if n > HEAD_BYTES as u64 {
         HEAD_BYTES as u64
     } else {
         n
     };
-    // A constant-size read (see `turn`): the bytes past the frame are never looked at.
-    // SAFETY: the destination is the scratch value's `head` (HEAD_BYTES long); the source is
-    // a user address the helper checks.
+    // SAFETY: the destination is the scratch value's `head` (HEAD_BYTES long, `n` at most that);
+    // the source is a user address the helper checks.
     if n > 0
         && unsafe {
             generated::bpf_probe_read_user(
                 ptr::addr_of_mut!(s.head) as *mut c_void,
-                HEAD_BYTES as u32,
+                n as u32,
                 block as *const c_void,
             )
         } == 0
