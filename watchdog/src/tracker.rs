@@ -291,6 +291,50 @@ mod tests {
         }
     }
 
+    /// A request the kernel could not give a task-table entry (owner life 0, the table full):
+    /// current while the connection still names it and no task holds its tid; never once a task
+    /// (another life) holds the tid, the request moved on, or the owner changed.
+    #[test]
+    fn an_owner_without_a_task_entry_is_current_only_while_nothing_else_holds_its_tid() {
+        let ev = ConnInfo {
+            cookie: 7,
+            gen: 3,
+            tid: 42,
+            owner_life: 0,
+            state: ReqState::InFlight as u32,
+            ..ConnInfo::default()
+        };
+        for reason in [Reason::Budget, Reason::ClientGone] {
+            assert!(still_current(reason, &ev, None, Some(&ev)));
+            let other = TaskInfo {
+                life: 99,
+                ..TaskInfo::default()
+            };
+            assert!(!still_current(reason, &ev, Some(&other), Some(&ev)));
+            for moved in [
+                ConnInfo { gen: 4, ..ev },
+                ConnInfo {
+                    state: ReqState::Idle as u32,
+                    ..ev
+                },
+                ConnInfo { tid: 43, ..ev },
+                ConnInfo {
+                    owner_life: 5,
+                    ..ev
+                },
+            ] {
+                assert!(!still_current(reason, &ev, None, Some(&moved)));
+            }
+            assert!(!still_current(reason, &ev, None, None));
+            // A recorded owner (life != 0) is never current without its entry.
+            let owned = ConnInfo {
+                owner_life: 5,
+                ..ev
+            };
+            assert!(!still_current(reason, &owned, None, Some(&owned)));
+        }
+    }
+
     #[test]
     fn steps_come_out_at_their_offsets_in_order() {
         let mut t = Tracker::default();

@@ -178,7 +178,7 @@ fn racing_starts_ends_and_timers_lose_no_request() {
         let elapsed = r["elapsed_ms"].as_u64().unwrap();
         let late = r["lateness_ms"].as_f64().unwrap();
         assert!(elapsed >= 300, "acted on early: {r}");
-        assert!(late >= 0.0 && late < 250.0, "lateness out of bounds: {r}");
+        assert!((0.0..250.0).contains(&late), "lateness out of bounds: {r}");
     }
     assert_eq!(d.metric("watchdog_kernel_starts_contended_total", &[]), 0.0);
 }
