@@ -21,7 +21,7 @@ pub use state::{
 
 /// Bumped whenever the layout of any map key or value changes. Stamped into the `META` map so a
 /// daemon never reads pinned state written with another layout.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Capacity limits of the kernel tables. Fixed at build time; insert failures are counted.
 pub mod limits {
@@ -116,6 +116,23 @@ pub mod stat {
     pub const STREAMS_ENDED: u32 = 14;
     /// Stream entries of closed connections dropped by their own timer.
     pub const STREAMS_REAPED: u32 = 15;
+    /// Processes not added to `OWNERS` (syscall set) because it was full: their tracked
+    /// connections are not seen.
+    pub const OWNERS_TABLE_FULL: u32 = 16;
+    /// Connections not tracked because `SOCK_STATES` (syscall set) or socket storage refused
+    /// their state.
+    pub const SOCK_STATES_TABLE_FULL: u32 = 17;
+    /// Threads dropped from the task table because they called `execve` as a non-leader: their
+    /// tid is gone without `sched_process_exit`.
+    pub const TASKS_EXECED: u32 = 18;
+    /// Request starts that found another start still writing the connection's record (not
+    /// tracked; counted so it is never silent).
+    pub const STARTS_CONTENDED: u32 = 19;
+    /// Timer callbacks that found a request start writing the record: that start arms the
+    /// timer itself.
+    pub const DEADLINES_RACED: u32 = 20;
+    /// HTTP/2 streams refused because their port already had its share of `STREAMS`.
+    pub const STREAMS_PORT_FULL: u32 = 21;
     /// Number of counters.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 22;
 }

@@ -37,6 +37,8 @@ pub const PROG_SEND: &str = "request_exit_send";
 pub const PROG_RESET: &str = "conn_enter_receive_reset";
 /// tp_btf sched_process_exit: drop what an exiting task owned.
 pub const PROG_TASK_EXIT: &str = "task_exit";
+/// tp_btf sched_process_exec: a non-leader thread's tid vanishes at exec.
+pub const PROG_TASK_EXEC: &str = "task_exec";
 
 /// tp_btf sys_exit: the syscall probe set (accept, recv*, send*, read, write...).
 pub const PROG_SYS_EXIT: &str = "syscall_exit";
@@ -66,5 +68,6 @@ pub const TP_RECV: &str = "sock_recv_length";
 pub const TP_SEND: &str = "sock_send_length";
 pub const TP_RESET: &str = "tcp_receive_reset";
 pub const TP_TASK_EXIT: &str = "sched_process_exit";
+pub const TP_TASK_EXEC: &str = "sched_process_exec";
 pub const TP_SYS_EXIT: &str = "sys_exit";
 pub const TP_FORK: &str = "sched_process_fork";

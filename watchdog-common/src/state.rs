@@ -168,6 +168,10 @@ pub struct ConnRecord {
     /// moment. A request starting while the timer is armed for an earlier moment, not yet
     /// fired, leaves it alone: the callback re-arms for the request then in flight.
     pub armed_ns: u64,
+    /// Kernel-owned sequence of the request fields (seqlock): odd while a request start writes
+    /// `info` and `head`, even once they are published. The timer callback trusts a copy only if
+    /// it read the same even value before and after it.
+    pub seq: u64,
     /// The current request's first bytes (`info.head_len` of them), copied at its start.
     pub head: [u8; HEAD_BYTES],
 }
@@ -178,6 +182,7 @@ impl Default for ConnRecord {
             timer: [0; 2],
             info: ConnInfo::default(),
             armed_ns: 0,
+            seq: 0,
             head: [0; HEAD_BYTES],
         }
     }
@@ -217,7 +222,7 @@ pub struct Meta {
 const _: () = assert!(size_of::<Meta>() == 24);
 const _: () = assert!(size_of::<PortConfig>() == 24);
 const _: () = assert!(size_of::<ConnInfo>() == 96);
-const _: () = assert!(size_of::<ConnRecord>() == 120 + HEAD_BYTES);
+const _: () = assert!(size_of::<ConnRecord>() == 128 + HEAD_BYTES);
 const _: () = assert!(size_of::<TaskInfo>() == 24);
 const _: () = assert!(size_of::<StreamKey>() == 16);
 const _: () = assert!(size_of::<StreamInfo>() == 48);

@@ -104,8 +104,10 @@ impl H2Dir {
 pub struct ConnEntry {
     pub timer: bpf_timer,
     pub info: ConnInfo,
-    /// See `ConnRecord::armed_ns`.
+    /// See `ConnRecord::armed_ns`. Changed only with the fully ordered atomics below.
     pub armed_ns: u64,
+    /// See `ConnRecord::seq`. Changed only with the fully ordered atomics below.
+    pub seq: u64,
     /// See `ConnRecord::head`.
     pub head: [u8; watchdog_common::head::HEAD_BYTES],
 }
@@ -115,30 +117,136 @@ const _: () = assert!(
 );
 
 /// The high bit of `ConnEntry::armed_ns`: the timer's callback has begun since the timer was
-/// armed for that moment. The callback sets it with a locked add before it reads the record;
-/// whoever arms the timer next stores a plain time, which clears it (`request::arm_for`).
+/// armed for that moment. The callback sets it with `fetch_or` before it reads the record; whoever
+/// arms the timer next stores the new time first (`xchg`), which clears it (`request::arm_for`).
 pub const ARMED_FIRED: u64 = 1 << 63;
 
-/// Adds `value` to `*p` with one locked instruction: BPF's atomic add (`lock *(u64 *)(p) +=`),
-/// which the x86-64 JIT emits as `lock add`, a full barrier: every store before it is visible to
-/// other CPUs before any load after it runs. x86-64 is the only ABI these programs know (see
-/// `programs/abi.rs`); on other JITs this add need not order anything. Written as assembly: the
-/// BPF target has no atomics in `core`.
+// The hand-off between a request start, its end and the timer callback uses only the BPF
+// atomics with `BPF_FETCH` (fetch_add, fetch_or, xchg, cmpxchg). The kernel's memory model
+// (Documentation/bpf/standardization, tools/memory-model) makes every one of them fully
+// ordered, like `smp_mb()` on both sides: every JIT emits them so (x86-64 `lock xadd` /
+// `lock cmpxchg` / `xchg`, arm64 LSE `*al` forms or LL/SC loops with `dmb ish`, and so on). The
+// add without fetch (`lock *(u64 *)(p) += v`) is unordered on weakly ordered JITs (arm64
+// `stadd`): it is used for nothing here. Written as assembly: the BPF target's `core` has no
+// compare-and-swap (`atomic-cas: false` in its target spec).
+
+/// `*p += v`, returning the old value; fully ordered.
 ///
 /// # Safety
-/// `p` points into a map value.
+/// `p` points at an aligned u64 in a map value.
 #[inline(always)]
-pub unsafe fn locked_add(p: *mut u64, value: u64) {
+pub unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
+    let mut r = v;
     // SAFETY: `p` is an aligned u64 in a map value (the caller's contract), live for the
     // program's run; the instruction reads and writes only that word.
     unsafe {
         core::arch::asm!(
-            "lock *(u64 *)({p} + 0) += {v}",
+            "{r} = atomic_fetch_add((u64 *)({p} + 0), {r})",
             p = in(reg) p,
-            v = in(reg) value,
+            r = inout(reg) r,
             options(nostack),
         )
     };
+    r
+}
+
+/// `*p |= v`, returning the old value; fully ordered.
+///
+/// # Safety
+/// As `fetch_add`.
+#[inline(always)]
+pub unsafe fn fetch_or(p: *mut u64, v: u64) -> u64 {
+    let mut r = v;
+    // SAFETY: as in `fetch_add`.
+    unsafe {
+        core::arch::asm!(
+            "{r} = atomic_fetch_or((u64 *)({p} + 0), {r})",
+            p = in(reg) p,
+            r = inout(reg) r,
+            options(nostack),
+        )
+    };
+    r
+}
+
+/// `*p = v`, returning the old value; fully ordered.
+///
+/// # Safety
+/// As `fetch_add`.
+#[inline(always)]
+pub unsafe fn xchg(p: *mut u64, v: u64) -> u64 {
+    let mut r = v;
+    // SAFETY: as in `fetch_add`.
+    unsafe {
+        core::arch::asm!(
+            "{r} = xchg_64({p} + 0, {r})",
+            p = in(reg) p,
+            r = inout(reg) r,
+            options(nostack),
+        )
+    };
+    r
+}
+
+/// If `*p == old`, `*p = new`; returns what `*p` held (equal to `old` when it swapped). Fully
+/// ordered whether or not it swapped.
+///
+/// # Safety
+/// As `fetch_add`.
+#[inline(always)]
+pub unsafe fn cmpxchg(p: *mut u64, old: u64, new: u64) -> u64 {
+    let seen: u64;
+    // SAFETY: as in `fetch_add`; the instruction takes the expected value in r0 and leaves the
+    // word's old value there.
+    unsafe {
+        core::arch::asm!(
+            "r0 = cmpxchg_64({p} + 0, r0, {n})",
+            p = in(reg) p,
+            n = in(reg) new,
+            inout("r0") old => seen,
+            options(nostack),
+        )
+    };
+    seen
+}
+
+/// A request generation and its `ReqState`, as the one aligned u64 they form in `SockState`
+/// (`gen`, `state`) and in `ConnInfo` (`gen`, `state`): little-endian, `gen` the low half.
+#[inline(always)]
+pub const fn gen_state(gen: u32, state: u32) -> u64 {
+    (gen as u64) | ((state as u64) << 32)
+}
+
+/// Moves a `gen_state` word forward to `to`, never back: to a later generation, or from in
+/// flight to idle within one. At most three compare-and-swaps (the word has at most two other
+/// writers at a time, each moving it forward); false if the word already was at or past `to`.
+///
+/// # Safety
+/// `p` points at an aligned `gen_state` word in a map value or socket storage.
+#[inline(always)]
+pub unsafe fn advance(p: *mut u64, to: u64) -> bool {
+    // SAFETY: the caller's contract; a plain read is only a guess the swap checks.
+    let mut old = unsafe { ptr::read_volatile(p) };
+    for _ in 0..3 {
+        if !later(to, old) {
+            return false;
+        }
+        // SAFETY: as above.
+        let seen = unsafe { cmpxchg(p, old, to) };
+        if seen == old {
+            return true;
+        }
+        old = seen;
+    }
+    false
+}
+
+/// Is `a` past `b` (two `gen_state` words; generations compared modulo 2^32)?
+#[inline(always)]
+fn later(a: u64, b: u64) -> bool {
+    let d = (a as u32).wrapping_sub(b as u32) as i32;
+    let idle = watchdog_common::ReqState::Idle as u64;
+    d > 0 || (d == 0 && (a >> 32) == idle && (b >> 32) != idle)
 }
 
 /// The peer sent FIN: a later RST is the answer to our own write, not a new hang-up.

@@ -80,6 +80,12 @@ pub const PROGRAMS: &[ProgramSpec] = &[
         since: "5.15",
     },
     ProgramSpec {
+        program: names::PROG_TASK_EXEC,
+        hook: names::TP_TASK_EXEC,
+        set: None,
+        since: "5.15",
+    },
+    ProgramSpec {
         program: names::PROG_RESET,
         hook: names::TP_RESET,
         set: None,

@@ -338,6 +338,12 @@ impl prometheus_client::collector::Collector for KernelCollector {
             .encode_counter::<PortLabels, u64, f64>(&k.tasks_table_full, None)?;
         e.encode_family(&[("table", "streams")])?
             .encode_counter::<PortLabels, u64, f64>(&k.streams_table_full, None)?;
+        e.encode_family(&[("table", "streams_port_share")])?
+            .encode_counter::<PortLabels, u64, f64>(&k.streams_port_full, None)?;
+        e.encode_family(&[("table", "owners")])?
+            .encode_counter::<PortLabels, u64, f64>(&k.owners_table_full, None)?;
+        e.encode_family(&[("table", "socket_states")])?
+            .encode_counter::<PortLabels, u64, f64>(&k.sock_states_table_full, None)?;
         let mut e = enc.encode_descriptor(
             "watchdog_http2_streams",
             "HTTP/2 streams the kernel followed: started (client HEADERS), ended (the server's HEADERS or either side's RST_STREAM), reaped (their connection closed first)",
@@ -381,6 +387,22 @@ impl prometheus_client::collector::Collector for KernelCollector {
             .encode_counter::<PortLabels, u64, f64>(&k.deadlines_stale, None)?;
         e.encode_family(&[("result", "rearmed")])?
             .encode_counter::<PortLabels, u64, f64>(&k.deadlines_rearmed, None)?;
+        e.encode_family(&[("result", "raced")])?
+            .encode_counter::<PortLabels, u64, f64>(&k.deadlines_raced, None)?;
+        enc.encode_descriptor(
+            "watchdog_kernel_starts_contended",
+            "Request starts that found another start writing the connection's record: not tracked",
+            None,
+            MetricType::Counter,
+        )?
+        .encode_counter::<PortLabels, u64, f64>(&k.starts_contended, None)?;
+        enc.encode_descriptor(
+            "watchdog_kernel_tasks_execed",
+            "Threads dropped from the kernel's task table because they called execve as a non-leader (their tid vanished)",
+            None,
+            MetricType::Counter,
+        )?
+        .encode_counter::<PortLabels, u64, f64>(&k.tasks_execed, None)?;
         let mut e = enc.encode_descriptor(
             "watchdog_kernel_timer_errors",
             "bpf_timer calls that failed: requests left without a deadline timer",

@@ -207,7 +207,19 @@ pub fn still_current(
     conn: Option<&ConnInfo>,
 ) -> bool {
     let Some(task) = task else {
-        return false;
+        // Owner life 0: the task table was full when the request started, so the kernel flagged
+        // it `UNARMED` for the backstop. Current while the connection still names this request
+        // and this tid, and no task has since been recorded under the tid (that would be another
+        // life). Limit: an owner that exits mid-request leaves no trace to delete; a new thread
+        // reusing its tid before the deadline, and never owning a request, would match. Only
+        // when the table is full; the pidfd's start time check closes it.
+        return ev.owner_life == 0
+            && conn.is_some_and(|now| {
+                now.state == ReqState::InFlight as u32
+                    && now.gen == ev.gen
+                    && now.tid == ev.tid
+                    && now.owner_life == 0
+            });
     };
     if task.life != ev.owner_life {
         return false;
@@ -276,6 +288,50 @@ mod tests {
             cookie,
             gen,
             reason: Reason::Budget,
+        }
+    }
+
+    /// A request the kernel could not give a task-table entry (owner life 0, the table full):
+    /// current while the connection still names it and no task holds its tid; never once a task
+    /// (another life) holds the tid, the request moved on, or the owner changed.
+    #[test]
+    fn an_owner_without_a_task_entry_is_current_only_while_nothing_else_holds_its_tid() {
+        let ev = ConnInfo {
+            cookie: 7,
+            gen: 3,
+            tid: 42,
+            owner_life: 0,
+            state: ReqState::InFlight as u32,
+            ..ConnInfo::default()
+        };
+        for reason in [Reason::Budget, Reason::ClientGone] {
+            assert!(still_current(reason, &ev, None, Some(&ev)));
+            let other = TaskInfo {
+                life: 99,
+                ..TaskInfo::default()
+            };
+            assert!(!still_current(reason, &ev, Some(&other), Some(&ev)));
+            for moved in [
+                ConnInfo { gen: 4, ..ev },
+                ConnInfo {
+                    state: ReqState::Idle as u32,
+                    ..ev
+                },
+                ConnInfo { tid: 43, ..ev },
+                ConnInfo {
+                    owner_life: 5,
+                    ..ev
+                },
+            ] {
+                assert!(!still_current(reason, &ev, None, Some(&moved)));
+            }
+            assert!(!still_current(reason, &ev, None, None));
+            // A recorded owner (life != 0) is never current without its entry.
+            let owned = ConnInfo {
+                owner_life: 5,
+                ..ev
+            };
+            assert!(!still_current(reason, &owned, None, Some(&owned)));
         }
     }
 

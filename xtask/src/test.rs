@@ -133,6 +133,8 @@ impl Stage {
                 "grpc",
                 "--test",
                 "mariadb",
+                "--test",
+                "handoff",
                 "--",
                 "--test-threads=1",
             ])

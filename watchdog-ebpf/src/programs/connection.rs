@@ -15,11 +15,14 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SockOpsContext},
     EbpfContext,
 };
-use watchdog_common::{conn_flag, stat, ConnInfo, EventKind, ReqState, PORT_CLIENT_GONE};
+use watchdog_common::{
+    conn_flag, stat, ConnInfo, EventKind, ReqState, LAYOUT_VERSION, PORT_CLIENT_GONE,
+};
 
 use crate::maps::{
-    count, emit, locked_add, port_config, port_count, sock_state, syscall_set, ConnEntry, H2Dir,
-    SockState, ARMED_FIRED, CONNS, CONN_SCRATCH, SOCKS, SOCK_PEER_FIN, SOCK_STATES, TASKS,
+    cmpxchg, count, emit, fetch_add, fetch_or, port_config, port_count, sock_state, syscall_set,
+    xchg, ConnEntry, H2Dir, SockState, ARMED_FIRED, CONNS, CONN_SCRATCH, EVENTS, SOCKS,
+    SOCK_PEER_FIN, SOCK_STATES, TASKS,
 };
 
 const AF_INET: u32 = 2;
@@ -110,6 +113,7 @@ fn on_accept(ctx: &SockOpsContext) {
     unsafe {
         (*entry).info = info;
         (*entry).armed_ns = 0;
+        (*entry).seq = 0;
         ptr::write_bytes(ptr::addr_of_mut!((*entry).head), 0, 1);
     }
     // SAFETY: as above; `ConnRecord` and `ConnEntry` have the same layout (asserted in maps).
@@ -146,7 +150,7 @@ fn on_accept(ctx: &SockOpsContext) {
     };
     if !create_state(sk, &init) {
         let _ = CONNS.remove(cookie);
-        count(stat::CONNS_TABLE_FULL);
+        count(stat::SOCK_STATES_TABLE_FULL);
         return;
     }
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
@@ -285,14 +289,33 @@ pub fn conn_enter_receive_reset(ctx: BtfTracePointContext) -> u32 {
 /// Runs in softirq context. Writes an event only if the request in flight is due and its owner
 /// is the same live task that started it. A request in flight that is not due yet started while
 /// the timer was armed for an earlier one (see `request::arm_for`): the timer moves to its
-/// deadline.
+/// deadline. The record is read as one consistent copy (seqlock, `ConnEntry::seq`); a copy torn
+/// by a start in progress is dropped, and that start arms the timer itself (`request::arm_for`
+/// has the argument).
 unsafe extern "C" fn on_deadline(_map: *mut c_void, _key: *mut u64, e: *mut ConnEntry) -> i32 {
-    // Marked before the record is read: a request start that sees the mark arms the timer
-    // itself, one that does not can rely on this read seeing its fields (`request::arm_for`).
     // SAFETY: the kernel passes the map value this timer lives in.
-    unsafe { locked_add(ptr::addr_of_mut!((*e).armed_ns), ARMED_FIRED) };
+    let (armed_ns, seq) = unsafe {
+        (
+            ptr::addr_of_mut!((*e).armed_ns),
+            ptr::addr_of_mut!((*e).seq),
+        )
+    };
+    // Marked before the record is read: a request start that sees the mark arms the timer
+    // itself, one that does not can rely on the reads below seeing its record.
     // SAFETY: as above.
-    let info = unsafe { (*e).info };
+    let marked = unsafe { fetch_or(armed_ns, ARMED_FIRED) } | ARMED_FIRED;
+    // SAFETY: as above; the fetches are fully ordered reads around the copy.
+    let (s1, info, s2) = unsafe {
+        (
+            fetch_add(seq, 0),
+            ptr::read_volatile(ptr::addr_of!((*e).info)),
+            fetch_add(seq, 0),
+        )
+    };
+    if s1 & 1 != 0 || s1 != s2 {
+        count(stat::DEADLINES_RACED);
+        return 0;
+    }
     if info.state != ReqState::InFlight as u32 || info.flags & conn_flag::NO_DEADLINE != 0 {
         count(stat::DEADLINES_STALE);
         return 0;
@@ -308,24 +331,81 @@ unsafe extern "C" fn on_deadline(_map: *mut c_void, _key: *mut u64, e: *mut Conn
     // SAFETY: helper without arguments.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
     let due = info.start_ns.saturating_add(info.deadline_ns);
+    // SAFETY: `flags` starts an aligned u64 of the record.
+    let flags = unsafe { ptr::addr_of_mut!((*e).info.flags) }.cast::<u64>();
     if due > ts_ns {
+        // The new time before the timer (`arm_for`'s order); a start that changed the word since
+        // the mark arms by itself.
+        // SAFETY: as above.
+        if unsafe { cmpxchg(armed_ns, marked, due) } != marked {
+            count(stat::DEADLINES_RACED);
+            return 0;
+        }
         // SAFETY: the timer of this map value; re-arming from its own callback is allowed.
         if unsafe { bpf_timer_start(ptr::addr_of_mut!((*e).timer), due - ts_ns, 0) } == 0 {
-            // SAFETY: as above.
-            unsafe { (*e).armed_ns = due };
             count(stat::DEADLINES_REARMED);
         } else {
-            // SAFETY: as above.
-            unsafe { (*e).info.flags |= conn_flag::UNARMED };
+            // SAFETY: as above; userspace's backstop sweep looks for this flag.
+            unsafe {
+                xchg(armed_ns, 0);
+                fetch_or(flags, u64::from(conn_flag::UNARMED));
+            }
             count(stat::TIMER_START_ERRORS);
         }
         return 0;
     }
-    count(stat::DEADLINES_FIRED);
-    let sent = emit(EventKind::Deadline, ts_ns, e);
-    if !sent {
-        // SAFETY: as above; userspace's backstop sweep looks for this flag.
-        unsafe { (*e).info.flags |= conn_flag::EVENT_LOST };
+    match emit_deadline(ts_ns, e, &info, seq, s1) {
+        Emitted::Sent => count(stat::DEADLINES_FIRED),
+        Emitted::Moved => count(stat::DEADLINES_RACED),
+        Emitted::Lost => {
+            count(stat::DEADLINES_FIRED);
+            // SAFETY: as above; userspace's backstop sweep looks for this flag.
+            unsafe { fetch_or(flags, u64::from(conn_flag::EVENT_LOST)) };
+        }
     }
     0
+}
+
+/// What became of a deadline event.
+enum Emitted {
+    Sent,
+    /// The ring buffer was full (counted as `EVENTS_LOST`).
+    Lost,
+    /// A new request started while the event was written: discarded (the request it named
+    /// has ended; the new one armed the timer itself).
+    Moved,
+}
+
+/// Writes the deadline event of `info` (a consistent copy taken at sequence `s1`) with the
+/// record's head, and submits it only if the sequence has not moved since: an event never mixes
+/// two requests.
+#[inline(always)]
+fn emit_deadline(
+    ts_ns: u64,
+    e: *const ConnEntry,
+    info: &ConnInfo,
+    seq: *mut u64,
+    s1: u64,
+) -> Emitted {
+    let Some(mut slot) = EVENTS.reserve(0) else {
+        count(stat::EVENTS_LOST);
+        return Emitted::Lost;
+    };
+    let ev = slot.as_mut_ptr();
+    // SAFETY: `ev` is the reserved record (submitted or discarded below, never read before it
+    // is written); `e` points into CONNS.
+    unsafe {
+        (*ev).kind = EventKind::Deadline as u32;
+        (*ev).version = LAYOUT_VERSION;
+        (*ev).ts_ns = ts_ns;
+        (*ev).conn = *info;
+        (*ev).head = (*e).head;
+    }
+    // SAFETY: `seq` is the record's sequence word.
+    if unsafe { fetch_add(seq, 0) } != s1 {
+        slot.discard(0);
+        return Emitted::Moved;
+    }
+    slot.submit(0);
+    Emitted::Sent
 }

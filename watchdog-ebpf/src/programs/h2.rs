@@ -22,7 +22,7 @@ use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    btf_maps::PerCpuArray,
+    btf_maps::{Array, PerCpuArray},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_timer_init,
         bpf_timer_set_callback, bpf_timer_start, generated,
@@ -33,13 +33,14 @@ use watchdog_common::{
     conn_flag,
     h2::{frame, FrameHeader, FRAME_HEADER},
     head::{head_state, proto, HEAD_BYTES},
+    limits::{MAX_STAT_SLOTS, MAX_STREAMS},
     port_stat, stat, stream_flag, EventKind, ReqState, StreamKey, StreamRecord, PORT_CLIENT_GONE,
 };
 
 use crate::{
     maps::{
-        count, port_config, port_count, task_life, SockState, StreamEntry, CONNS, EVENTS,
-        SOCK_H2_LOST, SOCK_TX_LOST, STREAMS, STREAM_SCRATCH, TASKS,
+        count, fetch_add, port_config, port_count, task_life, SockState, StreamEntry, CONNS,
+        EVENTS, SOCK_H2_LOST, SOCK_TX_LOST, STREAMS, STREAM_SCRATCH, TASKS,
     },
     programs::{
         abi::{nr, reg, regs},
@@ -362,19 +363,23 @@ fn start_stream(key: &StreamKey, block: u64, n: u64) {
     s.info.slot = slot;
     s.info.head_state = head_state::UNREADABLE;
     s.info.head_len = 0;
+    // The scratch is reused by every stream start on this CPU: zeroed first, then at most the
+    // bytes of this frame that the call returned (`n`, bounded by the walk's segment and the
+    // syscall's return) are copied, so an event never carries bytes of another stream.
+    // SAFETY: `head` of this CPU's scratch value, HEAD_BYTES long.
+    unsafe { ptr::write_bytes(ptr::addr_of_mut!(s.head), 0, 1) };
     let n = if n > HEAD_BYTES as u64 {
         HEAD_BYTES as u64
     } else {
         n
     };
-    // A constant-size read (see `turn`): the bytes past the frame are never looked at.
-    // SAFETY: the destination is the scratch value's `head` (HEAD_BYTES long); the source is
-    // a user address the helper checks.
+    // SAFETY: the destination is the scratch value's `head` (HEAD_BYTES long, `n` at most that);
+    // the source is a user address the helper checks.
     if n > 0
         && unsafe {
             generated::bpf_probe_read_user(
                 ptr::addr_of_mut!(s.head) as *mut c_void,
-                HEAD_BYTES as u32,
+                n as u32,
                 block as *const c_void,
             )
         } == 0
@@ -383,9 +388,22 @@ fn start_stream(key: &StreamKey, block: u64, n: u64) {
         s.info.head_len = n as u16;
     }
     port_count(u32::from(s.info.slot), port_stat::STARTED, 1);
+    // Each port slot may hold at most its share of the table: one h2c client cannot take every
+    // port's room.
+    let Some(held) = STREAM_SHARES.get_ptr_mut(u32::from(s.info.slot)) else {
+        return;
+    };
+    // SAFETY: an aligned u64 of an array map value.
+    if unsafe { fetch_add(held, 1) } >= STREAM_SHARE {
+        // SAFETY: as above (adds -1).
+        unsafe { fetch_add(held, u64::MAX) };
+        count(stat::STREAMS_PORT_FULL);
+        return;
+    }
     // SAFETY: `StreamRecord` and `StreamEntry` have the same layout (asserted in maps).
     let value = unsafe { &*(s as *const StreamRecord).cast::<StreamEntry>() };
     if STREAMS.insert(key, value, BPF_NOEXIST.into()).is_err() {
+        release_share(u32::from(s.info.slot));
         count(stat::STREAMS_TABLE_FULL);
         return;
     }
@@ -411,6 +429,22 @@ fn start_stream(key: &StreamKey, block: u64, n: u64) {
     }
 }
 
+/// Streams in `STREAMS` per metrics slot (a port's, or slot 0 for ports past the first 64).
+#[btf_map]
+static STREAM_SHARES: Array<u64, { MAX_STAT_SLOTS as usize }> = Array::new();
+
+/// What one port slot may hold of `STREAMS`.
+const STREAM_SHARE: u64 = (MAX_STREAMS / 4) as u64;
+
+/// A stream of `slot` left `STREAMS`.
+#[inline(always)]
+fn release_share(slot: u32) {
+    if let Some(held) = STREAM_SHARES.get_ptr_mut(slot) {
+        // SAFETY: an aligned u64 of an array map value (adds -1).
+        unsafe { fetch_add(held, u64::MAX) };
+    }
+}
+
 /// The server answered the stream (or reset it): it is no longer in flight.
 #[inline(always)]
 fn end_stream(key: &StreamKey) {
@@ -421,7 +455,9 @@ fn end_stream(key: &StreamKey) {
     let (start, slot) = unsafe { ((*e).info.start_ns, (*e).info.slot) };
     // SAFETY: helper without arguments.
     let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
-    let _ = STREAMS.remove(key);
+    if STREAMS.remove(key).is_ok() {
+        release_share(u32::from(slot));
+    }
     count(stat::STREAMS_ENDED);
     port_count(u32::from(slot), port_stat::BUCKETS + bucket(elapsed), 1);
     port_count(u32::from(slot), port_stat::DURATION_SUM_NS, elapsed);
@@ -503,7 +539,9 @@ unsafe extern "C" fn on_stream_timer(
         None => true,
     };
     if lost {
-        let _ = STREAMS.remove(&k);
+        if STREAMS.remove(&k).is_ok() {
+            release_share(u32::from(info.slot));
+        }
         count(stat::STREAMS_REAPED);
         return 0;
     }

@@ -14,13 +14,17 @@
 
 use aya_ebpf::{
     bindings::BPF_ANY,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user,
+    },
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 
+use watchdog_common::stat;
+
 use crate::{
-    maps::{offsets, syscall_set, OWNERS, SOCK_STATES},
+    maps::{count, offsets, syscall_set, OWNERS, SOCK_STATES},
     programs::{
         abi::{nr, reg, regs},
         request::{bytes_in, bytes_out, MSG_PEEK},
@@ -49,25 +53,51 @@ pub fn syscall_exit(ctx: BtfTracePointContext) -> u32 {
                 _ => 0,
             };
             if flags & MSG_PEEK as u64 == 0 {
-                on_bytes_in(tgid, fd, regs, ret as u64);
+                if let Some(bytes) = byte_count(sysno, regs, ret as u64) {
+                    on_bytes_in(tgid, fd, regs, bytes);
+                }
             }
         }
         nr::WRITE | nr::WRITEV | nr::SENDTO | nr::SENDMSG | nr::SENDMMSG | nr::SENDFILE
             if ret > 0 =>
         {
-            on_bytes_out(tgid, fd, regs, ret as u64)
+            if let Some(bytes) = byte_count(sysno, regs, ret as u64) {
+                on_bytes_out(tgid, fd, regs, bytes);
+            }
         }
         _ => {}
     }
     0
 }
 
+/// The bytes a syscall moved, from its return value `ret`. recvmmsg and sendmmsg return a count
+/// of messages, not bytes: their bytes are the first message's (`msg_len` of the first `struct
+/// mmsghdr`, the message whose buffer the head capture reads), never the count.
+#[inline(always)]
+fn byte_count(sysno: u64, regs: *const u64, ret: u64) -> Option<u64> {
+    if sysno != nr::RECVMMSG && sysno != nr::SENDMMSG {
+        return Some(ret);
+    }
+    // `struct mmsghdr { struct user_msghdr msg_hdr; unsigned int msg_len; }`: 56 bytes, then
+    // msg_len. The vector is the second argument.
+    let first = reg(regs, regs::SI);
+    // SAFETY: bpf_probe_read_user checks the address; a bad one is an error.
+    let len: u32 = unsafe { bpf_probe_read_user((first + MMSGHDR_LEN) as *const u32) }.ok()?;
+    (len > 0).then_some(u64::from(len))
+}
+
+/// Offset of `msg_len` in `struct mmsghdr` (x86-64).
+const MMSGHDR_LEN: u64 = 56;
+
 /// A process took a connection: if it is tracked, the process's reads and writes matter now.
 #[inline(always)]
 fn on_accept(tgid: u32, fd: u64) {
     if let Some(cookie) = cookie_of_fd(fd) {
-        if SOCK_STATES.get_ptr(cookie).is_some() {
-            let _ = OWNERS.insert(tgid, 1, BPF_ANY.into());
+        if SOCK_STATES.get_ptr(cookie).is_some()
+            && OWNERS.get_ptr(tgid).is_none()
+            && OWNERS.insert(tgid, 1, BPF_ANY.into()).is_err()
+        {
+            count(stat::OWNERS_TABLE_FULL);
         }
     }
 }

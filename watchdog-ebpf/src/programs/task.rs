@@ -26,6 +26,29 @@ pub fn task_exit(_ctx: BtfTracePointContext) -> u32 {
     0
 }
 
+/// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`, in
+/// the exec'ing task once the new program is loaded.
+///
+/// A non-leader thread that calls `execve` takes over its process's id (`de_thread`): its own
+/// tid (`old_pid`) vanishes without `sched_process_exit`, and may later be handed to another
+/// process. Deleting `TASKS[old_pid]` makes every request it owned unmatched for good, exactly
+/// as an exit does: the timer stays silent and userspace's still-current check fails, and a new
+/// owner of that tid gets a fresh life stamp. (The old leader's own entry went at its exit,
+/// before the exec'ing thread took its id.)
+///
+/// A leader that execs keeps its tid and its entry: its requests stay its own, now served by
+/// the exec'd program (a socket without `O_CLOEXEC` survives `execve`), and are enforced as the
+/// policy says for that process.
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn task_exec(ctx: BtfTracePointContext) -> u32 {
+    let old: i32 = ctx.arg(1);
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if old as u32 != tid && TASKS.remove(old as u32).is_ok() {
+        count(stat::TASKS_EXECED);
+    }
+    0
+}
+
 /// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`, in the parent.
 /// Syscall set only: a server that accepts and then forks a child per connection hands the
 /// child its tracked sockets, so the child joins `OWNERS`.
@@ -42,8 +65,8 @@ pub fn task_fork(ctx: BtfTracePointContext) -> u32 {
     let tgid_at = child.wrapping_add(offsets().task_tgid as usize) as *const u32;
     // SAFETY: bpf_probe_read_kernel checks the address.
     if let Ok(tgid) = unsafe { bpf_probe_read_kernel(tgid_at) } {
-        if tgid != parent {
-            let _ = OWNERS.insert(tgid, 1, BPF_ANY.into());
+        if tgid != parent && OWNERS.insert(tgid, 1, BPF_ANY.into()).is_err() {
+            count(stat::OWNERS_TABLE_FULL);
         }
     }
     0

@@ -19,17 +19,22 @@ impl std::fmt::Debug for Counters {
 }
 
 impl Counters {
-    /// Timer-start errors plus lost events: the failures `backstop.rs` covers. Two reads.
+    /// Timer-start errors, lost events and requests the task table had no room for (flagged
+    /// `UNARMED`): the failures `backstop.rs` covers. Three reads.
     pub fn backstop_failures(&self) -> u64 {
-        [stat::TIMER_START_ERRORS, stat::EVENTS_LOST]
-            .iter()
-            .map(|i| {
-                self.stats
-                    .get(i, 0)
-                    .map(|v| v.iter().copied().sum())
-                    .unwrap_or(0)
-            })
-            .sum()
+        [
+            stat::TIMER_START_ERRORS,
+            stat::EVENTS_LOST,
+            stat::TASKS_TABLE_FULL,
+        ]
+        .iter()
+        .map(|i| {
+            self.stats
+                .get(i, 0)
+                .map(|v| v.iter().copied().sum())
+                .unwrap_or(0)
+        })
+        .sum()
     }
 
     /// Tracked connections still open (`CONNS_OPENED - CONNS_CLOSED`): two reads, for the
@@ -68,6 +73,12 @@ impl Counters {
             streams_reaped: get(stat::STREAMS_REAPED),
             streams_table_full: get(stat::STREAMS_TABLE_FULL),
             h2_lost: get(stat::H2_LOST),
+            owners_table_full: get(stat::OWNERS_TABLE_FULL),
+            sock_states_table_full: get(stat::SOCK_STATES_TABLE_FULL),
+            tasks_execed: get(stat::TASKS_EXECED),
+            starts_contended: get(stat::STARTS_CONTENDED),
+            deadlines_raced: get(stat::DEADLINES_RACED),
+            streams_port_full: get(stat::STREAMS_PORT_FULL),
         }
     }
 

@@ -166,6 +166,13 @@ pub struct KernelStats {
     pub streams_reaped: u64,
     pub streams_table_full: u64,
     pub h2_lost: u64,
+    /// Insert failures of the syscall set's tables, execs that dropped a task, hand-off races.
+    pub owners_table_full: u64,
+    pub sock_states_table_full: u64,
+    pub tasks_execed: u64,
+    pub starts_contended: u64,
+    pub deadlines_raced: u64,
+    pub streams_port_full: u64,
 }
 
 /// Per-slot request counters summed over CPUs (see `watchdog_common::port_stat`).
@@ -249,6 +256,10 @@ impl Kernel {
             .override_global(names::GLOBAL_OFFSETS, &offsets, true)
             .map_max_entries(names::MAP_CONNS, opts.max_conns)
             .map_max_entries(names::MAP_SOCK_STATES, opts.max_conns)
+            // Threads owning requests, and processes holding tracked connections: bounded like
+            // the connections they serve (a full table is counted and covered by the backstop).
+            .map_max_entries(names::MAP_TASKS, opts.max_conns)
+            .map_max_entries(names::MAP_OWNERS, opts.max_conns)
             .map_max_entries(names::MAP_EVENTS, opts.events_bytes)
             .load(OBJECT)
             .map_err(LoadError::Object)?;
