@@ -127,6 +127,10 @@ pub async fn run(
         kernel.probe_set.label(),
     );
     let health = Arc::new(Health::default());
+    health.watch_links(crate::loader::LinkCheck::new(
+        &cfg.state_dir,
+        kernel.probe_set,
+    ));
     health
         .last_tick
         .store(crate::clock::mono_secs(), Ordering::Relaxed);
@@ -254,13 +258,50 @@ fn open_events(path: &Option<PathBuf>) -> anyhow::Result<Option<Box<dyn Write + 
     Ok(match path {
         None => None,
         Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
-        Some(p) => Some(Box::new(
-            File::options()
+        Some(p) => {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            // It holds request paths, SQL text and command lines of other users' processes:
+            // created 0600, and never through a symlink (one planted at the path would point
+            // the daemon's writes wherever its owner likes).
+            let file = File::options()
                 .create(true)
                 .append(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(p)
-                .with_context(|| format!("opening {}", p.display()))?,
-        )),
+                .map_err(|e| {
+                    if e.raw_os_error() == Some(libc::ELOOP) {
+                        anyhow::anyhow!(
+                            "{} is a symbolic link: refusing to write events through it",
+                            p.display()
+                        )
+                    } else {
+                        anyhow::Error::new(e).context(format!("opening {}", p.display()))
+                    }
+                })?;
+            let meta = file
+                .metadata()
+                .with_context(|| format!("reading {}", p.display()))?;
+            anyhow::ensure!(
+                meta.is_file(),
+                "{} is not a regular file: refusing to write events to it",
+                p.display()
+            );
+            // One another user made (and can read) is not ours to fill.
+            let euid = nix::unistd::geteuid().as_raw();
+            anyhow::ensure!(
+                meta.uid() == euid,
+                "{} is owned by uid {}, not this daemon's ({euid}): refusing to write events to it",
+                p.display(),
+                meta.uid()
+            );
+            // A file that was there already keeps its mode unless we tighten it.
+            if meta.mode() & 0o077 != 0 {
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("making {} private (0600)", p.display()))?;
+            }
+            Some(Box::new(file))
+        }
     })
 }
 
@@ -456,7 +497,10 @@ impl State {
         });
         let labels = PortLabels {
             policy: policy.name.clone(),
-            port: c.local_port.to_string(),
+            port: self.slots.read().map_or_else(
+                |_| plan::OTHER_PORT.into(),
+                |s| plan::port_label(&s, c.local_port),
+            ),
             route,
         };
         match EventKind::from_u32(ev.kind) {

@@ -32,8 +32,8 @@ mod counters;
 mod pin;
 
 pub use counters::Counters;
-use pin::{adopt, pin, prepare_bpffs};
-pub use pin::{pinned_events, unload};
+use pin::{adopt, pin, prepare_bpffs, private_dir};
+pub use pin::{pinned_events, unload, LinkCheck};
 
 use crate::{
     config::Probes,
@@ -79,6 +79,10 @@ pub enum LoadError {
     /// A map read or write failed.
     #[error("map {0} operation failed")]
     MapOp(&'static str, #[source] aya::maps::MapError),
+    /// The state directory (or a directory above it) is not one only root controls: another
+    /// user could remove the pins (detaching every program) or plant their own.
+    #[error("state directory {path} refused: {reason}; remove it or choose another `state_dir` (it may have been planted by another user)")]
+    StateDir { path: PathBuf, reason: String },
     /// The pin directory could not be prepared or written.
     #[error("pinning kernel state under {path}")]
     Pin {
@@ -221,6 +225,8 @@ impl Kernel {
         let mut origin = Origin::Fresh;
         if let Some(dir) = &opts.state_dir {
             prepare_bpffs(dir)?;
+            // Nothing is adopted from (or pinned into) a directory another user controls.
+            private_dir(dir, false)?;
             match adopt(dir, &meta) {
                 Ok(Some(maps)) => {
                     info!(dir = %dir.display(), "adopted the pinned kernel state of an earlier daemon");
