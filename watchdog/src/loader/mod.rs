@@ -32,7 +32,7 @@ mod counters;
 mod pin;
 
 pub use counters::Counters;
-use pin::{adopt, pin, prepare_bpffs, private_dir};
+use pin::{adopt, clear_dir, pin, prepare_bpffs, private_dir};
 pub use pin::{pinned_events, unload, LinkCheck};
 
 use crate::{
@@ -211,6 +211,13 @@ impl Kernel {
         if uid != 0 {
             return Err(LoadError::NotPrivileged { uid });
         }
+        if let Some(dir) = &opts.state_dir {
+            prepare_bpffs(dir)?;
+            // Nothing is adopted from (or pinned into) a directory another user controls; it
+            // is made now (0700) if absent, first of all, so it is never absent while the
+            // programs load (the window another user could create it in).
+            private_dir(dir, true)?;
+        }
         raise_memlock_limit();
         let kbtf = KernelBtf::load().map_err(LoadError::ProbeSet)?;
         let probe_set = kbtf.choose(opts.probes).map_err(LoadError::ProbeSet)?;
@@ -224,9 +231,6 @@ impl Kernel {
         let cgroup = cgroup2_root()?;
         let mut origin = Origin::Fresh;
         if let Some(dir) = &opts.state_dir {
-            prepare_bpffs(dir)?;
-            // Nothing is adopted from (or pinned into) a directory another user controls.
-            private_dir(dir, false)?;
             match adopt(dir, &meta) {
                 Ok(Some(maps)) => {
                     info!(dir = %dir.display(), "adopted the pinned kernel state of an earlier daemon");
@@ -235,7 +239,8 @@ impl Kernel {
                 Ok(None) => {}
                 Err(reason) => {
                     warn!(dir = %dir.display(), %reason, "pinned kernel state not adopted: detaching it and starting fresh");
-                    fs::remove_dir_all(dir).map_err(|source| LoadError::Pin {
+                    // Emptied, not removed: the checked directory stays ours throughout.
+                    clear_dir(dir).map_err(|source| LoadError::Pin {
                         path: dir.clone(),
                         source,
                     })?;

@@ -27,8 +27,8 @@ pub(super) fn pin(
             source: std::io::Error::other(e.to_string()),
         }
     };
-    // Created 0700 here, or found and checked: an unprivileged user who re-created the
-    // directory after the cleanup above is refused, not pinned into.
+    // Made (or checked) before the load already; checked again on the opened directory, in
+    // case it was swapped since.
     private_dir(dir, true)?;
     for (name, map) in maps {
         let path = dir.join(name);
@@ -52,7 +52,8 @@ pub(super) fn adopt(
     dir: &Path,
     want: &Meta,
 ) -> Result<Option<std::collections::HashMap<&'static str, Map>>, String> {
-    if !dir.exists() {
+    let empty = fs::read_dir(dir).map_or(true, |mut entries| entries.next().is_none());
+    if empty {
         return Ok(None);
     }
     let meta_map = MapData::from_pin(dir.join(names::MAP_META))
@@ -93,6 +94,19 @@ pub(super) fn adopt(
         maps.insert(name, map);
     }
     Ok(Some(maps))
+}
+
+/// Removes everything pinned in `dir` but the directory itself (a state not adopted).
+pub(super) fn clear_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            fs::remove_dir_all(entry.path())?;
+        } else {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes a pinned state: its programs detach once nothing else holds them.
@@ -156,8 +170,17 @@ pub(super) fn private_dir(dir: &Path, create: bool) -> Result<bool, LoadError> {
     let fd = match opened {
         Ok(fd) => fd,
         Err(nix::errno::Errno::ENOENT) if !create => return Ok(false),
-        Err(nix::errno::Errno::ELOOP) => return Err(refuse("it is a symbolic link".into())),
-        Err(nix::errno::Errno::ENOTDIR) => return Err(refuse("it is not a directory".into())),
+        Err(nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR) => {
+            let link = fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+            return Err(refuse(
+                if link {
+                    "it is a symbolic link"
+                } else {
+                    "it is not a directory"
+                }
+                .into(),
+            ));
+        }
         Err(e) => {
             return Err(LoadError::Pin {
                 path: dir.to_path_buf(),
