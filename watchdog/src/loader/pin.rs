@@ -192,7 +192,7 @@ pub(super) fn private_dir(dir: &Path, create: bool) -> Result<bool, LoadError> {
         path: dir.to_path_buf(),
         source: e.into(),
     })?;
-    let mode = u32::from(st.st_mode);
+    let mode = st.st_mode;
     if let Some(why) = foreign_dir(st.st_uid, mode, euid, false) {
         return Err(refuse(format!("it {why}")));
     }
