@@ -149,16 +149,41 @@ fn capture_now(pid: u32, tid: u32, cgroup: Option<String>, cache: &mut Cache) ->
             .map(|l| l.split_once(' ').map_or(l, |(_, f)| f).to_string())
             .take(16)
             .collect(),
-        cmdline: read(&format!("/proc/{pid}/cmdline"))
-            .replace('\0', " ")
-            .trim()
-            .to_string(),
+        cmdline: cmdline(pid),
         cgroup,
         pod_uid,
         container_id,
         connections,
         waiting_on,
     }
+}
+
+/// Most of a command line kept in a diagnosis (records, the event stream, the log): an
+/// argument list can be megabytes, and is not the daemon's to copy whole.
+pub const CMDLINE_MAX: usize = 1024;
+
+/// The owner's command line, arguments separated by spaces, at most `CMDLINE_MAX` bytes read
+/// (cut at a character boundary, `…` marking the cut).
+fn cmdline(pid: u32) -> String {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(CMDLINE_MAX + 1);
+    if let Ok(f) = fs::File::open(format!("/proc/{pid}/cmdline")) {
+        let _ = f.take(CMDLINE_MAX as u64 + 1).read_to_end(&mut buf);
+    }
+    capped_cmdline(&buf)
+}
+
+fn capped_cmdline(raw: &[u8]) -> String {
+    let cut = raw.len() > CMDLINE_MAX;
+    let mut s = String::from_utf8_lossy(&raw[..raw.len().min(CMDLINE_MAX)]).replace('\0', " ");
+    if cut {
+        // A lossy cut may end in U+FFFD; keep at most CMDLINE_MAX bytes of text.
+        while s.len() > CMDLINE_MAX - 3 {
+            s.pop();
+        }
+        s.push('…');
+    }
+    s.trim().to_string()
 }
 
 /// `R (running)` style text from the state letter of a `/proc/.../stat` line.
@@ -482,6 +507,22 @@ fn tcp_state(s: u8) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_lines_are_capped() {
+        assert_eq!(
+            capped_cmdline(b"python3\0app.py\08080\0"),
+            "python3 app.py 8080"
+        );
+        let long = vec![b'a'; 100_000];
+        let c = capped_cmdline(&long[..CMDLINE_MAX + 1]);
+        assert!(c.len() <= CMDLINE_MAX, "{}", c.len());
+        assert!(c.ends_with('…'));
+        // A multi-byte character cut in half is not kept half.
+        let mut odd = vec![b'a'; CMDLINE_MAX - 1];
+        odd.extend("é".as_bytes());
+        assert!(capped_cmdline(&odd).len() <= CMDLINE_MAX);
+    }
 
     #[test]
     fn syscall_lines() {

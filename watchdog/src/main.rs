@@ -15,6 +15,7 @@ mod fds;
 mod harm;
 mod kernel_btf;
 mod loader;
+mod logline;
 mod metrics;
 mod mysql;
 mod native;
@@ -138,7 +139,8 @@ fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => b.init(),
+        // Escaped values: a process's name or arguments never make a line of their own.
+        LogFormat::Text => b.fmt_fields(logline::fields()).init(),
         LogFormat::Json => b.json().flatten_event(true).with_current_span(false).init(),
     }
 }

@@ -81,6 +81,21 @@ pub fn plan(cfg: &Config) -> Plan {
     }
 }
 
+/// The `port` label of a request the daemon counts itself: the port's number when a config's
+/// port slot stands for it (at most `MAX_SLOTS` of them), `other` for every other port, so a
+/// policy on every port (`ports = "*"`) or a large range cannot make a series per port.
+pub fn port_label(slots: &[SlotLabel], port: u16) -> String {
+    let own = port.to_string();
+    if slots.iter().any(|s| s.slot != 0 && s.labels.port == own) {
+        own
+    } else {
+        OTHER_PORT.into()
+    }
+}
+
+/// The `port` label of the ports without a slot of their own.
+pub const OTHER_PORT: &str = "other";
+
 /// Ports as a label: `8080,9000-9010`, or `*` for every port.
 pub fn describe_ports(p: &Policy) -> String {
     if p.ports.is_empty() {
@@ -170,7 +185,7 @@ pub fn port_plan(cfg: &Config) -> Vec<(u16, PortConfig, PortLabels)> {
         let label = if slot == 0 {
             PortLabels {
                 policy: "*".into(),
-                port: "other".into(),
+                port: OTHER_PORT.into(),
                 route: DEFAULT_ROUTE.into(),
             }
         } else {
@@ -197,6 +212,62 @@ pub fn port_plan(cfg: &Config) -> Vec<(u16, PortConfig, PortLabels)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The labels `apply` derives from a plan (port slots, then route slots).
+    fn slot_labels(p: &Plan) -> Vec<SlotLabel> {
+        let mut labels = p.route_slots.clone();
+        for (_, pc, label) in &p.ports {
+            if !labels.iter().any(|l| l.slot == pc.slot) {
+                labels.push(SlotLabel {
+                    slot: pc.slot,
+                    labels: label.clone(),
+                });
+            }
+        }
+        labels
+    }
+
+    #[test]
+    fn the_port_label_takes_only_configured_ports() {
+        let cfg = Config::parse(
+            r#"
+[[policy]]
+name = "api"
+ports = [8080, "9000-9001"]
+budget = "1s"
+
+[[policy]]
+name = "all"
+budget = "5s"
+"#,
+            "t",
+        )
+        .unwrap();
+        let slots = slot_labels(&plan(&cfg));
+        for port in [8080, 9000, 9001] {
+            assert_eq!(port_label(&slots, port), port.to_string());
+        }
+        // Every other port (the wildcard policy's): one value, however many there are.
+        let others: std::collections::HashSet<String> = (1..=u16::MAX)
+            .filter(|p| ![8080, 9000, 9001].contains(p))
+            .map(|p| port_label(&slots, p))
+            .collect();
+        assert_eq!(
+            others.into_iter().collect::<Vec<_>>(),
+            vec![OTHER_PORT.to_string()]
+        );
+        // A range wider than the slots: at most MAX_SLOTS distinct labels.
+        let wide = Config::parse(
+            "[[policy]]\nname = \"wide\"\nports = [\"1000-3000\"]\nbudget = \"1s\"\n",
+            "t",
+        )
+        .unwrap();
+        let slots = slot_labels(&plan(&wide));
+        let labels: std::collections::HashSet<String> =
+            (1..=u16::MAX).map(|p| port_label(&slots, p)).collect();
+        assert!(labels.len() <= MAX_SLOTS as usize, "{}", labels.len());
+        assert!(labels.contains("1000") && labels.contains(OTHER_PORT));
+    }
 
     #[test]
     fn port_plan_takes_the_earliest_deadline_and_keeps_the_wildcard_apart() {

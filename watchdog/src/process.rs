@@ -123,31 +123,65 @@ fn parse_cgroup(text: &str) -> Option<String> {
 
 /// Kubernetes pod UID and container id from a cgroup path, for the cgroupfs and systemd
 /// drivers and the containerd, CRI-O and Docker runtimes.
+///
+/// Only from the kubelet's layout, by position: `kubepods[.slice]` at the root, then an
+/// optional QoS level (`burstable`, `besteffort`, `kubepods-<qos>.slice`), then the pod
+/// (`pod<uid>`, `kubepods[-<qos>]-pod<uid_>.slice`), then the container right below it.
+/// Whatever lies below the container is the container's own (a delegated cgroup may be named
+/// anything, `pod<another uid>` included) and is never read. A path seen from inside a cgroup
+/// namespace starts with `..` segments up to the common ancestor: the layout is then matched
+/// from the first segment after them, without the levels the `..` stand for.
 pub fn container_of(cgroup: &str) -> (Option<String>, Option<String>) {
-    let mut pod = None;
-    let mut container = None;
-    for seg in cgroup.split('/') {
-        let seg = seg
-            .strip_suffix(".slice")
-            .or_else(|| seg.strip_suffix(".scope"))
-            .unwrap_or(seg);
-        if let Some(i) = seg.rfind("pod") {
-            let uid = &seg[i + 3..];
-            if uid.len() == 36
-                && uid
-                    .chars()
-                    .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_')
-            {
-                pod = Some(uid.replace('_', "-"));
-                continue;
-            }
-        }
-        let id = seg.rsplit(['-', ':']).next().unwrap_or(seg);
-        if id.len() == 64 && id.chars().all(|c| c.is_ascii_hexdigit()) {
-            container = Some(id.to_string());
-        }
+    let mut segs = cgroup.split('/').filter(|s| !s.is_empty()).peekable();
+    let mut relative = false;
+    while segs.peek() == Some(&"..") {
+        segs.next();
+        relative = true;
     }
-    (pod, container)
+    let mut next = segs.next();
+    if matches!(next, Some("kubepods" | "kubepods.slice")) {
+        next = segs.next();
+    } else if !relative {
+        return (None, None);
+    }
+    if matches!(
+        next,
+        Some("burstable" | "besteffort" | "kubepods-burstable.slice" | "kubepods-besteffort.slice")
+    ) {
+        next = segs.next();
+    }
+    let Some(pod) = next.and_then(pod_uid) else {
+        return (None, None);
+    };
+    let container = segs.next().and_then(container_id);
+    (Some(pod), container)
+}
+
+/// The UID of a kubelet pod cgroup: `pod<uid>` (cgroupfs) or `kubepods[-<qos>]-pod<uid_>.slice`
+/// (systemd).
+fn pod_uid(seg: &str) -> Option<String> {
+    let uid = match seg.strip_suffix(".slice") {
+        Some(unit) => [
+            "kubepods-pod",
+            "kubepods-burstable-pod",
+            "kubepods-besteffort-pod",
+        ]
+        .iter()
+        .find_map(|p| unit.strip_prefix(p))?,
+        None => seg.strip_prefix("pod")?,
+    };
+    let ok = uid.len() == 36
+        && uid
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_');
+    ok.then(|| uid.replace('_', "-"))
+}
+
+/// The container id of the cgroup right below a pod's: `<id>`, `<runtime>-<id>.scope`.
+fn container_id(seg: &str) -> Option<String> {
+    let seg = seg.strip_suffix(".scope").unwrap_or(seg);
+    let id = seg.rsplit(['-', ':']).next().unwrap_or(seg);
+    (id.len() == 64 && id.chars().all(|c| c.is_ascii_hexdigit())).then(|| id.to_string())
 }
 
 #[cfg(test)]
@@ -186,5 +220,61 @@ mod tests {
             );
         }
         assert_eq!(container_of("/system.slice/nginx.service"), (None, None));
+    }
+
+    #[test]
+    fn pod_identity_only_from_the_kubelet_layout() {
+        let us = POD.replace('-', "_");
+        const OTHER: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+        let other_us = OTHER.replace('-', "_");
+        let ours = (Some(POD.to_string()), Some(CID.to_string()));
+        // A delegated cgroup below a container names another pod: the container's own pod wins.
+        for c in [
+            format!("/kubepods/burstable/pod{POD}/{CID}/pod{OTHER}/{}", "f".repeat(64)),
+            format!("/kubepods/burstable/pod{POD}/{CID}/kubepods/pod{OTHER}/x"),
+            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{us}.slice/cri-containerd-{CID}.scope/kubepods-pod{other_us}.slice/crio-{}.scope", "e".repeat(64)),
+        ] {
+            assert_eq!(container_of(&c), ours, "{c}");
+        }
+        // Seen from inside a cgroup namespace: `..` up to a common ancestor, then the layout.
+        for c in [
+            format!("/../../kubepods-burstable.slice/kubepods-burstable-pod{us}.slice/cri-containerd-{CID}.scope"),
+            format!("/../../../besteffort/pod{POD}/{CID}"),
+            format!("/../../pod{POD}/{CID}"),
+        ] {
+            assert_eq!(container_of(&c), ours, "{c}");
+        }
+        // Pod-shaped names outside the kubelet's positions claim nothing.
+        for c in [
+            format!("/user.slice/user-1000.slice/user@1000.service/kubepods/pod{OTHER}/{CID}"),
+            format!("/system.slice/pod{OTHER}/{CID}"),
+            format!("/kubepods/burstable/extra/pod{OTHER}/{CID}"),
+            format!("/kubepods/pod{OTHER}x/{CID}"),
+            format!("/kubepods.slice/evil-pod{other_us}.slice/{CID}"),
+            format!("/../../app/pod{OTHER}/{CID}"),
+            format!("/../{CID}"),
+        ] {
+            assert_eq!(container_of(&c).0, None, "{c}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever a container creates below itself, its identity stays the kubelet's.
+        #[test]
+        fn nothing_below_a_container_changes_its_identity(
+            below in proptest::collection::vec("[a-z0-9_.:-]{1,70}|pod[0-9a-f_-]{36}", 0..5),
+            systemd in proptest::bool::ANY,
+        ) {
+            let base = if systemd {
+                format!("/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{CID}.scope", POD.replace('-', "_"))
+            } else {
+                format!("/kubepods/pod{POD}/{CID}")
+            };
+            let path = std::iter::once(base).chain(below).collect::<Vec<_>>().join("/");
+            proptest::prop_assert_eq!(
+                container_of(&path),
+                (Some(POD.to_string()), Some(CID.to_string()))
+            );
+        }
     }
 }

@@ -313,7 +313,7 @@ fn a_python_interpreter_the_target_can_write_is_never_mapped() {
         .success();
     assert!(ok, "chown");
     let (own, root) = (free_port(), free_port());
-    let (d, events) = daemon(
+    let (mut d, events) = daemon(
         &dir,
         &[("own", own, "SIGKILL"), ("root", root, "SIGKILL")],
     );

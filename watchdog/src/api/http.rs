@@ -152,25 +152,38 @@ pub fn answer(
             // loop is stuck, and says so.
             let age =
                 crate::clock::mono_secs().saturating_sub(health.last_tick.load(Ordering::Relaxed));
-            if age <= LIVENESS_LIMIT_SECS {
-                reply(StatusCode::OK, "text/plain", "ok\n".into())
-            } else {
+            if age > LIVENESS_LIMIT_SECS {
                 reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
                     format!("event loop stalled for {age}s\n"),
                 )
+            } else if let Err(why) = health.attached() {
+                // Detached programs enforce nothing: a restart loads them again.
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("programs not attached: {why}\n"),
+                )
+            } else {
+                reply(StatusCode::OK, "text/plain", "ok\n".into())
             }
         }
         "/readyz" => {
-            if health.ready.load(Ordering::Relaxed) {
-                reply(StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
+            if !health.ready.load(Ordering::Relaxed) {
                 reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
                     "not ready\n".into(),
                 )
+            } else if let Err(why) = health.attached() {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: programs not attached: {why}\n"),
+                )
+            } else {
+                reply(StatusCode::OK, "text/plain", "ready\n".into())
             }
         }
         _ => reply(

@@ -7,7 +7,11 @@ pub mod http;
 use std::{
     os::unix::fs::PermissionsExt,
     path::Path,
-    sync::atomic::{AtomicBool, AtomicU64},
+    sync::{
+        atomic::{AtomicBool, AtomicU64},
+        Mutex, OnceLock,
+    },
+    time::{Duration, Instant},
 };
 
 use tokio::{
@@ -23,6 +27,40 @@ pub struct Health {
     pub last_tick: AtomicU64,
     /// Programs attached and policies applied.
     pub ready: AtomicBool,
+    /// The kernel's own word on whether the pinned links are still attached (`watch_links`).
+    links: OnceLock<crate::loader::LinkCheck>,
+    /// The last answer of `links` and when it was asked: asked at most every `LINKS_EVERY`.
+    links_seen: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+/// How long a reading of the links serves: a flood of probes or scrapes costs one check per
+/// period (a handful of `bpf` calls), and a detach shows within this much.
+pub const LINKS_EVERY: Duration = Duration::from_secs(1);
+
+impl Health {
+    /// From now on, `attached` asks the kernel about these links.
+    pub fn watch_links(&self, check: crate::loader::LinkCheck) {
+        let _ = self.links.set(check);
+    }
+
+    /// Whether the programs are still attached, as the kernel says (cached `LINKS_EVERY`).
+    /// `Ok` when no links are watched.
+    pub fn attached(&self) -> Result<(), String> {
+        let Some(check) = self.links.get() else {
+            return Ok(());
+        };
+        let Ok(mut seen) = self.links_seen.lock() else {
+            return check.attached();
+        };
+        match &*seen {
+            Some((at, answer)) if at.elapsed() < LINKS_EVERY => answer.clone(),
+            _ => {
+                let answer = check.attached();
+                *seen = Some((Instant::now(), answer.clone()));
+                answer
+            }
+        }
+    }
 }
 
 /// A status request from the socket to the event loop, answered with the JSON document.

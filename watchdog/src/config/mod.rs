@@ -486,7 +486,7 @@ impl Config {
 }
 
 fn read_config_file(path: &Path) -> Result<String, ConfigError> {
-    use std::os::unix::fs::MetadataExt;
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
     let read_err = |source| ConfigError::Read {
         path: path.into(),
         source,
@@ -496,7 +496,14 @@ fn read_config_file(path: &Path) -> Result<String, ConfigError> {
         reason,
     };
     // Follows symlinks (a Kubernetes ConfigMap is a chain of them); a loop fails here with ELOOP.
-    let meta = std::fs::metadata(path).map_err(read_err)?;
+    // Non-blocking, so a FIFO at the path does not hang the open; the checks are on what was
+    // opened (fstat), and what is read is that same file.
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
     if !meta.is_file() {
         return Err(refuse("not a regular file".into()));
     }
@@ -506,18 +513,40 @@ fn read_config_file(path: &Path) -> Result<String, ConfigError> {
             meta.len()
         )));
     }
-    if meta.mode() & 0o002 != 0 {
-        return Err(refuse(
-            "is world-writable: it decides which processes get killed; chmod o-w it".into(),
-        ));
+    use std::os::unix::fs::MetadataExt;
+    if let Some(why) =
+        unsafe_owner_or_mode(meta.uid(), meta.mode(), nix::unistd::geteuid().as_raw())
+    {
+        return Err(refuse(why));
     }
-    let bytes = std::fs::read(path).map_err(read_err)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
     String::from_utf8(bytes).map_err(|e| {
         refuse(format!(
             "is not UTF-8 (byte {})",
             e.utf8_error().valid_up_to()
         ))
     })
+}
+
+/// Why a config file with this owner and mode may not be trusted (`None`: it may). It decides
+/// which processes get killed: only root (or the daemon's own user) may be able to change it.
+pub(crate) fn unsafe_owner_or_mode(uid: u32, mode: u32, euid: u32) -> Option<String> {
+    if uid != 0 && uid != euid {
+        return Some(format!(
+            "is owned by uid {uid}: it decides which processes get killed, so only root (or the daemon's user) may own it; chown root it"
+        ));
+    }
+    if mode & 0o022 != 0 {
+        let who = if mode & 0o002 != 0 { "world" } else { "group" };
+        return Some(format!(
+            "is {who}-writable (mode {:04o}): it decides which processes get killed; chmod go-w it",
+            mode & 0o7777
+        ));
+    }
+    None
 }
 
 #[cfg(test)]

@@ -544,3 +544,43 @@ fn kill_query_needs_an_account_with_one_server_and_a_private_password_file() {
     assert!(e.contains("\"kill_query\""), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn config_files_only_root_can_change_are_accepted() {
+    // Owner: root or the daemon's own user, nobody else.
+    assert_eq!(unsafe_owner_or_mode(0, 0o100644, 0), None);
+    assert_eq!(unsafe_owner_or_mode(1000, 0o100600, 1000), None);
+    assert_eq!(unsafe_owner_or_mode(0, 0o100444, 1000), None);
+    let other = unsafe_owner_or_mode(65534, 0o100644, 0).unwrap();
+    assert!(other.contains("owned by uid 65534"), "{other}");
+    // Mode: neither group- nor world-writable.
+    let group = unsafe_owner_or_mode(0, 0o100664, 0).unwrap();
+    assert!(
+        group.contains("group-writable") && group.contains("0664"),
+        "{group}"
+    );
+    let world = unsafe_owner_or_mode(0, 0o100646, 0).unwrap();
+    assert!(world.contains("world-writable"), "{world}");
+}
+
+#[test]
+fn a_group_writable_or_foreign_config_file_is_refused_with_its_path() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("wd-cfg-owner-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("watchdog.toml");
+    std::fs::write(
+        &file,
+        "[[policy]]\nname = \"p\"\nports = [8080]\nbudget = \"1s\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    Config::load(&file).expect("a 0644 file of ours is read");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
+    let e = Config::load(&file).unwrap_err().to_string();
+    assert!(
+        e.contains(&file.display().to_string()) && e.contains("group-writable"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

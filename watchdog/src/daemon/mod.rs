@@ -127,6 +127,10 @@ pub async fn run(
         kernel.probe_set.label(),
     );
     let health = Arc::new(Health::default());
+    health.watch_links(crate::loader::LinkCheck::new(
+        &cfg.state_dir,
+        kernel.probe_set,
+    ));
     health
         .last_tick
         .store(crate::clock::mono_secs(), Ordering::Relaxed);
@@ -140,7 +144,7 @@ pub async fn run(
     let status_task = tokio::spawn(api::serve_status(status, status_tx));
 
     let reporter = record::Reporter::start(
-        open_events(&cfg.events)?,
+        record::open_events(&cfg.events)?,
         step::Accounting::of(&mut metrics),
     )?;
     // A second handle on the connection table, for reads off the acting thread (the status
@@ -248,20 +252,6 @@ pub async fn run(
     let _ = std::fs::remove_file(&status_path);
     anyhow::ensure!(!failed, "the acting thread stopped on its own");
     Ok(())
-}
-
-fn open_events(path: &Option<PathBuf>) -> anyhow::Result<Option<Box<dyn Write + Send>>> {
-    Ok(match path {
-        None => None,
-        Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
-        Some(p) => Some(Box::new(
-            File::options()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("opening {}", p.display()))?,
-        )),
-    })
 }
 
 /// (dev, inode, mtime, size) of the file a path resolves to: changes when a ConfigMap swaps it.
@@ -456,7 +446,10 @@ impl State {
         });
         let labels = PortLabels {
             policy: policy.name.clone(),
-            port: c.local_port.to_string(),
+            port: self.slots.read().map_or_else(
+                |_| plan::OTHER_PORT.into(),
+                |s| plan::port_label(&s, c.local_port),
+            ),
             route,
         };
         match EventKind::from_u32(ev.kind) {

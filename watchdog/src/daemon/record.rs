@@ -196,3 +196,55 @@ fn log_action(r: &ActionRecord) {
         _ => emit!(warn),
     }
 }
+
+/// The event stream (`--events PATH`, `-` for stdout).
+pub(super) fn open_events(path: &Option<PathBuf>) -> anyhow::Result<Option<Box<dyn Write + Send>>> {
+    Ok(match path {
+        None => None,
+        Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
+        Some(p) => {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            // It holds request paths, SQL text and command lines of other users' processes:
+            // created 0600, and never through a symlink (one planted at the path would point
+            // the daemon's writes wherever its owner likes).
+            let file = File::options()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(p)
+                .map_err(|e| {
+                    if e.raw_os_error() == Some(libc::ELOOP) {
+                        anyhow::anyhow!(
+                            "{} is a symbolic link: refusing to write events through it",
+                            p.display()
+                        )
+                    } else {
+                        anyhow::Error::new(e).context(format!("opening {}", p.display()))
+                    }
+                })?;
+            let meta = file
+                .metadata()
+                .with_context(|| format!("reading {}", p.display()))?;
+            anyhow::ensure!(
+                meta.is_file(),
+                "{} is not a regular file: refusing to write events to it",
+                p.display()
+            );
+            // One another user made (and can read) is not ours to fill.
+            let euid = nix::unistd::geteuid().as_raw();
+            anyhow::ensure!(
+                meta.uid() == euid,
+                "{} is owned by uid {}, not this daemon's ({euid}): refusing to write events to it",
+                p.display(),
+                meta.uid()
+            );
+            // A file that was there already keeps its mode unless we tighten it.
+            if meta.mode() & 0o077 != 0 {
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("making {} private (0600)", p.display()))?;
+            }
+            Some(Box::new(file))
+        }
+    })
+}

@@ -32,8 +32,8 @@ mod counters;
 mod pin;
 
 pub use counters::Counters;
-use pin::{adopt, pin, prepare_bpffs};
-pub use pin::{pinned_events, unload};
+use pin::{adopt, clear_dir, pin, prepare_bpffs, private_dir};
+pub use pin::{pinned_events, unload, LinkCheck};
 
 use crate::{
     config::Probes,
@@ -79,6 +79,10 @@ pub enum LoadError {
     /// A map read or write failed.
     #[error("map {0} operation failed")]
     MapOp(&'static str, #[source] aya::maps::MapError),
+    /// The state directory (or a directory above it) is not one only root controls: another
+    /// user could remove the pins (detaching every program) or plant their own.
+    #[error("state directory {path} refused: {reason}; remove it or choose another `state_dir` (it may have been planted by another user)")]
+    StateDir { path: PathBuf, reason: String },
     /// The pin directory could not be prepared or written.
     #[error("pinning kernel state under {path}")]
     Pin {
@@ -214,6 +218,13 @@ impl Kernel {
         if uid != 0 {
             return Err(LoadError::NotPrivileged { uid });
         }
+        if let Some(dir) = &opts.state_dir {
+            prepare_bpffs(dir)?;
+            // Nothing is adopted from (or pinned into) a directory another user controls; it
+            // is made now (0700) if absent, first of all, so it is never absent while the
+            // programs load (the window another user could create it in).
+            private_dir(dir, true)?;
+        }
         raise_memlock_limit();
         let kbtf = KernelBtf::load().map_err(LoadError::ProbeSet)?;
         let probe_set = kbtf.choose(opts.probes).map_err(LoadError::ProbeSet)?;
@@ -227,7 +238,6 @@ impl Kernel {
         let cgroup = cgroup2_root()?;
         let mut origin = Origin::Fresh;
         if let Some(dir) = &opts.state_dir {
-            prepare_bpffs(dir)?;
             match adopt(dir, &meta) {
                 Ok(Some(maps)) => {
                     info!(dir = %dir.display(), "adopted the pinned kernel state of an earlier daemon");
@@ -236,7 +246,8 @@ impl Kernel {
                 Ok(None) => {}
                 Err(reason) => {
                     warn!(dir = %dir.display(), %reason, "pinned kernel state not adopted: detaching it and starting fresh");
-                    fs::remove_dir_all(dir).map_err(|source| LoadError::Pin {
+                    // Emptied, not removed: the checked directory stays ours throughout.
+                    clear_dir(dir).map_err(|source| LoadError::Pin {
                         path: dir.clone(),
                         source,
                     })?;

@@ -238,6 +238,76 @@ pub(super) fn manifest_facts(objects: &[Value], label: &str) -> Result<(String, 
     Ok((toml.to_string(), config))
 }
 
+/// What the DaemonSet exposes (issue 28): metrics bound to an address the downward API gives
+/// (never all addresses), and a NetworkPolicy that admits the metrics port only from the
+/// monitoring namespace and lets nothing out.
+pub(super) fn exposure(objects: &[Value], label: &str) -> Result<()> {
+    let c = &daemonset(objects)?["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .context("container has no args")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let addr = args
+        .windows(2)
+        .find(|w| w[0] == "--metrics-addr")
+        .map(|w| w[1])
+        .with_context(|| {
+            format!("{label}: no --metrics-addr: the metrics would listen where the TOML says")
+        })?;
+    let var = addr
+        .trim_start_matches('[')
+        .strip_prefix("$(")
+        .and_then(|rest| rest.split_once(')'))
+        .map(|(name, _)| name)
+        .with_context(|| {
+            format!("{label}: --metrics-addr {addr} is not an address from the downward API")
+        })?;
+    let field = c["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == var)
+        .and_then(|e| e["valueFrom"]["fieldRef"]["fieldPath"].as_str())
+        .with_context(|| format!("{label}: {var} is not set from a fieldRef"))?;
+    ensure!(
+        field == "status.podIP" || field == "status.hostIP",
+        "{label}: {var} comes from {field}, not the pod's or node's address"
+    );
+    let np = objects
+        .iter()
+        .find(|o| o["kind"] == "NetworkPolicy")
+        .with_context(|| format!("{label}: no NetworkPolicy rendered"))?;
+    let spec = &np["spec"];
+    ensure!(
+        spec["egress"] == serde_json::json!([]),
+        "{label}: the NetworkPolicy allows egress"
+    );
+    let rules = spec["ingress"]
+        .as_array()
+        .with_context(|| format!("{label}: the NetworkPolicy has no ingress rules"))?;
+    for rule in rules {
+        let from = rule["from"]
+            .as_array()
+            .filter(|f| !f.is_empty())
+            .with_context(|| format!("{label}: an ingress rule admits every source: {rule}"))?;
+        for peer in from {
+            ensure!(
+                peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                    == "monitoring"
+                    && peer.get("ipBlock").is_none(),
+                "{label}: an ingress source other than the monitoring namespace: {peer}"
+            );
+        }
+        ensure!(
+            rule["ports"] == serde_json::json!([{"protocol": "TCP", "port": 9477}]),
+            "{label}: ingress to ports other than 9477: {rule}"
+        );
+    }
+    Ok(())
+}
+
 pub(super) fn config_only(binary: &Path, file: &Path) -> Result<()> {
     let out = checked(
         Command::new(binary)

@@ -170,6 +170,7 @@ pub fn check() -> Result<()> {
     for (label, file) in &rendered {
         let objects = yaml_to_json(file)?;
         let (toml, config_path) = manifest_facts(&objects, label)?;
+        exposure(&objects, label)?;
         let dir = work().join(label).join("config");
         fs::create_dir_all(&dir)?;
         let name = config_path
