@@ -32,7 +32,7 @@ use crate::{
     loader::{Kernel, LoadOptions, Origin},
     metrics::{ActionLabels, Metrics, PolicyLabels, PortLabels, SlotLabel, SlotMap, WhyLabels},
     plan::{self, describe_ports},
-    policy::{self, Breaker, ProcessFacts},
+    policy::{self, ProcessFacts},
     process, request,
     tracker::{self, About, Due, Key, Reason, Tracker},
 };
@@ -78,7 +78,8 @@ struct State {
     /// `--observe` was given: no reload may turn enforcement on.
     observe_forced: bool,
     tracker: Tracker,
-    breakers: HashMap<String, Breaker>,
+    /// One per policy and workload (`breakers.rs`), bounded.
+    breakers: crate::breakers::Breakers,
     metrics: Metrics,
     slots: SlotMap,
     watched_ports: Vec<u16>,
@@ -159,7 +160,7 @@ pub async fn run(
         config_stamp: config_path.as_deref().and_then(stamp),
         config_path,
         tracker: Tracker::default(),
-        breakers: HashMap::new(),
+        breakers: crate::breakers::Breakers::default(),
         metrics,
         slots,
         watched_ports: Vec::new(),
@@ -397,22 +398,15 @@ impl State {
             }
         }
         let now = now_ns();
-        for (name, b) in &mut self.breakers {
-            let was = self
-                .metrics
-                .observe_only
-                .get_or_create(&PolicyLabels {
-                    policy: name.clone(),
-                })
-                .get();
-            if was == 1 && !b.is_open(now) {
-                warn!(policy = %name, "circuit breaker re-armed: policy enforces again");
-                self.metrics
-                    .observe_only
-                    .get_or_create(&PolicyLabels {
-                        policy: name.clone(),
-                    })
-                    .set(0);
+        // The gauge is 1 while any workload's breaker of the policy is open.
+        for p in &self.policies {
+            let l = PolicyLabels {
+                policy: p.name.clone(),
+            };
+            let gauge = self.metrics.observe_only.get_or_create(&l);
+            if gauge.get() == 1 && !self.breakers.policy_open(&p.name, now) {
+                warn!(policy = %p.name, "circuit breaker re-armed: policy enforces again for every workload");
+                gauge.set(0);
             }
         }
     }
