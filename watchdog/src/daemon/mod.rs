@@ -493,33 +493,51 @@ impl State {
         }
     }
 
-    /// Drops the connections idle longest from tracking once the table passes its high-water
-    /// mark (`evict.rs`). Two counter reads per poll; a table scan only when it is due.
+    /// Makes room once the table passes its high-water mark (`evict.rs`): unselected owners'
+    /// entries first, then workloads over their share, then the idle longest. Two counter reads
+    /// per poll; a table scan, and one /proc read per owner, only when it is due.
     fn evict_if_needed(&mut self) {
         let tracked = self.kernel.counters().tracked();
         if !self.evictor.due(tracked) {
             return;
         }
-        let chosen = self.evictor.choose(&self.kernel.conns());
-        let mut dropped = 0u64;
-        for cookie in chosen {
-            if self.kernel.drop_if_idle(cookie) {
-                dropped += 1;
+        let records = self.kernel.conns();
+        let mut facts = process::FactsCache::new(policy::uses_lineage(&self.cfg));
+        let mut workloads = Vec::new();
+        let owners = crate::evict::owners(&records, |tgid, port| {
+            let f = facts.get(tgid, tgid);
+            crate::evict::classify(&self.cfg, port, f.as_deref(), &mut workloads)
+        });
+        let chosen = self.evictor.choose(&records, |c| {
+            owners
+                .get(&(c.tgid, c.local_port))
+                .copied()
+                .unwrap_or(crate::evict::Owner::Unknown)
+        });
+        let mut dropped: HashMap<&'static str, u64> = HashMap::new();
+        for v in &chosen {
+            if self.kernel.drop_if_same(v) {
+                *dropped.entry(v.reason.label()).or_default() += 1;
             }
         }
         self.evictor.scanned(tracked);
-        if dropped > 0 {
+        for (reason, n) in &dropped {
             self.metrics
                 .dropped
                 .get_or_create(&crate::metrics::ReasonLabels {
-                    reason: "idle".into(),
+                    reason: (*reason).into(),
                 })
-                .inc_by(dropped);
+                .inc_by(*n);
+        }
+        if !dropped.is_empty() {
             warn!(
-                dropped,
+                unselected = dropped.get("unselected").copied().unwrap_or(0),
+                over_quota = dropped.get("over_quota").copied().unwrap_or(0),
+                idle = dropped.get("idle").copied().unwrap_or(0),
+                workloads = workloads.len(),
                 tracked,
                 max = self.cfg.max_connections,
-                "connection table past its high-water mark: dropped the connections idle longest from tracking"
+                "connection table past its high-water mark: dropped unselected owners' connections, workloads' beyond their share, then the idle longest"
             );
         }
     }
