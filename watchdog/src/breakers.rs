@@ -7,10 +7,7 @@
 
 use std::collections::HashMap;
 
-use crate::{
-    config::BreakerConfig,
-    policy::{Breaker, BreakerVerdict, ProcessFacts},
-};
+use crate::policy::{Breaker, ProcessFacts};
 
 /// Breakers kept at most; past it the least recently used closed one is forgotten.
 pub const MAX_BREAKERS: usize = 4096;
@@ -124,7 +121,12 @@ impl Breakers {
     /// Asks `key`'s breaker for one action at `now` (`Breaker::check`; the daemon hands `get`'s
     /// breaker to `decide::decide`, which asks it only when every link before it passed).
     #[cfg(test)]
-    pub fn check(&mut self, key: &Key, cfg: &BreakerConfig, now: u64) -> BreakerVerdict {
+    pub fn check(
+        &mut self,
+        key: &Key,
+        cfg: &crate::config::BreakerConfig,
+        now: u64,
+    ) -> crate::policy::BreakerVerdict {
         self.get(key, now).check(cfg, now)
     }
 
@@ -155,6 +157,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::{config::BreakerConfig, policy::BreakerVerdict};
 
     fn key(i: u8) -> Key {
         Key {
@@ -174,10 +177,7 @@ mod tests {
         };
         let never = || -> Option<u64> { panic!("start time read although the cgroup names it") };
         assert_eq!(
-            Workload::of(
-                &facts(&format!("/kubepods/burstable/pod{pod}/0123")),
-                never
-            ),
+            Workload::of(&facts(&format!("/kubepods/burstable/pod{pod}/0123")), never),
             Workload::Pod(pod.into())
         );
         assert_eq!(

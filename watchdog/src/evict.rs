@@ -149,6 +149,28 @@ impl Evictor {
         self.next_scan_at = (self.max * HIGH_WATER_PCT / 100).max(tracked + gap.max(1));
     }
 
+    /// `choose` with the owners classified (`owners`, `classify`) under `cfg`: `facts` reads a
+    /// process's /proc facts (`None`: gone), once per owner. The daemon's call, from whichever
+    /// thread reads the table. Returns the victims and the number of selected workloads seen.
+    pub fn plan(
+        &self,
+        cfg: &crate::config::Config,
+        records: &[ConnInfo],
+        mut facts: impl FnMut(u32) -> Option<std::sync::Arc<crate::policy::ProcessFacts>>,
+    ) -> (Vec<Victim>, usize) {
+        let mut workloads = Vec::new();
+        let owners = owners(records, |tgid, port| {
+            classify(cfg, port, facts(tgid).as_deref(), &mut workloads)
+        });
+        let victims = self.choose(records, |c| {
+            owners
+                .get(&(c.tgid, c.local_port))
+                .copied()
+                .unwrap_or(Owner::Unknown)
+        });
+        (victims, workloads.len())
+    }
+
     /// The share of the table a workload may hold when `workloads` selected ones hold entries.
     pub fn share(&self, workloads: usize) -> usize {
         let by_count = self.max / (workloads.max(1) as u64);
@@ -350,7 +372,13 @@ mod tests {
         // The oldest first.
         assert_eq!(v[0].cookie, 0);
         // One tenant holding 60 of a 64-entry table beside three others: it keeps its share.
-        let owner = |c: &ConnInfo| Owner::Selected(if c.cookie < 58 { 0 } else { c.cookie as u32 % 3 + 1 });
+        let owner = |c: &ConnInfo| {
+            Owner::Selected(if c.cookie < 58 {
+                0
+            } else {
+                c.cookie as u32 % 3 + 1
+            })
+        };
         let v = e.choose(&records, owner);
         assert_eq!(e.share(4), 16);
         assert_eq!(v.len(), 16);

@@ -501,18 +501,9 @@ impl State {
         if !self.evictor.due(tracked) {
             return;
         }
-        let records = self.kernel.conns();
         let mut facts = process::FactsCache::new(policy::uses_lineage(&self.cfg));
-        let mut workloads = Vec::new();
-        let owners = crate::evict::owners(&records, |tgid, port| {
-            let f = facts.get(tgid, tgid);
-            crate::evict::classify(&self.cfg, port, f.as_deref(), &mut workloads)
-        });
-        let chosen = self.evictor.choose(&records, |c| {
-            owners
-                .get(&(c.tgid, c.local_port))
-                .copied()
-                .unwrap_or(crate::evict::Owner::Unknown)
+        let (chosen, workloads) = self.evictor.plan(&self.cfg, &self.kernel.conns(), |tgid| {
+            facts.get(tgid, tgid)
         });
         let mut dropped: HashMap<&'static str, u64> = HashMap::new();
         for v in &chosen {
@@ -534,7 +525,7 @@ impl State {
                 unselected = dropped.get("unselected").copied().unwrap_or(0),
                 over_quota = dropped.get("over_quota").copied().unwrap_or(0),
                 idle = dropped.get("idle").copied().unwrap_or(0),
-                workloads = workloads.len(),
+                workloads,
                 tracked,
                 max = self.cfg.max_connections,
                 "connection table past its high-water mark: dropped unselected owners' connections, workloads' beyond their share, then the idle longest"

@@ -272,9 +272,7 @@ impl State {
         // One breaker per policy and workload: another tenant's trips never silence this one.
         let breaker_key = crate::breakers::Key {
             policy: policy.name.clone(),
-            workload: crate::breakers::Workload::of(&facts, || {
-                crate::breakers::start_time(c.tgid)
-            }),
+            workload: crate::breakers::Workload::of(&facts, || crate::breakers::start_time(c.tgid)),
         };
         let verdict = decide::decide(
             decide::Inputs {
