@@ -162,7 +162,7 @@ impl Metrics {
         );
         registry.register(
             "watchdog_connections_dropped",
-            "Idle connections dropped from tracking to make room when the table passed its high-water mark",
+            "Connections dropped from tracking to make room when the table passed its high-water mark, by reason: unselected (no policy selects the owner), over_quota (beyond its workload's share), idle",
             m.dropped.clone(),
         );
         registry.register(

@@ -90,7 +90,8 @@ pub fn guard(p: &ProcessFacts, protect: &Selector, own_pid: u32) -> Result<(), R
     Ok(())
 }
 
-/// A policy's kill-rate circuit breaker. Times are monotonic nanoseconds.
+/// A kill-rate circuit breaker: one per policy and workload (`breakers.rs`). Times are
+/// monotonic nanoseconds.
 #[derive(Clone, Debug, Default)]
 pub struct Breaker {
     recent: VecDeque<u64>,
@@ -109,6 +110,11 @@ pub enum BreakerVerdict {
 }
 
 impl Breaker {
+    /// Is the breaker open at `now`? Read only: `is_open` re-arms it.
+    pub fn is_open_at(&self, now: u64) -> bool {
+        self.open_until.is_some_and(|t| now < t)
+    }
+
     /// Is the breaker open at `now`? Re-arms itself once the cool-down is over.
     pub fn is_open(&mut self, now: u64) -> bool {
         match self.open_until {

@@ -32,7 +32,7 @@ use crate::{
     loader::{Kernel, LoadOptions, Origin},
     metrics::{ActionLabels, Metrics, PolicyLabels, PortLabels, SlotLabel, SlotMap, WhyLabels},
     plan::{self, describe_ports},
-    policy::{self, Breaker, ProcessFacts},
+    policy::{self, ProcessFacts},
     process, request,
     tracker::{self, About, Due, Key, Reason, Tracker},
 };
@@ -78,7 +78,8 @@ struct State {
     /// `--observe` was given: no reload may turn enforcement on.
     observe_forced: bool,
     tracker: Tracker,
-    breakers: HashMap<String, Breaker>,
+    /// One per policy and workload (`breakers.rs`), bounded.
+    breakers: crate::breakers::Breakers,
     metrics: Metrics,
     slots: SlotMap,
     watched_ports: Vec<u16>,
@@ -163,7 +164,7 @@ pub async fn run(
         config_stamp: config_path.as_deref().and_then(stamp),
         config_path,
         tracker: Tracker::default(),
-        breakers: HashMap::new(),
+        breakers: crate::breakers::Breakers::default(),
         metrics,
         slots,
         watched_ports: Vec::new(),
@@ -387,22 +388,15 @@ impl State {
             }
         }
         let now = now_ns();
-        for (name, b) in &mut self.breakers {
-            let was = self
-                .metrics
-                .observe_only
-                .get_or_create(&PolicyLabels {
-                    policy: name.clone(),
-                })
-                .get();
-            if was == 1 && !b.is_open(now) {
-                warn!(policy = %name, "circuit breaker re-armed: policy enforces again");
-                self.metrics
-                    .observe_only
-                    .get_or_create(&PolicyLabels {
-                        policy: name.clone(),
-                    })
-                    .set(0);
+        // The gauge is 1 while any workload's breaker of the policy is open.
+        for p in &self.policies {
+            let l = PolicyLabels {
+                policy: p.name.clone(),
+            };
+            let gauge = self.metrics.observe_only.get_or_create(&l);
+            if gauge.get() == 1 && !self.breakers.policy_open(&p.name, now) {
+                warn!(policy = %p.name, "circuit breaker re-armed: policy enforces again for every workload");
+                gauge.set(0);
             }
         }
     }
@@ -492,33 +486,42 @@ impl State {
         }
     }
 
-    /// Drops the connections idle longest from tracking once the table passes its high-water
-    /// mark (`evict.rs`). Two counter reads per poll; a table scan only when it is due.
+    /// Makes room once the table passes its high-water mark (`evict.rs`): unselected owners'
+    /// entries first, then workloads over their share, then the idle longest. Two counter reads
+    /// per poll; a table scan, and one /proc read per owner, only when it is due.
     fn evict_if_needed(&mut self) {
         let tracked = self.kernel.counters().tracked();
         if !self.evictor.due(tracked) {
             return;
         }
-        let chosen = self.evictor.choose(&self.kernel.conns());
-        let mut dropped = 0u64;
-        for cookie in chosen {
-            if self.kernel.drop_if_idle(cookie) {
-                dropped += 1;
+        let mut facts = process::FactsCache::new(policy::uses_lineage(&self.cfg));
+        let (chosen, workloads) = self.evictor.plan(&self.cfg, &self.kernel.conns(), |tgid| {
+            facts.get(tgid, tgid)
+        });
+        let mut dropped: HashMap<&'static str, u64> = HashMap::new();
+        for v in &chosen {
+            if self.kernel.drop_if_same(v) {
+                *dropped.entry(v.reason.label()).or_default() += 1;
             }
         }
         self.evictor.scanned(tracked);
-        if dropped > 0 {
+        for (reason, n) in &dropped {
             self.metrics
                 .dropped
                 .get_or_create(&crate::metrics::ReasonLabels {
-                    reason: "idle".into(),
+                    reason: (*reason).into(),
                 })
-                .inc_by(dropped);
+                .inc_by(*n);
+        }
+        if !dropped.is_empty() {
             warn!(
-                dropped,
+                unselected = dropped.get("unselected").copied().unwrap_or(0),
+                over_quota = dropped.get("over_quota").copied().unwrap_or(0),
+                idle = dropped.get("idle").copied().unwrap_or(0),
+                workloads,
                 tracked,
                 max = self.cfg.max_connections,
-                "connection table past its high-water mark: dropped the connections idle longest from tracking"
+                "connection table past its high-water mark: dropped unselected owners' connections, workloads' beyond their share, then the idle longest"
             );
         }
     }

@@ -10,8 +10,8 @@ use crate::loader::ConnsReader;
 pub(super) struct StatusJob {
     cfg: Arc<Config>,
     policies: Vec<Arc<Policy>>,
-    /// Policies whose breaker holds them in observe-only now.
-    open_breakers: Vec<String>,
+    /// (policy, workload) whose breaker holds them in observe-only now.
+    open_breakers: Vec<(String, String)>,
     ladders_active: usize,
     recent: Vec<ActionRecord>,
     reader: Arc<ConnsReader>,
@@ -25,9 +25,9 @@ impl State {
             policies: self.policies.clone(),
             open_breakers: self
                 .breakers
-                .iter()
-                .filter(|(_, b)| (*b).clone().is_open(now))
-                .map(|(n, _)| n.clone())
+                .open_at(now)
+                .into_iter()
+                .map(|k| (k.policy.clone(), k.workload.describe()))
                 .collect(),
             ladders_active: self.tracker.len(),
             recent: self
@@ -70,7 +70,10 @@ impl StatusJob {
             ports: String,
             budget_ms: u64,
             mode: Mode,
+            /// Some workload's breaker holds the policy in observe-only for it.
             observe_only_breaker: bool,
+            /// Those workloads.
+            observe_only_workloads: Vec<String>,
             steps: Vec<String>,
             client_gone: bool,
         }
@@ -148,7 +151,13 @@ impl StatusJob {
                 ports: describe_ports(p),
                 budget_ms: p.budget.as_millis() as u64,
                 mode: self.cfg.mode_of(p),
-                observe_only_breaker: self.open_breakers.contains(&p.name),
+                observe_only_breaker: self.open_breakers.iter().any(|(n, _)| *n == p.name),
+                observe_only_workloads: self
+                    .open_breakers
+                    .iter()
+                    .filter(|(n, _)| *n == p.name)
+                    .map(|(_, w)| w.clone())
+                    .collect(),
                 steps: p
                     .steps
                     .iter()

@@ -269,6 +269,11 @@ impl State {
         let mode = self.cfg.mode_of(policy);
         let workers = &self.workers;
         let alive = || workers.count(&policy.name, &policy.selector);
+        // One breaker per policy and workload: another tenant's trips never silence this one.
+        let breaker_key = crate::breakers::Key {
+            policy: policy.name.clone(),
+            workload: crate::breakers::Workload::of(&facts, || crate::breakers::start_time(c.tgid)),
+        };
         let verdict = decide::decide(
             decide::Inputs {
                 action: due.step.action,
@@ -281,7 +286,7 @@ impl State {
                 breaker: &policy.breaker,
                 now_ns: now,
             },
-            self.breakers.entry(policy.name.clone()).or_default(),
+            self.breakers.get(&breaker_key, now),
         );
         let mut decided = Decided {
             due: due.clone(),
@@ -328,10 +333,11 @@ impl State {
             Verdict::Tripped => {
                 error!(
                     policy = %policy.name,
+                    workload = %breaker_key.workload.describe(),
                     max_actions = policy.breaker.max_actions,
                     window = %humantime::format_duration(policy.breaker.window),
                     cooldown = %humantime::format_duration(policy.breaker.cooldown),
-                    "CIRCUIT BREAKER OPEN: too many actions; policy drops to observe-only for the cool-down"
+                    "CIRCUIT BREAKER OPEN: too many actions; policy drops to observe-only for this workload for the cool-down"
                 );
                 let l = PolicyLabels {
                     policy: policy.name.clone(),

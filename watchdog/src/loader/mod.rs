@@ -461,11 +461,12 @@ impl Kernel {
         self.conns.get(&cookie, 0).ok()
     }
 
-    /// Deletes the connection's record if it is still idle when read again just before (its
-    /// later requests are then not followed: `evict.rs`). True if it was deleted.
-    pub fn drop_if_idle(&mut self, cookie: u64) -> bool {
-        match self.conns.get(&cookie, 0) {
-            Ok(r) if crate::evict::droppable(&r.info) => self.conns.remove(&cookie).is_ok(),
+    /// Deletes the connection's record if, read again just before, it still holds the request
+    /// `v` chose (`evict::still_same`; its later requests are then not followed). True if it
+    /// was deleted. The window between the re-read and the delete is `evict.rs`'s to explain.
+    pub fn drop_if_same(&mut self, v: &crate::evict::Victim) -> bool {
+        match self.conns.get(&v.cookie, 0) {
+            Ok(r) if crate::evict::still_same(v, &r.info) => self.conns.remove(&v.cookie).is_ok(),
             _ => false,
         }
     }
