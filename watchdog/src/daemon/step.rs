@@ -23,6 +23,10 @@ pub(super) struct Decided {
     statement: Option<String>,
 }
 
+/// A step's subject, pinned (`State::subject`): the pin, its facts read after the pin, and
+/// what the guard, `[protect]` and the step's policy say about them.
+type Subject = (actions::Pin, Arc<ProcessFacts>, Result<(), Refusal>);
+
 /// A `kill_query` step carried out on its thread: the step, its outcome, when it was done.
 pub(super) type KillDone = (Decided, Outcome, u64);
 
@@ -132,7 +136,7 @@ impl State {
             let wanted = due.index == 0
                 && self.cfg.stacks
                 && due.policy.stacks
-                && matches!(self.subject(due, &mut facts), Ok((_, _, Ok(()))))
+                && matches!(self.subject(due, &facts), Ok((_, _, Ok(()))))
                 && actions::pin(&mut self.pidfds, Target::Thread, &due.conn).is_ok()
                 && Self::still_valid(&self.kernel, due.key, &due.conn);
             if !wanted {
@@ -230,11 +234,7 @@ impl State {
     /// (thread or process), for any other action the owner's process. Checked to be the
     /// request's owner through the pinned task (`actions::pin`); its facts read after the pin,
     /// once per batch; the guard, `[protect]` and the step's policy judged on them.
-    fn subject(
-        &mut self,
-        due: &Due,
-        facts: &process::FactsCache,
-    ) -> Result<(actions::Pin, Arc<ProcessFacts>, Result<(), Refusal>), Outcome> {
+    fn subject(&mut self, due: &Due, facts: &process::FactsCache) -> Result<Subject, Outcome> {
         let target = match due.step.action {
             Action::Signal(_) => due.step.target,
             _ => Target::Process,
