@@ -344,9 +344,8 @@ fn boot_minus_mono_ns() -> u64 {
 /// not a thread of `tgid` (the kernel's lookup of `/proc/<tgid>/task/<tid>` finds only the
 /// group's own threads) or either is gone.
 fn task_start_ticks(tgid: u32, tid: u32) -> Option<u64> {
-    let process = procfs::process::Process::new(tgid as i32).ok()?;
-    let task = process.task_from_tid(tid as i32).ok()?;
-    let stat = task.stat().ok()?;
+    use procfs::FromRead as _;
+    let stat = procfs::process::Stat::from_file(format!("/proc/{tgid}/task/{tid}/stat")).ok()?;
     (stat.pid == tid as i32).then_some(stat.starttime)
 }
 
