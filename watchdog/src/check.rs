@@ -267,11 +267,16 @@ fn pidfd_signal_kills_a_child() -> Result<u32, String> {
             unsafe { libc::pause() };
         }
     }
+    let owner = watchdog_common::ConnInfo {
+        tgid: pid as u32,
+        tid: pid as u32,
+        start_ns: crate::clock::now_ns(),
+        ..Default::default()
+    };
     let outcome = actions::signal(
         &mut actions::Pidfds::default(),
         crate::config::Target::Process,
-        pid as u32,
-        pid as u32,
+        &owner,
         nix::sys::signal::Signal::SIGKILL,
         || true,
     );

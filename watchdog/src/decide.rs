@@ -35,7 +35,8 @@ pub struct Inputs<'a> {
     pub mode: Mode,
     /// The kernel still names the same request of the same task (`tracker::still_current`).
     pub still_current: bool,
-    /// `policy::guard` on the owner.
+    /// `policy::guard_target` on the process the step would reach, read after it was pinned
+    /// (`actions::pin`): the guard, `[protect]` and the step's own policy.
     pub guard: Result<(), Refusal>,
     /// `min_workers` of the policy, with the count of live processes it selects (read only if
     /// a floor is set and the step would act).

@@ -59,6 +59,15 @@ pub enum Refusal {
     /// Acting would leave fewer live workers than the policy's `min_workers`.
     #[error("refused: fewer than min_workers workers would remain")]
     WorkerFloor,
+    /// The task the action would reach is not the request's owner: its id now names a task of
+    /// another process, or one that started after the request (`actions::pin`).
+    #[error("refused: the target is not the request's owner")]
+    NotOwner,
+    /// The process the action would reach is no longer one the policy selects (it exec'd
+    /// another program, moved to another cgroup): judged on the pinned process, not on what
+    /// the request's owner was when the request started.
+    #[error("refused: the policy no longer selects the target")]
+    NotSelected,
 }
 
 impl Refusal {
@@ -69,6 +78,8 @@ impl Refusal {
             Refusal::KernelThread => "refused_kernel_thread",
             Refusal::Protected => "refused_protected",
             Refusal::WorkerFloor => "refused_worker_floor",
+            Refusal::NotOwner => "refused_not_owner",
+            Refusal::NotSelected => "refused_not_selected",
         }
     }
 }
@@ -86,6 +97,22 @@ pub fn guard(p: &ProcessFacts, protect: &Selector, own_pid: u32) -> Result<(), R
     }
     if !protect.is_empty() && selects(protect, p) {
         return Err(Refusal::Protected);
+    }
+    Ok(())
+}
+
+/// `guard`, then the step's own policy on the same facts: the rules for the process an action
+/// would reach, read after that process was pinned (`actions::pin`). Runs before anything is
+/// read about the target beyond these facts (diagnosis, stacks, ptrace).
+pub fn guard_target(
+    p: &ProcessFacts,
+    protect: &Selector,
+    own_pid: u32,
+    policy: &Selector,
+) -> Result<(), Refusal> {
+    guard(p, protect, own_pid)?;
+    if !selects(policy, p) {
+        return Err(Refusal::NotSelected);
     }
     Ok(())
 }
@@ -373,6 +400,25 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(guard(&p, &protect, 999), Err(Refusal::Protected));
+        // The step's policy is judged on the same facts, after the guard.
+        let python = Selector {
+            exe: vec![glob("/usr/bin/python3*")],
+            ..Default::default()
+        };
+        let exec_d = ProcessFacts {
+            exe: "/usr/bin/sleep".into(),
+            ..p.clone()
+        };
+        assert_eq!(guard_target(&p, &Selector::default(), 999, &python), Ok(()));
+        assert_eq!(
+            guard_target(&exec_d, &Selector::default(), 999, &python),
+            Err(Refusal::NotSelected)
+        );
+        assert_eq!(
+            guard_target(&exec_d, &protect, 999, &python),
+            Err(Refusal::Protected),
+            "the guard first"
+        );
     }
 
     #[test]

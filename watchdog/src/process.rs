@@ -28,6 +28,12 @@ impl FactsCache {
         }
     }
 
+    /// `facts` read now, past the cache (with the lineage if this cache reads it): for a
+    /// process pinned after the cached read (`actions::pinned_facts`).
+    pub fn read(&self, pid: u32, tid: u32) -> Option<ProcessFacts> {
+        read_facts(pid, tid, self.lineage)
+    }
+
     pub fn get(&mut self, pid: u32, tid: u32) -> Option<Arc<ProcessFacts>> {
         let lineage = self.lineage;
         self.facts

@@ -5,6 +5,7 @@
 //! thread reports back (`State::kill_done`).
 
 use super::*;
+use crate::{config::Target, policy::Refusal};
 
 /// A step that was decided: what its metrics and record need once its outcome is known.
 pub(super) struct Decided {
@@ -21,6 +22,10 @@ pub(super) struct Decided {
     /// bytes did not say.
     statement: Option<String>,
 }
+
+/// A step's subject, pinned (`State::subject`): the pin, its facts read after the pin, and
+/// what the guard, `[protect]` and the step's policy say about them.
+type Subject = (actions::Pin, Arc<ProcessFacts>, Result<(), Refusal>);
 
 /// A `kill_query` step carried out on its thread: the step, its outcome, when it was done.
 pub(super) type KillDone = (Decided, Outcome, u64);
@@ -120,32 +125,37 @@ impl State {
         // (behind the reads of the one before) gives its reads what is left of that. At most
         // `STACKS_PER_BATCH` of them: the rest act at once and their records say why they
         // have no stack.
+        //
+        // Only for an owner the guard and `[protect]` allow, judged on the pinned process
+        // (`subject`), and only when the thread read is still the request's owner (pinned and
+        // checked as a thread target is): a protected process is never stopped or read.
         let start_ns = now_ns();
         let mut reads = 0;
-        let pending: Vec<Option<crate::stacks::Pending>> = batch
-            .iter()
-            .map(|due| {
-                let wanted = due.index == 0
-                    && self.cfg.stacks
-                    && due.policy.stacks
-                    && Self::still_valid(&self.kernel, due.key, &due.conn);
-                if !wanted {
-                    return None;
-                }
-                reads += 1;
-                let (pid, tid) = (due.conn.tgid, due.conn.tid);
-                let late = Duration::from_nanos(start_ns.saturating_sub(due.due_ns));
-                let limit = self.cfg.stack_timeout.saturating_sub(late);
-                let skip = |why| crate::stacks::Pending::skipped(pid, self.cfg.native_stacks, why);
-                Some(if reads > STACKS_PER_BATCH {
-                    skip("skipped: this batch reads no more stacks")
-                } else if limit.is_zero() {
-                    skip("skipped: the action is already stack_timeout past its deadline")
-                } else {
-                    crate::stacks::start(pid, tid, limit, self.cfg.native_stacks)
-                })
-            })
-            .collect();
+        let mut pending = Vec::with_capacity(batch.len());
+        for due in &batch {
+            let wanted = due.index == 0
+                && self.cfg.stacks
+                && due.policy.stacks
+                && matches!(self.subject(due, &facts), Ok((_, _, Ok(()))))
+                && actions::pin(&mut self.pidfds, Target::Thread, &due.conn).is_ok()
+                && Self::still_valid(&self.kernel, due.key, &due.conn);
+            if !wanted {
+                pending.push(None);
+                continue;
+            }
+            reads += 1;
+            let (pid, tid) = (due.conn.tgid, due.conn.tid);
+            let late = Duration::from_nanos(start_ns.saturating_sub(due.due_ns));
+            let limit = self.cfg.stack_timeout.saturating_sub(late);
+            let skip = |why| crate::stacks::Pending::skipped(pid, self.cfg.native_stacks, why);
+            pending.push(Some(if reads > STACKS_PER_BATCH {
+                skip("skipped: this batch reads no more stacks")
+            } else if limit.is_zero() {
+                skip("skipped: the action is already stack_timeout past its deadline")
+            } else {
+                crate::stacks::start(pid, tid, limit, self.cfg.native_stacks)
+            }));
+        }
         for (due, read) in batch.into_iter().zip(pending) {
             let stacks = read.map(crate::stacks::Pending::finish);
             let Some((outcome, decided, at)) = self.run_step(&due, stacks, &mut cache, &mut facts)
@@ -220,7 +230,26 @@ impl State {
         tracker::still_current(key.reason, c, kernel.task(c.tid).as_ref(), now.as_ref())
     }
 
-    /// Takes one step of a ladder: diagnosis (first step only), the safety checks, the action.
+    /// The process a step is about, pinned before anything is read about it: a signal's target
+    /// (thread or process), for any other action the owner's process. Checked to be the
+    /// request's owner through the pinned task (`actions::pin`); its facts read after the pin,
+    /// once per batch; the guard, `[protect]` and the step's policy judged on them.
+    fn subject(&mut self, due: &Due, facts: &process::FactsCache) -> Result<Subject, Outcome> {
+        let target = match due.step.action {
+            Action::Signal(_) => due.step.target,
+            _ => Target::Process,
+        };
+        let mut pin = actions::pin(&mut self.pidfds, target, &due.conn)?;
+        let Some(f) = actions::pinned_facts(&mut self.pidfds, &mut pin, |p, t| facts.read(p, t))
+        else {
+            return Err(Outcome::TargetGone);
+        };
+        let guard = policy::guard_target(&f, &self.cfg.protect, self.own_pid, &due.policy.selector);
+        Ok((pin, f, guard))
+    }
+
+    /// Takes one step of a ladder: its subject pinned and guarded, then diagnosis (first step
+    /// only, and only of a subject the guard allows), the safety checks, the action.
     fn run_step(
         &mut self,
         due: &Due,
@@ -231,28 +260,41 @@ impl State {
         let c = due.conn;
         let policy = &due.policy;
         let now = now_ns();
-        let kernel = &self.kernel;
-        let valid = || Self::still_valid(kernel, due.key, &c);
-        let facts = facts.get(c.tgid, c.tid).unwrap_or_else(|| {
+        let owner = facts.get(c.tgid, c.tid).unwrap_or_else(|| {
             Arc::new(ProcessFacts {
                 pid: c.tgid,
                 tid: c.tid,
                 ..Default::default()
             })
         });
-        // A signal whose target this batch has pinned already: the check below is taken after
-        // the pin, so when nothing slow runs between it and the signal (a diagnosis read now, a
-        // stack, a worker count), the action sends without reading the kernel again.
-        let pin = match due.step.action {
-            Action::Signal(_) => actions::pinned(&self.pidfds, due.step.target, c.tgid, c.tid),
-            _ => None,
+        let subject = self.subject(due, facts);
+        let kernel = &self.kernel;
+        let valid = || Self::still_valid(kernel, due.key, &c);
+        // Read once, after the pin, for the diagnosis and the chain (again after a stack read,
+        // which takes time, or a diagnosis); the signal goes on this reading when nothing slow
+        // came between.
+        let current = valid();
+        let (pin, facts, guard) = match subject {
+            Ok(pinned) => pinned,
+            // Not pinned (gone, or not the owner): nothing is read about it, nothing is sent.
+            Err(outcome) => {
+                let outcome = if current { outcome } else { Outcome::Ended };
+                let decided = Decided {
+                    due: due.clone(),
+                    facts: owner,
+                    diagnosis: None,
+                    stack: None,
+                    native_stack: None,
+                    mode: self.cfg.mode_of(policy),
+                    started: now,
+                    diagnosed: now,
+                    statement: None,
+                };
+                return Some((outcome, decided, now_ns()));
+            }
         };
         let fresh_diagnosis = due.index == 0 && !cache.has(c.tgid, c.tid, c.owner_life);
-        // Read once for the diagnosis and the chain (again after a stack read, which takes
-        // time); the action reads it once more after opening its target (`actions.rs`), unless
-        // it was pinned before this read and nothing slow came between.
-        let current = valid();
-        let diagnosis = (due.index == 0 && current).then(|| {
+        let diagnosis = (due.index == 0 && current && guard.is_ok()).then(|| {
             let cgroup = (!facts.cgroup.is_empty()).then(|| facts.cgroup.clone());
             diagnose::capture(c.tgid, c.tid, c.owner_life, cgroup, cache)
         });
@@ -279,7 +321,7 @@ impl State {
                 action: due.step.action,
                 mode,
                 still_current: current && (stack.is_none() || valid()),
-                guard: policy::guard(&facts, &self.cfg.protect, self.own_pid),
+                guard,
                 floor: policy
                     .min_workers
                     .map(|k| (k, &alive as &dyn Fn() -> usize)),
@@ -305,17 +347,11 @@ impl State {
             Verdict::Logged => Outcome::Delivered,
             Verdict::Observed => Outcome::Observed,
             Verdict::Act => match due.step.action {
-                Action::Signal(sig) => match pin {
-                    Some(pin) if quick => actions::signal_pinned(&mut self.pidfds, pin, sig.0),
-                    _ => actions::signal(
-                        &mut self.pidfds,
-                        due.step.target,
-                        c.tgid,
-                        c.tid,
-                        sig.0,
-                        valid,
-                    ),
-                },
+                // Pinned and checked before `current` was read: when nothing slow came
+                // between, that reading is the check after the pin.
+                Action::Signal(sig) => {
+                    actions::send(&mut self.pidfds, pin, sig.0, || quick || valid())
+                }
                 Action::Reset => actions::reset(&c, valid),
                 Action::Log => Outcome::Delivered,
                 Action::KillQuery => match self.start_kill_query(decided) {
