@@ -108,7 +108,7 @@ fn request_then_exec(
 }
 
 #[test]
-fn a_thread_id_freed_by_exec_and_taken_by_another_user_is_never_signalled() {
+fn a_thread_id_freed_by_exec_and_taken_by_another_user_is_never_signalled_and_the_request_goes_with_its_thread() {
     require_root();
     let port = free_port();
     let dir = tmpdir(&format!("exec-thread{port}"));
@@ -160,26 +160,23 @@ fn a_thread_id_freed_by_exec_and_taken_by_another_user_is_never_signalled() {
         "{}",
         d.log_text()
     );
-    // Nothing was delivered for it: the daemon refused the task that is not the request's owner
-    // (or, with the kernel's exec hook, the request no longer has a live owner at all).
+    // The request went with its thread to the id that thread has now (the kernel re-keys it at
+    // the exec): every action named that thread, none the victim's.
     let records = d.log_events("request over budget");
     println!("records: {records:?}");
-    assert_eq!(
-        d.metric("watchdog_actions_total", &[("result", "delivered")]),
-        0.0
-    );
+    assert!(!records.is_empty(), "the request was still enforced");
     for r in &records {
-        assert_ne!(r["result"], "delivered", "{r}");
-        assert!(
-            r["detail"] == "refused_not_owner"
-                || r["result"] == "ended"
-                || r["result"] == "target_gone",
-            "{r}"
-        );
+        assert_ne!(r["tid"], tid, "never the vanished tid: {r}");
+        if r["result"] == "delivered" {
+            assert_eq!(r["tid"], pid, "{r}");
+        }
     }
-    // The exec'd program still holds the connection: a thread target names a thread it no
-    // longer has, so it is not signalled either.
-    assert!(server.alive(), "the exec'd server was signalled");
+    let status = server.child.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGTERM),
+        "the exec'd thread (now the process's) got the policy's first step: {status:?}"
+    );
     assert!(lives(&mut victim));
     let _ = victim.kill();
     let _ = victim.wait();

@@ -7,7 +7,9 @@ use aya_ebpf::{
 };
 use watchdog_common::stat;
 
-use crate::maps::{count, offsets, syscall_set, OWNERS, TASKS};
+use core::ptr;
+
+use crate::maps::{cmpxchg, count, fetch_add, offsets, syscall_set, CONNS, OWNERS, TASKS};
 
 /// `sched_process_exit`, in the context of the exiting thread. Deleting its `TASKS` entry
 /// invalidates every request it owned: their `owner_life` no longer matches any live task, so the
@@ -31,21 +33,46 @@ pub fn task_exit(_ctx: BtfTracePointContext) -> u32 {
 ///
 /// A non-leader thread that calls `execve` takes over its process's id (`de_thread`): its own
 /// tid (`old_pid`) vanishes without `sched_process_exit`, and may later be handed to another
-/// process. Deleting `TASKS[old_pid]` makes every request it owned unmatched for good, exactly
-/// as an exit does: the timer stays silent and userspace's still-current check fails, and a new
-/// owner of that tid gets a fresh life stamp. (The old leader's own entry went at its exit,
-/// before the exec'ing thread took its id.)
+/// process. Its life goes with it to the id it has now: `TASKS[old_pid]` moves to
+/// `TASKS[tid]` (the old leader's own entry went at its exit, before the exec'ing thread took
+/// its id), so a later owner of `old_pid` starts a life of its own and can never match a
+/// request of this one. The request the thread started most recently (`cur_cookie`, `cur_gen`)
+/// is re-keyed to the new tid inside the connection's seqlock, so it is still enforced, on the
+/// process the thread became, as the policy says for that process. Limits: other requests the
+/// thread had in flight at once (an event loop's) and its HTTP/2 streams are left to the old
+/// tid, which no live task holds: never acted on; a timer callback that reads the record in the
+/// instant of the re-key discards its copy (its sequence moved).
 ///
 /// A leader that execs keeps its tid and its entry: its requests stay its own, now served by
-/// the exec'd program (a socket without `O_CLOEXEC` survives `execve`), and are enforced as the
-/// policy says for that process.
+/// the exec'd program (a socket without `O_CLOEXEC` survives `execve`).
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn task_exec(ctx: BtfTracePointContext) -> u32 {
-    let old: i32 = ctx.arg(1);
+    let old = ctx.arg::<i32>(1) as u32;
     let tid = bpf_get_current_pid_tgid() as u32;
-    if old as u32 != tid && TASKS.remove(old as u32).is_ok() {
-        count(stat::TASKS_EXECED);
+    if old == tid {
+        return 0;
     }
+    let Some(t) = TASKS.get_ptr(old) else {
+        return 0;
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let moved = unsafe { *t };
+    if let Some(e) = CONNS.get_ptr_mut(moved.cur_cookie) {
+        // SAFETY: `e` points into CONNS; the record is written only inside its seqlock.
+        unsafe {
+            let seq = ptr::addr_of_mut!((*e).seq);
+            let s = ptr::read_volatile(seq);
+            if s & 1 == 0 && cmpxchg(seq, s, s + 1) == s {
+                if (*e).info.tid == old && (*e).info.gen == moved.cur_gen {
+                    (*e).info.tid = tid;
+                }
+                fetch_add(seq, 1);
+            }
+        }
+    }
+    let _ = TASKS.insert(tid, moved, BPF_ANY.into());
+    let _ = TASKS.remove(old);
+    count(stat::TASKS_EXECED);
     0
 }
 
