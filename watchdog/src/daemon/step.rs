@@ -430,7 +430,11 @@ impl Accounting {
         ) {
             self.lateness.observe(lateness as f64 / 1e9);
         }
-        let action = due.step.action.label();
+        // The client's time: the worker was not touched; a stalled client's connection was cut.
+        let action = match blame {
+            Some(_) => Action::Reset.label(),
+            None => due.step.action.label(),
+        };
         self.actions
             .get_or_create(&ActionLabels {
                 policy: policy.name.clone(),
