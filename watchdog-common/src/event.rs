@@ -57,7 +57,7 @@ impl Default for Event {
     }
 }
 
-const _: () = assert!(size_of::<Event>() == 112 + HEAD_BYTES);
+const _: () = assert!(size_of::<Event>() == 120 + HEAD_BYTES);
 
 impl Event {
     /// Decodes a ring buffer record. Returns `None` for a record of the wrong size or kind.

@@ -259,6 +259,56 @@ pub fn pattern_key(
     Some(((bytes * 8) as u32, data))
 }
 
+/// Bytes of one read the kernel scans for the end of an HTTP/1.x head. A read longer than this
+/// whose first `BLANK_SCAN` bytes hold no blank line counts as a whole head (as before heads
+/// were looked at): the server's time.
+pub const BLANK_SCAN: usize = 512;
+
+/// Does an HTTP/1.x head end within the first `n` bytes of `buf`, given the last three bytes
+/// received before them (`tail`, low byte last)? The end is an empty line: `\n\n` or
+/// `\n\r\n` (`\r\n\r\n` included), as HTTP/1.x parsers accept it. Returns whether it was
+/// found and, if not, the new tail.
+#[inline(always)]
+pub fn scan_blank(buf: &[u8; BLANK_SCAN], n: usize, tail: u32) -> (bool, u32) {
+    let mut w = tail;
+    let mut i = 0;
+    while i < BLANK_SCAN {
+        if i >= n {
+            break;
+        }
+        w = (w << 8) | buf[i] as u32;
+        if w & 0xffff == 0x0a0a || w & 0x00ff_ffff == 0x000a_0d0a {
+            return (true, 0);
+        }
+        i += 1;
+    }
+    (false, w & 0x00ff_ffff)
+}
+
+/// Is `b` (the first bytes of an HTTP/1.x answer) an interim status line: `HTTP/1.x 1xx` other
+/// than `101`? Such an answer (`100 Continue`, `102`, `103 Early Hints`) does not end a request.
+#[inline(always)]
+pub fn is_interim(b: &[u8; 12]) -> bool {
+    is_status_line(b)
+        && b[9] == b'1'
+        && b[10].is_ascii_digit()
+        && b[11].is_ascii_digit()
+        && !(b[10] == b'0' && b[11] == b'1')
+}
+
+/// `HTTP/1.x ` at the start of an answer.
+#[inline(always)]
+pub fn is_status_line(b: &[u8; 12]) -> bool {
+    b[0] == b'H'
+        && b[1] == b'T'
+        && b[2] == b'T'
+        && b[3] == b'P'
+        && b[4] == b'/'
+        && b[5] == b'1'
+        && b[6] == b'.'
+        && b[8] == b' '
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@ pub use state::{
 
 /// Bumped whenever the layout of any map key or value changes. Stamped into the `META` map so a
 /// daemon never reads pinned state written with another layout.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Capacity limits of the kernel tables. Fixed at build time; insert failures are counted.
 pub mod limits {
@@ -76,8 +76,15 @@ pub mod port_stat {
     pub const ROUTE_HPACK_INDEXED: u32 = ROUTE_SPLIT + 1;
     /// HTTP/2 streams on a port with routes whose `:path` is Huffman-coded: the same.
     pub const ROUTE_HPACK_HUFFMAN: u32 = ROUTE_HPACK_INDEXED + 1;
+    /// HTTP/1.x requests whose first read held no whole head (no blank line): their clock
+    /// waits for it (`conn_flag::HEAD_PENDING`).
+    pub const HEAD_PENDING: u32 = ROUTE_HPACK_HUFFMAN + 1;
+    /// Of those, heads completed by a later read: the request's clock restarted then.
+    pub const HEAD_COMPLETED: u32 = HEAD_PENDING + 1;
+    /// HTTP/1.x interim answers (`1xx` other than `101`) sent: the request goes on.
+    pub const INTERIM: u32 = HEAD_COMPLETED + 1;
     /// Entries per slot.
-    pub const STRIDE: u32 = ROUTE_HPACK_HUFFMAN + 1;
+    pub const STRIDE: u32 = INTERIM + 1;
 }
 
 /// Global counters in the `STATS` per-CPU array.

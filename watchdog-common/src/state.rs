@@ -76,6 +76,10 @@ pub struct ConnInfo {
     pub head_state: u8,
     /// Bytes of `ConnRecord::head` / `Event::head` that belong to the current request.
     pub head_len: u16,
+    /// `bpf_ktime_get_ns` of the last read of the current request's connection while its head
+    /// was incomplete (`conn_flag::HEAD_PENDING`); its first byte's time otherwise. Not kept
+    /// for later reads (a body's): that would cost every read of a tracked connection.
+    pub last_rx_ns: u64,
 }
 
 /// `ConnInfo::flags`. `UNARMED` and `EVENT_LOST`: the kernel's deadline path failed for the
@@ -100,6 +104,11 @@ pub mod conn_flag {
     /// The kernel lost track of this HTTP/2 connection's frames: no more streams are started,
     /// and those in flight are dropped when their timer fires.
     pub const H2_LOST: u32 = 32;
+    /// HTTP/1.x: the current request's head has not been read whole yet (no blank line among
+    /// the bytes received so far). Its time is the client's: the kernel restarts the request's
+    /// clock (`start_ns`) when the blank line arrives, and userspace never acts on the worker
+    /// while this is set (`blame.rs`).
+    pub const HEAD_PENDING: u32 = 64;
 }
 
 /// `STREAMS` key: one HTTP/2 stream of a tracked connection.
@@ -221,8 +230,8 @@ pub struct Meta {
 
 const _: () = assert!(size_of::<Meta>() == 24);
 const _: () = assert!(size_of::<PortConfig>() == 24);
-const _: () = assert!(size_of::<ConnInfo>() == 96);
-const _: () = assert!(size_of::<ConnRecord>() == 128 + HEAD_BYTES);
+const _: () = assert!(size_of::<ConnInfo>() == 104);
+const _: () = assert!(size_of::<ConnRecord>() == 136 + HEAD_BYTES);
 const _: () = assert!(size_of::<TaskInfo>() == 24);
 const _: () = assert!(size_of::<StreamKey>() == 16);
 const _: () = assert!(size_of::<StreamInfo>() == 48);

@@ -76,6 +76,9 @@ pub struct SockState {
     /// HTTP/2 frame walk state of the bytes coming in and going out (`programs/h2.rs`).
     pub h2_rx: H2Dir,
     pub h2_tx: H2Dir,
+    /// HTTP/1.x head scan (`SOCK_HEAD_PENDING`): the last three bytes received, low byte last.
+    pub head_tail: u32,
+    pub _pad: u32,
 }
 
 /// Where one direction of an HTTP/2 connection's byte stream stands between two calls.
@@ -161,6 +164,25 @@ pub unsafe fn fetch_or(p: *mut u64, v: u64) -> u64 {
     unsafe {
         core::arch::asm!(
             "{r} = atomic_fetch_or((u64 *)({p} + 0), {r})",
+            p = in(reg) p,
+            r = inout(reg) r,
+            options(nostack),
+        )
+    };
+    r
+}
+
+/// `*p &= v`, returning the old value; fully ordered.
+///
+/// # Safety
+/// As `fetch_add`.
+#[inline(always)]
+pub unsafe fn fetch_and(p: *mut u64, v: u64) -> u64 {
+    let mut r = v;
+    // SAFETY: as in `fetch_add`.
+    unsafe {
+        core::arch::asm!(
+            "{r} = atomic_fetch_and((u64 *)({p} + 0), {r})",
             p = in(reg) p,
             r = inout(reg) r,
             options(nostack),
@@ -258,6 +280,9 @@ pub const SOCK_H2_LOST: u32 = 4;
 /// The frame walk of the bytes the server sent before the connection's protocol was known
 /// lost its place (it matters only if the connection turns out to speak HTTP/2).
 pub const SOCK_TX_LOST: u32 = 8;
+/// The HTTP/1.x request in flight has no whole head yet: its reads are scanned for the blank
+/// line (`request::head_more`). Every other in-flight read pays only this flag test.
+pub const SOCK_HEAD_PENDING: u32 = 16;
 
 #[btf_map]
 pub static SOCKS: SkStorage<SockState> = SkStorage::new();
@@ -325,6 +350,11 @@ pub static PORT_STATS: PerCpuArray<u64, { (MAX_STAT_SLOTS * port_stat::STRIDE) a
 #[btf_map]
 pub static ROUTES: LpmTrie<[u8; ROUTE_KEY_DATA], RouteValue, { ROUTE_ENTRIES as usize }> =
     LpmTrie::new();
+
+/// Per-CPU room for the bytes of one read scanned for a head's end (`head::scan_blank`).
+#[btf_map]
+pub static BLANK_SCRATCH: PerCpuArray<[u8; watchdog_common::head::BLANK_SCAN], 1> =
+    PerCpuArray::new();
 
 /// Per-CPU room for building a route key.
 #[btf_map]

@@ -1,12 +1,13 @@
 //! The enforcement chain, as one pure function: may this step of a ladder act now?
 //!
-//! still current → safety guard → worker floor → mode → breaker → act. Each link can only stop
+//! still current → safety guard → blame → worker floor → mode → breaker → act. Each link can only stop
 //! the chain; none can force an action. The daemon gathers the inputs (kernel state, /proc) and
 //! carries out the verdict (`actions.rs`); nothing here does I/O. The breaker is the one link
 //! with state: it is consulted (and counts the action) only when everything before it let the
 //! step through.
 
 use crate::{
+    blame::Blame,
     config::{Action, BreakerConfig, Mode},
     policy::{Breaker, BreakerVerdict, Refusal},
 };
@@ -26,6 +27,11 @@ pub enum Verdict {
     Tripped,
     /// Carry out the step's action.
     Act,
+    /// The time is the client's and it has stalled: abort its connection (reset) instead of
+    /// the step's action; the worker is never signalled (`blame.rs`).
+    CutClient,
+    /// The time is the client's and it is still sending: nothing is done to either side.
+    ClientSending,
 }
 
 /// The facts one step is decided on.
@@ -43,6 +49,8 @@ pub struct Inputs<'a> {
     pub floor: Option<(u32, &'a dyn Fn() -> usize)>,
     pub breaker: &'a BreakerConfig,
     pub now_ns: u64,
+    /// Whose time it is (`blame::blame`), read right before the step.
+    pub blame: Blame,
 }
 
 /// The verdict on one step.
@@ -52,6 +60,16 @@ pub fn decide(i: Inputs<'_>, breaker: &mut Breaker) -> Verdict {
     }
     if let Err(r) = i.guard {
         return Verdict::Refused(r);
+    }
+    // The client's time: no enforcing step touches the worker. Cutting a stalled client harms
+    // no worker, so neither the worker floor nor the breaker (both about workers) holds it;
+    // observe mode does.
+    if let (Blame::Client { stalled }, false) = (i.blame, matches!(i.action, Action::Log)) {
+        return match (stalled, i.mode) {
+            (false, _) => Verdict::ClientSending,
+            (true, Mode::Enforce) => Verdict::CutClient,
+            (true, _) => Verdict::Observed,
+        };
     }
     let enforcing = !matches!(i.action, Action::Log) && i.mode == Mode::Enforce;
     if enforcing {
@@ -104,7 +122,14 @@ mod tests {
             refused in any::<bool>(),
             floor in proptest::option::of((0u32..4, 0usize..6)),
             tripped_before in 0u32..3,
+            blame_k in 0u8..4,
         ) {
+            let blame = match blame_k {
+                0 => Blame::Server,
+                1 => Blame::Unknown,
+                2 => Blame::Client { stalled: false },
+                _ => Blame::Client { stalled: true },
+            };
             let cfg = BreakerConfig { max_actions: 2, ..BreakerConfig::default() };
             let mut breaker = Breaker::default();
             for n in 0..tripped_before {
@@ -127,12 +152,27 @@ mod tests {
                     floor: floor.map(|(k, _)| (k, &f as &dyn Fn() -> usize)),
                     breaker: &cfg,
                     now_ns: 10,
+                    blame,
                 },
                 &mut breaker,
             );
             let enforcing = !matches!(action(k), Action::Log) && !observe;
             let floor_ok = floor.is_none_or(|(k, n)| n > k as usize);
-            let should_act = current && !refused && enforcing && floor_ok && allows;
+            let client = matches!(blame, Blame::Client { .. }) && !matches!(action(k), Action::Log);
+            let should_act = current && !refused && !client && enforcing && floor_ok && allows;
+            // The worker is never acted on for a client's time; a stalled client is cut
+            // exactly when the step would enforce (enforce mode, not a log step).
+            if current && !refused && client {
+                let want = match blame {
+                    Blame::Client { stalled: false } => Verdict::ClientSending,
+                    _ if observe => Verdict::Observed,
+                    _ => Verdict::CutClient,
+                };
+                prop_assert_eq!(v, want);
+                prop_assert_eq!(alive_reads.get(), 0);
+                return Ok(());
+            }
+            prop_assert!(v != Verdict::CutClient && v != Verdict::ClientSending);
             prop_assert_eq!(v == Verdict::Act, should_act, "{:?}", v);
             if !current {
                 prop_assert_eq!(v, Verdict::Ended);

@@ -3,6 +3,7 @@
 mod actions;
 mod api;
 mod backstop;
+mod blame;
 mod breakers;
 mod check;
 mod cli;

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub lateness: Histogram,
     pub reloads: Family<ResultLabels, Counter>,
     pub breaker_trips: Family<PolicyLabels, Counter>,
+    /// Connections cut because their client stalled on its own time (`blame.rs`).
+    pub client_timeouts: Family<PolicyLabels, Counter>,
     pub observe_only: Family<PolicyLabels, Gauge>,
     pub events: Counter,
     pub recovered: Family<WhyLabels, Counter>,
@@ -108,6 +110,7 @@ impl Metrics {
             )),
             reloads: Family::default(),
             breaker_trips: Family::default(),
+            client_timeouts: Family::default(),
             observe_only: Family::default(),
             events: Counter::default(),
             recovered: Family::default(),
@@ -115,6 +118,11 @@ impl Metrics {
             acting_realtime: Gauge::default(),
             namespaces: crate::pods::NamespaceLabels::default(),
         };
+        registry.register(
+            "watchdog_client_timeouts",
+            "Connections cut because the client stalled on its own time (an unfinished request head, or a worker blocked reading it); the worker was not signalled",
+            m.client_timeouts.clone(),
+        );
         registry.register(
             "watchdog_budget_exceeded",
             "Requests still in flight when their budget ran out",

@@ -6,7 +6,7 @@
 //! `bpf_ktime_get_ns`.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet, VecDeque},
+    collections::{BTreeSet, HashMap, VecDeque},
     sync::Arc,
 };
 
@@ -98,7 +98,10 @@ const FINISHED_MEMORY: usize = 4096;
 pub struct Tracker {
     ladders: HashMap<Key, Ladder>,
     queue: BTreeSet<(u64, Key)>,
-    finished: HashSet<Key>,
+    /// Finished ladders, with the `start_ns` of the request they were about: a request whose
+    /// clock the kernel restarted (its head came in whole, `conn_flag::HEAD_PENDING`) is a new
+    /// ladder under the same key.
+    finished: HashMap<Key, u64>,
     finished_order: VecDeque<Key>,
 }
 
@@ -113,8 +116,19 @@ impl Tracker {
         steps: Vec<Step>,
         base_ns: u64,
     ) -> bool {
-        if steps.is_empty() || self.ladders.contains_key(&key) || self.finished.contains(&key) {
+        if steps.is_empty() || self.finished.get(&key) == Some(&conn.start_ns) {
             return false;
+        }
+        match self.ladders.get(&key) {
+            // The same request's clock restarted later: its old ladder gives way.
+            Some(l) if l.conn.start_ns < conn.start_ns => {
+                if l.next < l.steps.len() {
+                    self.queue.remove(&(l.due_at(l.next), key));
+                }
+                self.ladders.remove(&key);
+            }
+            Some(_) => return false,
+            None => {}
         }
         let ladder = Ladder {
             conn,
@@ -175,12 +189,15 @@ impl Tracker {
 
     /// Drops a ladder (the request ended, its owner is gone, or it was refused).
     pub fn finish(&mut self, key: Key) {
+        let mut start_ns = 0;
         if let Some(l) = self.ladders.remove(&key) {
+            start_ns = l.conn.start_ns;
             if l.next < l.steps.len() {
                 self.queue.remove(&(l.due_at(l.next), key));
             }
         }
-        if self.finished.insert(key) {
+        let first = self.finished.insert(key, start_ns).is_none();
+        if first {
             self.finished_order.push_back(key);
             if self.finished_order.len() > FINISHED_MEMORY {
                 if let Some(old) = self.finished_order.pop_front() {
@@ -247,7 +264,7 @@ pub fn consistent(event: &ConnInfo, current: Option<&ConnInfo>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{collections::HashSet, time::Duration};
 
     use nix::sys::signal::Signal;
 

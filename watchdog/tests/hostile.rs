@@ -313,13 +313,13 @@ fn a_python_interpreter_the_target_can_write_is_never_mapped() {
         .success();
     assert!(ok, "chown");
     let (own, root) = (free_port(), free_port());
-    let (mut d, events) = daemon(
-        &dir,
-        &[("own", own, "SIGKILL"), ("root", root, "SIGKILL")],
-    );
-    for (i, (port, interpreter)) in [(own, python.as_path()), (root, Path::new("/usr/bin/python3.11"))]
-        .into_iter()
-        .enumerate()
+    let (mut d, events) = daemon(&dir, &[("own", own, "SIGKILL"), ("root", root, "SIGKILL")]);
+    for (i, (port, interpreter)) in [
+        (own, python.as_path()),
+        (root, Path::new("/usr/bin/python3.11")),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let mut server = spawn_ready(
             "threaded",
@@ -335,10 +335,17 @@ fn a_python_interpreter_the_target_can_write_is_never_mapped() {
         );
         let rec = &records(&events, i + 1)[i];
         assert_eq!(rec["result"], "delivered", "{rec}");
-        println!("python stack with {}: {}", interpreter.display(), rec["stack"]);
+        println!(
+            "python stack with {}: {}",
+            interpreter.display(),
+            rec["stack"]
+        );
         let error = rec["stack"]["error"].as_str().unwrap_or("");
         if port == own {
-            assert!(error.contains("not read"), "a writable interpreter is not mapped: {rec}");
+            assert!(
+                error.contains("not read"),
+                "a writable interpreter is not mapped: {rec}"
+            );
         } else {
             assert!(error.is_empty(), "a root-owned interpreter is read: {rec}");
         }

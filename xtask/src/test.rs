@@ -135,6 +135,8 @@ impl Stage {
                 "mariadb",
                 "--test",
                 "handoff",
+                "--test",
+                "slow_clients",
                 "--",
                 "--test-threads=1",
             ])

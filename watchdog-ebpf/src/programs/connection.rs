@@ -147,6 +147,8 @@ fn on_accept(ctx: &SockOpsContext) {
         proto: 0,
         h2_rx: H2Dir::START,
         h2_tx: H2Dir::START,
+        head_tail: 0,
+        _pad: 0,
     };
     if !create_state(sk, &init) {
         let _ = CONNS.remove(cookie);

@@ -14,11 +14,12 @@ use aya_ebpf::{
     helpers::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs, generated},
 };
 use watchdog_common::head::{
-    head_state, route_key, KeyOutcome, RouteValue, HEAD_BYTES, ROUTE_KEY_DATA,
+    head_state, is_interim, is_status_line, route_key, scan_blank, KeyOutcome, RouteValue,
+    BLANK_SCAN, HEAD_BYTES, ROUTE_KEY_DATA,
 };
 
 use crate::{
-    maps::{ConnEntry, ROUTES, SCRATCH},
+    maps::{ConnEntry, BLANK_SCRATCH, ROUTES, SCRATCH},
     programs::abi::{nr, reg, regs},
 };
 
@@ -127,29 +128,82 @@ pub fn route(port: u16, e: *const ConnEntry, len: u16) -> Route {
 /// Scratch key for the route lookup (`SCRATCH`): too large for the program stack.
 pub type RouteKey = Key<[u8; ROUTE_KEY_DATA]>;
 
-/// Is the response being sent `HTTP/1.x 101` (Switching Protocols)?
+/// What the first bytes of an answer on an HTTP/1.x connection are.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// `HTTP/1.x 101` (Switching Protocols).
+    Switching,
+    /// `HTTP/1.x 1xx` other than `101`: an interim answer, the request goes on.
+    Interim,
+    /// Anything else (a final status line, or bytes that could not be read).
+    Final,
+}
+
+/// Reads the first 12 bytes of the answer being sent.
 #[inline(always)]
-pub fn is_switching_protocols(regs: *const u64, ret: u64) -> bool {
+pub fn answer(regs: *const u64, ret: u64) -> Answer {
     const LEN: u64 = 12;
     let Some((addr, size)) = user_buffer(regs) else {
-        return false;
+        return Answer::Final;
     };
     if ret < LEN || size < LEN {
-        return false;
+        return Answer::Final;
     }
     // SAFETY: bpf_probe_read_user checks the address.
     let Ok(b) = (unsafe { bpf_probe_read_user(addr as *const [u8; LEN as usize]) }) else {
-        return false;
+        return Answer::Final;
     };
-    b[0] == b'H'
-        && b[1] == b'T'
-        && b[2] == b'T'
-        && b[3] == b'P'
-        && b[4] == b'/'
-        && b[5] == b'1'
-        && b[6] == b'.'
-        && b[8] == b' '
-        && b[9] == b'1'
-        && b[10] == b'0'
-        && b[11] == b'1'
+    if b[9] == b'1' && b[10] == b'0' && b[11] == b'1' && is_status_line(&b) {
+        Answer::Switching
+    } else if is_interim(&b) {
+        Answer::Interim
+    } else {
+        Answer::Final
+    }
+}
+
+/// What one read says about the end of an HTTP/1.x head.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Blank {
+    /// The blank line is among the bytes read.
+    Found,
+    /// Not yet: the last three bytes, for the next read.
+    NotYet(u32),
+    /// The bytes could not be scanned (no plain buffer, more than one buffer, a fault, or more
+    /// than `BLANK_SCAN` bytes without the blank line): taken as a whole head.
+    Unknown,
+}
+
+/// Scans the bytes of the current read (`ret` of them) for the end of a head, `tail` being
+/// the last three bytes of the reads before it.
+#[inline(always)]
+pub fn scan_read(regs: *const u64, ret: u64, tail: u32) -> Blank {
+    let Some((addr, size)) = user_buffer(regs) else {
+        return Blank::Unknown;
+    };
+    if ret > size || ret == 0 {
+        return Blank::Unknown;
+    }
+    let Some(buf) = BLANK_SCRATCH.get_ptr_mut(0) else {
+        return Blank::Unknown;
+    };
+    let n = if ret > BLANK_SCAN as u64 {
+        BLANK_SCAN as u64
+    } else {
+        ret
+    };
+    // SAFETY: the destination is this CPU's scratch buffer (BLANK_SCAN bytes, n is at most
+    // that, and at least 1); the source is a user address the helper checks.
+    let rc = unsafe {
+        generated::bpf_probe_read_user(buf as *mut c_void, n as u32, addr as *const c_void)
+    };
+    if rc != 0 {
+        return Blank::Unknown;
+    }
+    // SAFETY: as above; preemption is off in these programs.
+    match scan_blank(unsafe { &*buf }, n as usize, tail) {
+        (true, _) => Blank::Found,
+        (false, _) if ret > BLANK_SCAN as u64 => Blank::Unknown,
+        (false, t) => Blank::NotYet(t),
+    }
 }

@@ -18,13 +18,14 @@ use watchdog_common::{
 
 use crate::{
     maps::{
-        advance, cmpxchg, count, fetch_add, fetch_or, gen_state, port_config, port_count,
-        sock_state, task_life, xchg, ConnEntry, SockState, ARMED_FIRED, CONNS, SOCK_UPGRADED,
+        advance, cmpxchg, count, fetch_add, fetch_and, fetch_or, gen_state, port_config,
+        port_count, sock_state, task_life, xchg, ConnEntry, SockState, ARMED_FIRED, CONNS,
+        SOCK_HEAD_PENDING, SOCK_UPGRADED,
     },
     programs::{
         connection::init_timer,
         h2,
-        head::{self, Route},
+        head::{self, Answer, Blank, Route},
     },
 };
 
@@ -63,6 +64,8 @@ pub fn bytes_in(st: &mut SockState, regs: impl Fn() -> *const u64, ret: u64) {
         h2::on_recv(st, regs(), ret, 0);
     } else if st.state == ReqState::Idle as u32 {
         start_request(st, regs(), ret);
+    } else if st.flags & SOCK_HEAD_PENDING != 0 {
+        head_more(st, regs(), ret);
     }
 }
 
@@ -110,6 +113,7 @@ pub fn start_request(st: &mut SockState, regs: *const u64, ret: u64) {
         return;
     }
     st.stat_slot = st.slot;
+    st.flags &= !SOCK_HEAD_PENDING;
     // SAFETY: helpers without arguments.
     let (now, pid_tgid) = unsafe { (bpf_ktime_get_ns(), bpf_get_current_pid_tgid()) };
     let tid = pid_tgid as u32;
@@ -178,6 +182,17 @@ pub fn start_request(st: &mut SockState, regs: *const u64, ret: u64) {
             }
         }
     }
+    // HTTP/1.x: is the head whole in this first read? If not, the request's clock restarts when
+    // its blank line arrives (`head_more`): the time until then is the client's.
+    let mut pending = false;
+    if st.proto == proto::HTTP1 as u32 && state == head_state::READ {
+        if let Blank::NotYet(tail) = head::scan_read(regs, ret, 0) {
+            pending = true;
+            st.head_tail = tail;
+            flags |= conn_flag::HEAD_PENDING;
+            port_count(st.stat_slot, port_stat::HEAD_PENDING, 1);
+        }
+    }
     if life == 0 && flags & conn_flag::NO_DEADLINE == 0 {
         // The task table is full (counted in `task_life`): no timer can check this owner, so
         // userspace's backstop sweep enforces the deadline instead.
@@ -193,6 +208,7 @@ pub fn start_request(st: &mut SockState, regs: *const u64, ret: u64) {
     info.proto = st.proto as u8;
     info.head_state = head_state;
     info.head_len = len;
+    info.last_rx_ns = now;
     // SAFETY: `gen` and `state` of the record are one aligned u64 (asserted below). False if
     // the request already ended (a send saw it in flight before its record was published).
     let live = unsafe {
@@ -204,6 +220,9 @@ pub fn start_request(st: &mut SockState, regs: *const u64, ret: u64) {
     // Published: the sequence is even again.
     // SAFETY: as above.
     unsafe { fetch_add(seq, 1) };
+    if live && pending {
+        st.flags |= SOCK_HEAD_PENDING;
+    }
     if live && life != 0 && flags & conn_flag::NO_DEADLINE == 0 {
         // SAFETY: `e` points into CONNS (a successful lookup above).
         unsafe { arm_for(e, now.saturating_add(deadline_ns), deadline_ns) };
@@ -216,6 +235,65 @@ const _: () = assert!(core::mem::offset_of!(ConnEntry, info) == 16);
 const _: () = assert!(core::mem::offset_of!(watchdog_common::ConnInfo, gen) == 64);
 const _: () = assert!(core::mem::offset_of!(watchdog_common::ConnInfo, state) == 68);
 const _: () = assert!(core::mem::offset_of!(watchdog_common::ConnInfo, flags) == 88);
+
+/// More bytes of an HTTP/1.x request whose head was not whole (`SOCK_HEAD_PENDING`): note when
+/// they came (`ConnInfo::last_rx_ns`, for userspace's "has the client stalled?") and scan them,
+/// with the last three bytes before them, for the blank line. When it is found the request's
+/// clock restarts: `start_ns` becomes now inside the connection's seqlock, `HEAD_PENDING` is
+/// cleared, and the timer is re-armed for the new deadline exactly as a start arms it
+/// (`arm_for`: the same argument holds, the record is published before the swap). A
+/// deadline event of the old clock read after this is dropped by userspace
+/// (`tracker::consistent`: same generation, another `start_ns`).
+#[inline(always)]
+fn head_more(st: &mut SockState, regs: *const u64, ret: u64) {
+    let Some(e) = CONNS.get_ptr_mut(st.cookie) else {
+        st.flags &= !SOCK_HEAD_PENDING;
+        return;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: `e` points into CONNS; an aligned u64 store (a racing reader sees old or new).
+    unsafe { ptr::write_volatile(ptr::addr_of_mut!((*e).info.last_rx_ns), now) };
+    if let Blank::NotYet(tail) = head::scan_read(regs, ret, st.head_tail) {
+        st.head_tail = tail;
+        return;
+    }
+    st.flags &= !SOCK_HEAD_PENDING;
+    // SAFETY: `e` points into CONNS.
+    let seq = unsafe { ptr::addr_of_mut!((*e).seq) };
+    // SAFETY: as above; a plain read is a guess the swap checks.
+    let s = unsafe { ptr::read_volatile(seq) };
+    // SAFETY: as above.
+    if s & 1 != 0 || unsafe { cmpxchg(seq, s, s + 1) } != s {
+        count(stat::STARTS_CONTENDED);
+        return;
+    }
+    // SAFETY: `e` points into CONNS.
+    let info = unsafe { &mut (*e).info };
+    let same = info.gen == st.gen && info.state == ReqState::InFlight as u32;
+    if same {
+        info.start_ns = now;
+        // SAFETY: `flags` starts an aligned u64 of the record (asserted below); the mask keeps
+        // every other bit of that word.
+        unsafe {
+            fetch_and(
+                ptr::addr_of_mut!(info.flags).cast::<u64>(),
+                !u64::from(conn_flag::HEAD_PENDING),
+            )
+        };
+    }
+    // SAFETY: as above: published, the sequence is even again.
+    unsafe { fetch_add(seq, 1) };
+    if !same {
+        return;
+    }
+    port_count(st.stat_slot, port_stat::HEAD_COMPLETED, 1);
+    let (flags, life, deadline_ns) = (info.flags, info.owner_life, info.deadline_ns);
+    if flags & conn_flag::NO_DEADLINE == 0 && life != 0 {
+        // SAFETY: `e` points into CONNS.
+        unsafe { arm_for(e, now.saturating_add(deadline_ns), deadline_ns) };
+    }
+}
 
 /// Makes sure the connection's timer fires at or before `due` (= request start + `deadline_ns`),
 /// after the request's record was published.
@@ -319,6 +397,16 @@ pub fn end_request(st: &mut SockState, regs: impl Fn() -> *const u64, ret: u64) 
     if state != ReqState::InFlight as u32 {
         return;
     }
+    // HTTP/1.x: an interim answer (`100 Continue`, `102`, `103`) does not end the request.
+    let answer = if st.proto == proto::HTTP1 as u32 {
+        head::answer(regs(), ret)
+    } else {
+        Answer::Final
+    };
+    if answer == Answer::Interim {
+        port_count(st.stat_slot, port_stat::INTERIM, 1);
+        return;
+    }
     let cur = gen_state(gen, state);
     // SAFETY: `gen` and `state` are one aligned u64 of the socket's state.
     if unsafe { cmpxchg(word, cur, gen_state(gen, ReqState::Idle as u32)) } != cur {
@@ -329,10 +417,9 @@ pub fn end_request(st: &mut SockState, regs: impl Fn() -> *const u64, ret: u64) 
     };
     // SAFETY: `e` points into CONNS.
     let info = unsafe { &mut (*e).info };
-    let upgraded = st.proto == proto::HTTP1 as u32
+    let upgraded = answer == Answer::Switching
         && port_config(u32::from(info.local_port))
-            .is_some_and(|(_, cfg)| cfg.flags & PORT_NO_UPGRADES == 0)
-        && head::is_switching_protocols(regs(), ret);
+            .is_some_and(|(_, cfg)| cfg.flags & PORT_NO_UPGRADES == 0);
     if upgraded {
         st.flags |= SOCK_UPGRADED;
         port_count(st.slot, port_stat::UPGRADED, 1);

@@ -26,6 +26,10 @@ pub struct ActionRecord {
     pub target: crate::config::Target,
     pub result: &'static str,
     pub detail: Option<String>,
+    /// `client` when the time was the client's (`blame.rs`): its connection was cut, or it was
+    /// left alone while still sending; the worker was not signalled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blame: Option<&'static str>,
     pub port: u16,
     pub peer: String,
     pub pid: u32,
@@ -169,6 +173,7 @@ fn log_action(r: &ActionRecord) {
                 reason = r.reason.label(), port = r.port, peer = %r.peer, pid = r.pid, tid = r.tid,
                 comm = %r.comm, elapsed_ms = r.elapsed_ms, budget_ms = r.budget_ms, step = r.step,
                 action = %r.action, target = ?r.target, result = r.result, detail = r.detail.as_deref().unwrap_or(""),
+                blame = r.blame.unwrap_or("server"),
                 lateness_ms = r.lateness_ms, mode = ?r.mode,
                 namespace = r.namespace.as_deref().unwrap_or(""), pod = r.pod.as_deref().unwrap_or(""),
                 container = r.container.as_deref().unwrap_or(""),

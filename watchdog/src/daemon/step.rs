@@ -21,6 +21,8 @@ pub(super) struct Decided {
     /// The statement as the database server showed it (`kill_query`), for a request whose own
     /// bytes did not say.
     statement: Option<String>,
+    /// `client` when the time was the client's (`blame.rs`).
+    blame: Option<&'static str>,
 }
 
 /// A step's subject, pinned (`State::subject`): the pin, its facts read after the pin, and
@@ -248,6 +250,23 @@ impl State {
         Ok((pin, f, guard))
     }
 
+    /// Whose time it is, read right before the step (`blame.rs`), and whether the kernel
+    /// restarted the request's clock since its event (its head came in whole since: a new
+    /// deadline event follows). HTTP/2 streams are not judged: acted on as before.
+    fn blame_of(&self, due: &Due, now: u64) -> (crate::blame::Blame, bool) {
+        let c = &due.conn;
+        if c.flags & watchdog_common::conn_flag::STREAM != 0
+            || matches!(due.step.action, Action::Log)
+        {
+            return (crate::blame::Blame::Unknown, false);
+        }
+        let current = self.kernel.current(c);
+        let restarted = current.is_some_and(|k| k.gen == c.gen && k.start_ns != c.start_ns);
+        let facts = crate::blame::facts(c, current.as_ref(), now);
+        let stall = crate::blame::stall_after(due.about.budget);
+        (crate::blame::blame(&facts, stall), restarted)
+    }
+
     /// Takes one step of a ladder: its subject pinned and guarded, then diagnosis (first step
     /// only, and only of a subject the guard allows), the safety checks, the action.
     fn run_step(
@@ -289,6 +308,7 @@ impl State {
                     started: now,
                     diagnosed: now,
                     statement: None,
+                    blame: None,
                 };
                 return Some((outcome, decided, now_ns()));
             }
@@ -312,6 +332,7 @@ impl State {
         let workers = &self.workers;
         let alive = || workers.count(&policy.name, &policy.selector);
         // One breaker per policy and workload: another tenant's trips never silence this one.
+        let (blame, restarted) = self.blame_of(due, now);
         let breaker_key = crate::breakers::Key {
             policy: policy.name.clone(),
             workload: crate::breakers::Workload::of(&facts, || crate::breakers::start_time(c.tgid)),
@@ -320,13 +341,14 @@ impl State {
             decide::Inputs {
                 action: due.step.action,
                 mode,
-                still_current: current && (stack.is_none() || valid()),
+                still_current: current && !restarted && (stack.is_none() || valid()),
                 guard,
                 floor: policy
                     .min_workers
                     .map(|k| (k, &alive as &dyn Fn() -> usize)),
                 breaker: &policy.breaker,
                 now_ns: now,
+                blame,
             },
             self.breakers.get(&breaker_key, now),
         );
@@ -340,12 +362,21 @@ impl State {
             started: now,
             diagnosed,
             statement: None,
+            blame: blame.label(),
         };
         let outcome = match verdict {
             Verdict::Ended => Outcome::Ended,
             Verdict::Refused(r) => Outcome::Refused(r.label()),
             Verdict::Logged => Outcome::Delivered,
             Verdict::Observed => Outcome::Observed,
+            Verdict::ClientSending => Outcome::Refused("client still sending"),
+            Verdict::CutClient => {
+                let l = PolicyLabels {
+                    policy: policy.name.clone(),
+                };
+                self.metrics.client_timeouts.get_or_create(&l).inc();
+                actions::reset(&c, valid)
+            }
             Verdict::Act => match due.step.action {
                 // Pinned and checked before `current` was read: when nothing slow came
                 // between, that reading is the check after the pin.
@@ -425,6 +456,7 @@ impl Accounting {
             started: now,
             diagnosed,
             statement,
+            blame,
         } = d;
         let c = due.conn;
         let policy = &due.policy;
@@ -435,7 +467,11 @@ impl Accounting {
         ) {
             self.lateness.observe(lateness as f64 / 1e9);
         }
-        let action = due.step.action.label();
+        // The client's time: the worker was not touched; a stalled client's connection was cut.
+        let action = match blame {
+            Some(_) => Action::Reset.label(),
+            None => due.step.action.label(),
+        };
         self.actions
             .get_or_create(&ActionLabels {
                 policy: policy.name.clone(),
@@ -460,6 +496,7 @@ impl Accounting {
             target: due.step.target,
             result: outcome.label(),
             detail: outcome.detail(),
+            blame,
             port: c.local_port,
             peer: peer_of(&c),
             pid: c.tgid,
