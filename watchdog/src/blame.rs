@@ -8,7 +8,9 @@
 //!   descriptor is a socket whose cookie is the connection's): it waits for the client's bytes.
 //!
 //! Nothing else counts (blame must not become an escape hatch): a worker computing, sleeping or
-//! reading any other descriptor is the server's. Then "has the client stalled?": no byte for
+//! reading any other descriptor is the server's, and so is a read of the connection of a request
+//! that has no body (`GET`, `HEAD`, `OPTIONS`, `TRACE`) once its head is whole: that read waits
+//! for the next request (a server that reads ahead on one thread and answers on another). Then "has the client stalled?": no byte for
 //! `stall_after(budget)` (the kernel's `last_rx_ns` for an unfinished head, the socket's own
 //! `tcpi_last_data_recv` for a read the owner waits in). A stalled client's connection is cut
 //! (reset) and the worker is never signalled; a client still sending is left alone.
@@ -60,6 +62,19 @@ pub struct Facts {
     pub head_idle_ns: u64,
     /// The owner thread's read, if it is blocked in one on a TCP socket.
     pub owner_read: Option<OwnerRead>,
+    /// The request has no body (HTTP/1.x `GET`, `HEAD`, `OPTIONS`, `TRACE`): once its head is
+    /// whole, a read of its connection waits for the *next* request (a server that reads ahead
+    /// on one thread and answers on another), not for this one's bytes.
+    pub bodyless: bool,
+}
+
+/// Whether a request line (`GET /x`) names a method whose requests carry no body.
+pub fn bodyless(request: Option<&str>) -> bool {
+    request.is_some_and(|r| {
+        ["GET ", "HEAD ", "OPTIONS ", "TRACE "]
+            .iter()
+            .any(|m| r.starts_with(m))
+    })
 }
 
 /// A client is stalled after this long without a byte: half the budget, at most one second.
@@ -70,8 +85,9 @@ pub fn stall_after(budget: Duration) -> Duration {
 /// The verdict (see the module's text).
 pub fn blame(f: &Facts, stall: Duration) -> Blame {
     let stall_ms = stall.as_millis() as u64;
+    let reads_ahead = f.bodyless && f.head_pending == Some(false);
     if let Some(r) = f.owner_read {
-        if r.cookie == f.cookie && f.cookie != 0 {
+        if r.cookie == f.cookie && f.cookie != 0 && !reads_ahead {
             return Blame::Client {
                 stalled: r.idle_ms >= stall_ms,
             };
@@ -95,6 +111,7 @@ pub fn facts(ev: &ConnInfo, current: Option<&ConnInfo>, now_ns: u64) -> Facts {
         head_pending: same.map(|c| c.flags & conn_flag::HEAD_PENDING != 0),
         head_idle_ns: same.map_or(0, |c| now_ns.saturating_sub(c.last_rx_ns)),
         owner_read: owner_read(ev.tgid, ev.tid),
+        bodyless: false,
     }
 }
 
@@ -192,12 +209,16 @@ mod tests {
             head_idle_ms in 0u64..3000,
             owner_read in owner(),
             budget_ms in 1u64..5000,
+            bodyless in any::<bool>(),
         ) {
-            let f = Facts { cookie, head_pending: pending, head_idle_ns: head_idle_ms * 1_000_000, owner_read };
+            let f = Facts { cookie, head_pending: pending, head_idle_ns: head_idle_ms * 1_000_000, owner_read, bodyless };
             let stall = stall_after(Duration::from_millis(budget_ms));
             prop_assert!(stall <= Duration::from_secs(1));
             let b = blame(&f, stall);
-            let own = owner_read.filter(|r| r.cookie == cookie);
+            // A bodyless request whose head is whole is not waiting on its own connection:
+            // a read there is for the next request.
+            let reads_ahead = bodyless && pending == Some(false);
+            let own = owner_read.filter(|r| r.cookie == cookie && !reads_ahead);
             let client = own.is_some() || pending == Some(true);
             prop_assert_eq!(matches!(b, Blame::Client { .. }), client, "{:?}", b);
             if let Blame::Client { stalled } = b {
@@ -234,6 +255,15 @@ mod tests {
             });
             prop_assert_eq!(found, want);
         }
+    }
+
+    #[test]
+    fn methods_without_a_body() {
+        assert!(bodyless(Some("GET /slow")));
+        assert!(bodyless(Some("HEAD /")));
+        assert!(!bodyless(Some("POST /upload")));
+        assert!(!bodyless(Some("PUT /x")));
+        assert!(!bodyless(None));
     }
 
     #[test]

@@ -262,7 +262,10 @@ impl State {
         }
         let current = self.kernel.current(c);
         let restarted = current.is_some_and(|k| k.gen == c.gen && k.start_ns != c.start_ns);
-        let facts = crate::blame::facts(c, current.as_ref(), now);
+        let facts = crate::blame::Facts {
+            bodyless: crate::blame::bodyless(due.about.request.as_deref()),
+            ..crate::blame::facts(c, current.as_ref(), now)
+        };
         let stall = crate::blame::stall_after(due.about.budget);
         (crate::blame::blame(&facts, stall), restarted)
     }
