@@ -84,6 +84,8 @@ pub struct Metrics {
     pub events: Counter,
     pub recovered: Family<WhyLabels, Counter>,
     pub dropped: Family<ReasonLabels, Counter>,
+    /// Action records dropped: the reporter's queues were full (an event stream nobody reads).
+    pub records_dropped: Counter,
     /// 1 while the acting thread runs in the realtime class (SCHED_FIFO).
     pub acting_realtime: Gauge,
     /// Which namespaces keep a label of their own on `actions`.
@@ -112,6 +114,7 @@ impl Metrics {
             events: Counter::default(),
             recovered: Family::default(),
             dropped: Family::default(),
+            records_dropped: Counter::default(),
             acting_realtime: Gauge::default(),
             namespaces: crate::pods::NamespaceLabels::default(),
         };
@@ -164,6 +167,11 @@ impl Metrics {
             "watchdog_connections_dropped",
             "Idle connections dropped from tracking to make room when the table passed its high-water mark",
             m.dropped.clone(),
+        );
+        registry.register(
+            "watchdog_records_dropped",
+            "Action records not written: the event stream or the reporter fell MAX_QUEUED records behind (a stream nobody reads); the actions themselves were taken",
+            m.records_dropped.clone(),
         );
         registry.register(
             "watchdog_acting_thread_realtime",

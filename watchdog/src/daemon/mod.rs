@@ -60,10 +60,12 @@ fn release_load_memory() {
 }
 
 mod acting;
+mod probe;
 mod record;
 mod status_doc;
 mod step;
 mod sweeper;
+mod workers;
 
 pub use record::ActionRecord;
 
@@ -87,7 +89,9 @@ struct State {
     own_pid: u32,
     backstop: Backstop,
     evictor: Evictor,
-    workers: step::Workers,
+    workers: workers::Workers,
+    /// Helper threads for the reads of targets' /proc files and stacks (`probe.rs`).
+    probes: probe::Probes,
     kills: step::KillQueries,
     /// Diagnoses of the current batch, and connection lists kept a little longer.
     diagnoses: diagnose::Cache,
@@ -142,6 +146,7 @@ pub async fn run(
     let reporter = record::Reporter::start(
         open_events(&cfg.events)?,
         step::Accounting::of(&mut metrics),
+        metrics.records_dropped.clone(),
     )?;
     // A second handle on the connection table, for reads off the acting thread (the status
     // document, the backstop's sweeps, kill_query's re-check).
@@ -151,7 +156,16 @@ pub async fn run(
     );
     let (kill_tx, mut kill_rx) = mpsc::unbounded_channel::<step::KillDone>();
     let wake = acting::new_wake()?;
-    let sweeper = sweeper::Sweeper::start(status_reader.clone(), wake.clone())?;
+    let sweeper = sweeper::Sweeper::start(
+        status_reader.clone(),
+        crate::loader::ConnsReader::open(&cfg.state_dir)
+            .context("opening the connection table for eviction")?,
+        sweeper::EvictReport {
+            dropped: metrics.dropped.clone(),
+            max: cfg.max_connections,
+        },
+        wake.clone(),
+    )?;
     let mut st = State {
         kernel,
         cfg: Arc::new(cfg.clone()),
@@ -167,7 +181,8 @@ pub async fn run(
         own_pid: std::process::id(),
         backstop: Backstop::new(0),
         evictor: Evictor::new(cfg.max_connections),
-        workers: step::Workers::default(),
+        workers: workers::Workers::start()?,
+        probes: probe::Probes::default(),
         diagnoses: diagnose::Cache::default(),
         sweeper,
         pidfds: actions::Pidfds::default(),
@@ -305,6 +320,7 @@ impl State {
             *s = labels;
         }
         self.policies = cfg.policies.iter().cloned().map(Arc::new).collect();
+        self.workers.configure(&self.policies);
         for p in &self.policies {
             let mode = cfg.mode_of(p);
             info!(
@@ -500,34 +516,15 @@ impl State {
     }
 
     /// Drops the connections idle longest from tracking once the table passes its high-water
-    /// mark (`evict.rs`). Two counter reads per poll; a table scan only when it is due.
+    /// mark (`evict.rs`). Two counter reads per poll; the table scan and the deletions are the
+    /// sweeper thread's (`sweeper.rs`), never the acting thread's.
     fn evict_if_needed(&mut self) {
         let tracked = self.kernel.counters().tracked();
         if !self.evictor.due(tracked) {
             return;
         }
-        let chosen = self.evictor.choose(&self.kernel.conns());
-        let mut dropped = 0u64;
-        for cookie in chosen {
-            if self.kernel.drop_if_idle(cookie) {
-                dropped += 1;
-            }
-        }
+        self.sweeper.evict(self.evictor, tracked);
         self.evictor.scanned(tracked);
-        if dropped > 0 {
-            self.metrics
-                .dropped
-                .get_or_create(&crate::metrics::ReasonLabels {
-                    reason: "idle".into(),
-                })
-                .inc_by(dropped);
-            warn!(
-                dropped,
-                tracked,
-                max = self.cfg.max_connections,
-                "connection table past its high-water mark: dropped the connections idle longest from tracking"
-            );
-        }
     }
 
     /// The kernel's count of deadline failures the backstop covers.

@@ -20,6 +20,8 @@ pub(super) struct Decided {
     /// The statement as the database server showed it (`kill_query`), for a request whose own
     /// bytes did not say.
     statement: Option<String>,
+    /// Why the diagnosis is missing (its read timed out or was skipped: `probe.rs`).
+    diagnosis_error: Option<String>,
 }
 
 /// A `kill_query` step carried out on its thread: the step, its outcome, when it was done.
@@ -121,34 +123,47 @@ impl State {
         // `STACKS_PER_BATCH` of them: the rest act at once and their records say why they
         // have no stack.
         let start_ns = now_ns();
+        let started = std::time::Instant::now();
         let mut reads = 0;
-        let pending: Vec<Option<crate::stacks::Pending>> = batch
+        let pending: Vec<Option<super::probe::Pending>> = batch
             .iter()
             .map(|due| {
-                let wanted = due.index == 0
-                    && self.cfg.stacks
-                    && due.policy.stacks
-                    && Self::still_valid(&self.kernel, due.key, &due.conn);
-                if !wanted {
+                // The first step of a ladder whose request is still current, of an owner the
+                // safety rules let be acted on: its diagnosis, and its stacks if asked for.
+                if due.index != 0 || !Self::still_valid(&self.kernel, due.key, &due.conn) {
                     return None;
                 }
-                reads += 1;
-                let (pid, tid) = (due.conn.tgid, due.conn.tid);
+                let f = facts.get(due.conn.tgid, due.conn.tid)?;
+                policy::guard(&f, &self.cfg.protect, self.own_pid).ok()?;
                 let late = Duration::from_nanos(start_ns.saturating_sub(due.due_ns));
                 let limit = self.cfg.stack_timeout.saturating_sub(late);
-                let skip = |why| crate::stacks::Pending::skipped(pid, self.cfg.native_stacks, why);
-                Some(if reads > STACKS_PER_BATCH {
-                    skip("skipped: this batch reads no more stacks")
-                } else if limit.is_zero() {
-                    skip("skipped: the action is already stack_timeout past its deadline")
-                } else {
-                    crate::stacks::start(pid, tid, limit, self.cfg.native_stacks)
-                })
+                let native = self.cfg.native_stacks;
+                let stacks = (self.cfg.stacks && due.policy.stacks).then(|| {
+                    reads += 1;
+                    let read = if reads > STACKS_PER_BATCH {
+                        Err("skipped: this batch reads no more stacks")
+                    } else if limit.is_zero() {
+                        Err("skipped: the action is already stack_timeout past its deadline")
+                    } else {
+                        Ok(limit)
+                    };
+                    (read, native)
+                });
+                let python = super::probe::looks_python(&f);
+                Some(self.probes.start(
+                    &f,
+                    due.conn.owner_life,
+                    &cache,
+                    stacks,
+                    limit,
+                    started,
+                    python,
+                ))
             })
             .collect();
         for (due, read) in batch.into_iter().zip(pending) {
-            let stacks = read.map(crate::stacks::Pending::finish);
-            let Some((outcome, decided, at)) = self.run_step(&due, stacks, &mut cache, &mut facts)
+            let probe = read.map(|p| self.probes.finish(p, &mut cache));
+            let Some((outcome, decided, at)) = self.run_step(&due, probe, &mut facts)
             else {
                 continue;
             };
@@ -224,8 +239,7 @@ impl State {
     fn run_step(
         &mut self,
         due: &Due,
-        stacks: Option<crate::stacks::Captured>,
-        cache: &mut diagnose::Cache,
+        probe: Option<super::probe::Probe>,
         facts: &mut process::FactsCache,
     ) -> Option<(Outcome, Decided, u64)> {
         let c = due.conn;
@@ -247,24 +261,17 @@ impl State {
             Action::Signal(_) => actions::pinned(&self.pidfds, due.step.target, c.tgid, c.tid),
             _ => None,
         };
-        let fresh_diagnosis = due.index == 0 && !cache.has(c.tgid, c.tid, c.owner_life);
-        // Read once for the diagnosis and the chain (again after a stack read, which takes
-        // time); the action reads it once more after opening its target (`actions.rs`), unless
-        // it was pinned before this read and nothing slow came between.
+        // Read once for the chain (the diagnosis and stacks were read before, on helper
+        // threads: `probe.rs`); the action reads it once more after opening its target
+        // (`actions.rs`), unless it was pinned before this read: nothing slow comes between.
         let current = valid();
-        let diagnosis = (due.index == 0 && current).then(|| {
-            let cgroup = (!facts.cgroup.is_empty()).then(|| facts.cgroup.clone());
-            diagnose::capture(c.tgid, c.tid, c.owner_life, cgroup, cache)
-        });
-        // The owner's Python stack and native frames, before the first action, within their
-        // time limit. A burst of deadlines reads stacks until the batch's share of time is
-        // spent; the rest act at once (their records say why they have no stack).
-        let captured = stacks.filter(|_| diagnosis.is_some()).unwrap_or_default();
+        let probe = probe.filter(|_| due.index == 0 && current);
+        let probed_from = probe.as_ref().map(|p| p.started_ns);
+        let (diagnosis, diagnosis_error, captured) = match probe {
+            Some(p) => (p.diagnosis, p.diagnosis_error, p.captured),
+            None => (None, None, Default::default()),
+        };
         let (stack, native_stack) = (captured.stack, captured.native);
-        let quick = !(fresh_diagnosis && current)
-            && stack.is_none()
-            && native_stack.is_none()
-            && policy.min_workers.is_none();
         let diagnosed = now_ns();
         let mode = self.cfg.mode_of(policy);
         let workers = &self.workers;
@@ -273,7 +280,7 @@ impl State {
             decide::Inputs {
                 action: due.step.action,
                 mode,
-                still_current: current && (stack.is_none() || valid()),
+                still_current: current,
                 guard: policy::guard(&facts, &self.cfg.protect, self.own_pid),
                 floor: policy
                     .min_workers
@@ -290,9 +297,10 @@ impl State {
             stack,
             native_stack,
             mode,
-            started: now,
+            started: probed_from.unwrap_or(now),
             diagnosed,
             statement: None,
+            diagnosis_error,
         };
         let outcome = match verdict {
             Verdict::Ended => Outcome::Ended,
@@ -301,7 +309,7 @@ impl State {
             Verdict::Observed => Outcome::Observed,
             Verdict::Act => match due.step.action {
                 Action::Signal(sig) => match pin {
-                    Some(pin) if quick => actions::signal_pinned(&mut self.pidfds, pin, sig.0),
+                    Some(pin) => actions::signal_pinned(&mut self.pidfds, pin, sig.0),
                     _ => actions::signal(
                         &mut self.pidfds,
                         due.step.target,
@@ -383,6 +391,7 @@ impl Accounting {
             started: now,
             diagnosed,
             statement,
+            diagnosis_error,
         } = d;
         let c = due.conn;
         let policy = &due.policy;
@@ -431,6 +440,7 @@ impl Accounting {
             diagnosis_ms: diagnosed.saturating_sub(now) as f64 / 1e6,
             mode,
             diagnosis,
+            diagnosis_error,
             stack,
             native_stack,
             namespace: facts.pod.as_ref().map(|n| n.namespace.clone()),
@@ -446,41 +456,3 @@ const BURST_LOG: usize = 64;
 /// The most owners whose stacks one batch reads (a burst of deadlines must not start a
 /// thousand readers); they are read side by side, so the batch waits at most `stack_timeout`.
 const STACKS_PER_BATCH: usize = 8;
-
-/// Live processes a policy's selector covers, for the `min_workers` floor: a scan of /proc,
-/// remembered for `WORKERS_TTL` so a burst of actions scans once, not per action.
-#[derive(Default)]
-pub(super) struct Workers(std::cell::RefCell<HashMap<String, (usize, std::time::Instant)>>);
-
-const WORKERS_TTL: Duration = Duration::from_millis(500);
-
-impl Workers {
-    fn count(&self, policy: &str, sel: &crate::config::Selector) -> usize {
-        let now = std::time::Instant::now();
-        if let Some((n, at)) = self.0.borrow().get(policy) {
-            if now.duration_since(*at) < WORKERS_TTL {
-                return *n;
-            }
-        }
-        let n = count_selected(sel);
-        self.0.borrow_mut().insert(policy.to_string(), (n, now));
-        n
-    }
-
-    /// After an action of `policy` was carried out: its count is stale (a worker may be dying),
-    /// so the next floor check scans again. The floor is never judged on a count from before an
-    /// action.
-    pub(super) fn forget(&self, policy: &str) {
-        self.0.borrow_mut().remove(policy);
-    }
-}
-
-fn count_selected(sel: &crate::config::Selector) -> usize {
-    let Ok(all) = procfs::process::all_processes() else {
-        return 0;
-    };
-    all.filter_map(Result::ok)
-        .filter_map(|p| process::facts(p.pid as u32, p.pid as u32))
-        .filter(|f| !f.kernel_thread && policy::selects(sel, f))
-        .count()
-}

@@ -4,14 +4,36 @@
 //! and ask for it. The acting thread asks (`request`), goes on acting, and takes the result
 //! when the reader thread wakes it (`take`). The requests it hands on are marked ones, whose
 //! deadline is usually still ahead when a read ends: the backstop then waits for it.
+//!
+//! Eviction's table read is this thread's too (`evict`): the acting thread sees the tracked
+//! count pass the high-water mark (two counter reads) and asks; this thread reads the table,
+//! chooses, re-reads and deletes each chosen record if still idle, and counts what it dropped.
+//! An idle-connection flood, which is what triggers eviction, never holds up an action.
 
 use std::{os::fd::OwnedFd, sync::mpsc, thread::JoinHandle};
 
 use super::*;
 use crate::loader::ConnsReader;
 
+/// What the acting thread asks of this thread.
+enum Ask {
+    /// A read of the in-flight entries, for the backstop.
+    Sweep,
+    /// An eviction pass (`evict.rs`), with the tracked count that triggered it.
+    Evict(Evictor, u64),
+}
+
+/// Where eviction reports what it dropped.
+pub(super) struct EvictReport {
+    pub(super) dropped: prometheus_client::metrics::family::Family<
+        crate::metrics::ReasonLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    pub(super) max: u32,
+}
+
 pub(super) struct Sweeper {
-    ask: Option<mpsc::Sender<()>>,
+    ask: Option<mpsc::Sender<Ask>>,
     answers: mpsc::Receiver<(u64, Vec<ConnInfo>)>,
     /// A read is under way; `again`: another was asked for meanwhile.
     pending: bool,
@@ -21,13 +43,23 @@ pub(super) struct Sweeper {
 
 impl Sweeper {
     /// Starts the reader thread; it wakes the acting thread through `wake` when a read is done.
-    pub(super) fn start(reader: Arc<ConnsReader>, wake: Arc<OwnedFd>) -> anyhow::Result<Self> {
-        let (ask, asked) = mpsc::channel::<()>();
+    /// `evictor`: a handle of its own on the table, for deleting.
+    pub(super) fn start(
+        reader: Arc<ConnsReader>,
+        mut evictor: ConnsReader,
+        report: EvictReport,
+        wake: Arc<OwnedFd>,
+    ) -> anyhow::Result<Self> {
+        let (ask, asked) = mpsc::channel::<Ask>();
         let (answer, answers) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("watchdog-sweep".into())
             .spawn(move || {
-                for () in asked {
+                for ask in asked {
+                    if let Ask::Evict(ev, tracked) = ask {
+                        evict(&mut evictor, &ev, tracked, &report);
+                        continue;
+                    }
                     // Taken before the read: a request whose deadline passes during the read
                     // is not yet due by this clock, so the backstop re-reads it alone at once.
                     let at = now_ns();
@@ -60,7 +92,14 @@ impl Sweeper {
             return;
         }
         if let Some(ask) = &self.ask {
-            self.pending = ask.send(()).is_ok();
+            self.pending = ask.send(Ask::Sweep).is_ok();
+        }
+    }
+
+    /// Asks for an eviction pass (`evict.rs`) at `tracked` connections.
+    pub(super) fn evict(&self, evictor: Evictor, tracked: u64) {
+        if let Some(ask) = &self.ask {
+            let _ = ask.send(Ask::Evict(evictor, tracked));
         }
     }
 
@@ -81,5 +120,31 @@ impl Drop for Sweeper {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// Drops the connections idle longest from tracking (`evict.rs`): the whole table read here,
+/// each chosen record re-read and deleted only if still idle.
+fn evict(table: &mut ConnsReader, evictor: &Evictor, tracked: u64, report: &EvictReport) {
+    let conns: Vec<ConnInfo> = table.records().into_iter().map(|r| r.info).collect();
+    let mut dropped = 0u64;
+    for cookie in evictor.choose(&conns) {
+        if table.drop_if_idle(cookie) {
+            dropped += 1;
+        }
+    }
+    if dropped > 0 {
+        report
+            .dropped
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: "idle".into(),
+            })
+            .inc_by(dropped);
+        warn!(
+            dropped,
+            tracked,
+            max = report.max,
+            "connection table past its high-water mark: dropped the connections idle longest from tracking"
+        );
     }
 }

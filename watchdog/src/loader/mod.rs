@@ -379,14 +379,14 @@ impl Kernel {
                 .insert(&LpmKey::new(e.bits, e.data), e.value, 0)
                 .map_err(err)?;
         }
+        // A set difference: one pass over the table, one hash probe per key.
+        let wanted: std::collections::HashSet<(u32, [u8; ROUTE_KEY_DATA])> =
+            entries.iter().map(|e| (e.bits, e.data)).collect();
         let stale: Vec<LpmKey<[u8; ROUTE_KEY_DATA]>> = self
             .routes
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| {
-                let (bits, data) = (k.prefix_len(), k.data());
-                !entries.iter().any(|e| e.bits == bits && e.data == data)
-            })
+            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
             .collect();
         for k in stale {
             self.routes.remove(&k).map_err(err)?;
@@ -439,27 +439,9 @@ impl Kernel {
         self.conns.get(&cookie, 0).ok()
     }
 
-    /// Deletes the connection's record if it is still idle when read again just before (its
-    /// later requests are then not followed: `evict.rs`). True if it was deleted.
-    pub fn drop_if_idle(&mut self, cookie: u64) -> bool {
-        match self.conns.get(&cookie, 0) {
-            Ok(r) if crate::evict::droppable(&r.info) => self.conns.remove(&cookie).is_ok(),
-            _ => false,
-        }
-    }
-
     /// The live task with this tid, if it owned a request and has not exited.
     pub fn task(&self, tid: u32) -> Option<TaskInfo> {
         self.tasks.get(&tid, 0).ok()
-    }
-
-    /// Every tracked connection (one syscall per entry: for status and recovery, not hot paths).
-    pub fn conns(&self) -> Vec<ConnInfo> {
-        self.conns
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(_, r)| r.info)
-            .collect()
     }
 
     /// The kernel's counters, shareable with the metrics collector.
@@ -490,6 +472,14 @@ impl ConnsReader {
     /// One connection's record, as the kernel has it now.
     pub fn get(&self, cookie: u64) -> Option<ConnRecord> {
         self.0.get(&cookie, 0).ok()
+    }
+
+    /// `Kernel::drop_if_idle` through this handle (eviction, on the sweeper thread).
+    pub fn drop_if_idle(&mut self, cookie: u64) -> bool {
+        match self.0.get(&cookie, 0) {
+            Ok(r) if crate::evict::droppable(&r.info) => self.0.remove(&cookie).is_ok(),
+            _ => false,
+        }
     }
 }
 
