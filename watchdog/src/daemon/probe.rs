@@ -119,7 +119,10 @@ impl Probes {
 
     /// Starts the reads for one owner: its diagnosis unless `cache` has it, and its stacks
     /// when `stacks` asks (`Err`: skipped, and why). `limit`: how long the reads may take.
-    #[expect(clippy::too_many_arguments, reason = "one owner's reads, all asked at once")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one owner's reads, all asked at once"
+    )]
     pub(super) fn start(
         &mut self,
         facts: &ProcessFacts,

@@ -163,8 +163,7 @@ impl State {
             .collect();
         for (due, read) in batch.into_iter().zip(pending) {
             let probe = read.map(|p| self.probes.finish(p, &mut cache));
-            let Some((outcome, decided, at)) = self.run_step(&due, probe, &mut facts)
-            else {
+            let Some((outcome, decided, at)) = self.run_step(&due, probe, &mut facts) else {
                 continue;
             };
             if matches!(
