@@ -3,11 +3,7 @@
 
 mod common;
 
-use std::{
-    process::Command,
-    sync::mpsc,
-    time::{Duration, Instant},
-};
+use std::{process::Command, sync::mpsc, time::Duration};
 
 use common::*;
 
@@ -113,6 +109,16 @@ fn a_worker_stuck_on_its_memory_lock_does_not_hold_up_other_actions() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .find(|r| r["port"] == stuck_port)
         .unwrap();
+    let other: Option<serde_json::Value> = read()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["port"] == port);
+    eprintln!(
+        "other server's request cut off after {took:?} (lateness {} ms); stuck worker: lateness {} ms, {}",
+        other.map_or(serde_json::Value::Null, |o| o["lateness_ms"].clone()),
+        rec["lateness_ms"],
+        rec["diagnosis_error"]
+    );
     assert_eq!(rec["result"], "delivered", "{rec}");
     assert!(
         rec["diagnosis_error"]
@@ -121,8 +127,8 @@ fn a_worker_stuck_on_its_memory_lock_does_not_hold_up_other_actions() {
         "{rec}"
     );
     assert!(
-        rec["lateness_ms"].as_f64().unwrap() < 200.0,
-        "the stuck worker's own action waited: {rec}"
+        rec["lateness_ms"].as_f64().unwrap() < 100.0,
+        "the stuck worker's own action waited more than stack_timeout (20 ms) and slack: {rec}"
     );
     // Unstalled, the killed worker finishes dying (its stuck thread was in the kernel).
     fs.release();
@@ -144,6 +150,15 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// Mean enforcement lateness so far and how many it covers, from the daemon's histogram.
+fn lateness(d: &Daemon) -> (f64, f64) {
+    let s = d.scrape();
+    (
+        sum(&s, "watchdog_enforcement_lateness_seconds_sum", &[]),
+        sum(&s, "watchdog_enforcement_lateness_seconds_count", &[]),
+    )
+}
+
 #[test]
 fn an_event_stream_nobody_reads_keeps_memory_flat_and_counts_what_it_drops() {
     require_root();
@@ -162,51 +177,87 @@ fn an_event_stream_nobody_reads_keeps_memory_flat_and_counts_what_it_drops() {
             .open(&fifo)
             .unwrap()
     };
+    // Every request acted on: a breaker that does not trip.
+    let cfg = dir.join("watchdog.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[policy]]\nname = \"usr1\"\nports = [{port}]\nbudget = \"20ms\"\n\
+             signal = \"SIGUSR1\"\ntarget = \"thread\"\n\
+             breaker = {{ max_actions = 100000, window = \"1m\", cooldown = \"1s\" }}\n"
+        ),
+    )
+    .unwrap();
     let d = Daemon::start(&[
-        "--port",
-        &port.to_string(),
-        "--budget",
-        "20ms",
-        "--signal",
-        "SIGUSR1",
-        "--target",
-        "thread",
+        "--stacks",
+        "false",
+        "--config",
+        cfg.to_str().unwrap(),
         "--events",
         fifo.to_str().unwrap(),
     ]);
     let pid = d.proc.pid();
+    // Rounds of 150 keep-alive connections, 8 requests each, every one over budget (SIGUSR1
+    // is blocked in the server: the requests end normally). The reporter's queue holds 4,096
+    // records: it is full during the fourth round.
+    const ROUNDS: usize = 8;
     let mut rss = Vec::new();
-    let mut late = Vec::new();
-    for round in 0..6 {
-        let clients: Vec<_> = (0..100)
+    let mut late_ms = Vec::new();
+    let mut before = lateness(&d);
+    for round in 0..ROUNDS {
+        let clients: Vec<_> = (0..150)
             .map(|_| {
                 std::thread::spawn(move || {
-                    let t = Instant::now();
-                    let _ = http_get(&local(port), "/wait?ms=200", Duration::from_secs(5));
-                    t.elapsed()
+                    let mut s = std::net::TcpStream::connect(local(port)).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    (0..8)
+                        .filter(|_| request(&mut s, "/wait?ms=60").is_ok())
+                        .count()
                 })
             })
             .collect();
-        let took: Vec<Duration> = clients.into_iter().map(|c| c.join().unwrap()).collect();
-        late.push(*took.iter().max().unwrap());
+        let answered: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+        assert_eq!(answered, 1200, "round {round}: requests went unanswered");
+        // Every request of the round handled (acted on, or found ended) and measured.
+        let total = (round as f64 + 1.0) * 1200.0;
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                sum(&d.scrape(), "watchdog_actions_total", &[]) >= total
+            }),
+            "round {round}: {} of {total} deadlines handled",
+            sum(&d.scrape(), "watchdog_actions_total", &[])
+        );
+        let now = lateness(&d);
+        late_ms.push((now.0 - before.0) / (now.1 - before.1) * 1e3);
+        before = now;
         rss.push(rss_kib(pid));
         eprintln!(
-            "round {round}: rss {} KiB, slowest {:?}",
-            rss[round], late[round]
+            "round {round}: rss {} KiB, mean lateness {:.2} ms, records dropped {}",
+            rss[round],
+            late_ms[round],
+            d.metric("watchdog_records_dropped_total", &[])
         );
     }
     let dropped = d.metric("watchdog_records_dropped_total", &[]);
     let acted = sum(&d.scrape(), "watchdog_actions_total", &[]);
-    assert!(acted >= 500.0, "actions taken: {acted}");
+    let delivered = d.metric("watchdog_actions_total", &[("result", "delivered")]);
+    assert!(acted >= (ROUNDS * 1200) as f64, "actions taken: {acted}");
     assert!(
-        dropped > 0.0,
-        "nothing dropped although nobody reads the stream"
+        delivered >= 0.9 * acted,
+        "{delivered} of {acted} delivered: the rest ended first (acted on 40 ms late)"
     );
-    // Flat: the last rounds grow the daemon by less than 4 MiB over the second.
-    assert!(rss[5] < rss[1] + 4096, "rss grew: {rss:?}");
-    // Lateness unchanged: the last round is no slower than the first by much.
+    // What did not fit is counted: at least all but the queue and the pipe's worth.
     assert!(
-        late[5] < late[0] + Duration::from_millis(100),
-        "slower as records piled up: {late:?}"
+        dropped >= acted - 4096.0 - 200.0 && dropped < acted,
+        "{dropped} records dropped of {acted}"
+    );
+    // Flat: once the queue is full (round 4 on), the daemon grows by less than 2 MiB.
+    assert!(rss[ROUNDS - 1] < rss[4] + 2048, "rss grew: {rss:?}");
+    // Lateness unchanged: the rounds with the queue full (4 on) are on average no later than
+    // the rounds before it filled by more than 5 ms.
+    let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len() as f64;
+    assert!(
+        mean(&late_ms[4..]) < mean(&late_ms[..3]) + 5.0,
+        "slower as records piled up: {late_ms:?}"
     );
 }

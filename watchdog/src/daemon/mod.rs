@@ -182,7 +182,7 @@ pub async fn run(
         backstop: Backstop::new(0),
         evictor: Evictor::new(cfg.max_connections),
         workers: workers::Workers::start()?,
-        probes: probe::Probes::default(),
+        probes: probe::Probes::new(cfg.nice),
         diagnoses: diagnose::Cache::default(),
         sweeper,
         pidfds: actions::Pidfds::default(),

@@ -31,9 +31,9 @@ const THREADS: usize = 16;
 const QUEUE: usize = 256;
 /// The least a diagnosis is given, even when its step is already `stack_timeout` late.
 const DIAGNOSIS_MIN: Duration = Duration::from_millis(2);
-/// How much longer than its reads' limit the acting thread waits for an answer: the answer's
-/// trip back.
-const SLACK: Duration = Duration::from_millis(1);
+/// How much sooner than the acting thread stops waiting the stack reads give up: the time
+/// to hand their answer back (a stack that takes its whole limit still arrives, saying so).
+const SLACK: Duration = Duration::from_millis(2);
 
 /// What a helper thread is asked to read about one owner.
 struct Job {
@@ -41,6 +41,8 @@ struct Job {
     tid: u32,
     cgroup: Option<String>,
     connections: Option<Vec<String>>,
+    /// Whether the diagnosis is to be read (the acting thread's cache does not have it).
+    diagnose: bool,
     /// The stacks, read within this limit of `queued` (`Err`: skipped, and why).
     stacks: Option<(Result<Duration, &'static str>, bool)>,
     queued: Instant,
@@ -50,10 +52,11 @@ struct Job {
     done: Arc<AtomicBool>,
 }
 
-/// What came back from a helper thread.
-struct Probed {
-    diagnosis: Arc<diagnose::Diagnosis>,
-    captured: Captured,
+/// What comes back from a helper thread, each as soon as it is read: the diagnosis (cheap
+/// unless the target blocks) does not wait for the stacks, which take up to their limit.
+enum Probed {
+    Diagnosis(Arc<diagnose::Diagnosis>),
+    Stacks(Captured),
 }
 
 /// One step's reads as the acting thread takes them: the diagnosis (or why there is none) and
@@ -83,26 +86,44 @@ pub(super) struct Pending {
 #[derive(Default)]
 pub(super) struct Probes {
     jobs: Option<SyncSender<Job>>,
+    /// The daemon's niceness, taken by each helper thread: a thread started from the realtime
+    /// acting thread would be reset to 0 (`SCHED_RESET_ON_FORK`) and wait behind busy workers
+    /// (11 ms measured behind one spinning Python worker on two cores).
+    nice: i32,
     /// Processes with a read that timed out and is still under way (its `done` flag).
     stuck: HashMap<u32, Arc<AtomicBool>>,
 }
 
 impl Probes {
+    /// The pool, its threads started now (on the caller's thread, not the acting thread).
+    pub(super) fn new(nice: i32) -> Self {
+        let mut p = Self {
+            nice,
+            ..Self::default()
+        };
+        p.jobs();
+        p
+    }
+
     fn jobs(&mut self) -> Option<&SyncSender<Job>> {
         if self.jobs.is_none() {
+            let nice = self.nice;
             let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE);
             let rx = Arc::new(Mutex::new(rx));
             for i in 0..THREADS {
                 let rx = rx.clone();
                 let spawned = std::thread::Builder::new()
                     .name(format!("watchdog-probe{i}"))
-                    .spawn(move || loop {
-                        let job = match rx.lock() {
-                            Ok(rx) => rx.recv(),
-                            Err(_) => return,
-                        };
-                        let Ok(job) = job else { return };
-                        run(job);
+                    .spawn(move || {
+                        set_nice(nice);
+                        loop {
+                            let job = match rx.lock() {
+                                Ok(rx) => rx.recv(),
+                                Err(_) => return,
+                            };
+                            let Ok(job) = job else { return };
+                            run(job);
+                        }
                     });
                 if let Err(e) = spawned {
                     warn!(error = %e, "starting a diagnosis thread");
@@ -136,7 +157,7 @@ impl Probes {
         let (pid, tid) = (facts.pid, facts.tid);
         self.stuck.retain(|_, done| !done.load(Ordering::Acquire));
         let cached = cache.get(pid, tid, life);
-        let until = now + limit.max(DIAGNOSIS_MIN) + SLACK;
+        let until = now + limit.max(DIAGNOSIS_MIN);
         let mut p = Pending {
             rx: Err(""),
             until,
@@ -154,13 +175,15 @@ impl Probes {
             return p;
         }
         let done = Arc::new(AtomicBool::new(false));
-        let (reply, rx) = mpsc::sync_channel(1);
+        let (reply, rx) = mpsc::sync_channel(2);
         let job = Job {
             pid,
             tid,
             cgroup: (!facts.cgroup.is_empty()).then(|| facts.cgroup.clone()),
             connections: cache.connections_of(pid),
-            stacks: stacks.map(|(s, native)| (s.map(|l| l.min(limit)), native)),
+            diagnose: cached.is_none(),
+            stacks: stacks
+                .map(|(s, native)| (s.map(|l| l.min(limit).saturating_sub(SLACK)), native)),
             queued: now,
             give_up: until,
             reply,
@@ -180,39 +203,44 @@ impl Probes {
 
     /// What one owner's reads found by their time limit; the diagnosis is kept in `cache`.
     pub(super) fn finish(&mut self, p: Pending, cache: &mut diagnose::Cache) -> Probe {
-        let left = p.until.saturating_duration_since(Instant::now());
-        let got = match &p.rx {
-            Ok(rx) => rx.recv_timeout(left).map_err(|e| match e {
-                mpsc::RecvTimeoutError::Timeout => {
-                    if let Some(done) = &p.done {
-                        self.stuck.insert(p.key.0, done.clone());
+        let mut diagnosis = p.cached.clone();
+        let mut captured = None;
+        let why = match &p.rx {
+            Ok(rx) => loop {
+                if diagnosis.is_some() && (p.stacks.is_none() || captured.is_some()) {
+                    break None;
+                }
+                let left = p.until.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(Probed::Diagnosis(d)) => {
+                        let (pid, tid, life) = p.key;
+                        cache.remember(pid, tid, life, d.clone());
+                        diagnosis = Some(d);
                     }
-                    "timed out: the process did not answer within stack_timeout (its /proc files blocked)"
+                    Ok(Probed::Stacks(c)) => captured = Some(c),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if let Some(done) = &p.done {
+                            self.stuck.insert(p.key.0, done.clone());
+                        }
+                        break Some("timed out: the process did not answer within stack_timeout (its /proc files blocked)");
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        break Some("failed: the diagnosis thread ended")
+                    }
                 }
-                mpsc::RecvTimeoutError::Disconnected => "failed: the diagnosis thread ended",
-            }),
-            Err(why) => Err(*why),
-        };
-        match got {
-            Ok(probed) => {
-                let (pid, tid, life) = p.key;
-                cache.remember(pid, tid, life, probed.diagnosis.clone());
-                Probe {
-                    started_ns: p.started_ns,
-                    diagnosis: Some(p.cached.unwrap_or(probed.diagnosis)),
-                    diagnosis_error: None,
-                    captured: probed.captured,
-                }
-            }
-            Err(why) => Probe {
-                started_ns: p.started_ns,
-                diagnosis_error: p.cached.is_none().then(|| why.to_string()),
-                diagnosis: p.cached,
-                captured: p
-                    .stacks
-                    .map(|(python, native)| without_stacks(python, native, why))
-                    .unwrap_or_default(),
             },
+            Err(why) => Some(*why),
+        };
+        let why = why.unwrap_or("not read");
+        Probe {
+            started_ns: p.started_ns,
+            diagnosis_error: diagnosis.is_none().then(|| why.to_string()),
+            diagnosis,
+            captured: captured.unwrap_or_else(|| {
+                p.stacks
+                    .map(|(python, native)| without_stacks(python, native, why))
+                    .unwrap_or_default()
+            }),
         }
     }
 }
@@ -245,29 +273,27 @@ pub(super) fn looks_python(facts: &ProcessFacts) -> bool {
         .is_some_and(|n| n.starts_with("python"))
 }
 
-/// On a helper thread: the reads of one job, unless the acting thread gave up on it already.
+/// On a helper thread: the reads of one job, unless the acting thread gave up on it already;
+/// each answer is sent as soon as it is read.
 fn run(job: Job) {
     if Instant::now() < job.give_up {
-        let diagnosis = Arc::new(diagnose::read(
-            job.pid,
-            job.tid,
-            job.cgroup,
-            job.connections,
-        ));
+        if job.diagnose {
+            let d = diagnose::read(job.pid, job.tid, job.cgroup, job.connections);
+            let _ = job.reply.try_send(Probed::Diagnosis(Arc::new(d)));
+        }
         let captured = match job.stacks {
-            None => Captured::default(),
+            None => None,
             Some((Ok(limit), native)) => {
                 let left = limit.saturating_sub(job.queued.elapsed());
-                crate::stacks::start(job.pid, job.tid, left, native).finish()
+                Some(crate::stacks::start(job.pid, job.tid, left, native).finish())
             }
             Some((Err(why), native)) => {
-                crate::stacks::Pending::skipped(job.pid, native, why).finish()
+                Some(crate::stacks::Pending::skipped(job.pid, native, why).finish())
             }
         };
-        let _ = job.reply.try_send(Probed {
-            diagnosis,
-            captured,
-        });
+        if let Some(c) = captured {
+            let _ = job.reply.try_send(Probed::Stacks(c));
+        }
     }
     job.done.store(true, Ordering::Release);
 }
