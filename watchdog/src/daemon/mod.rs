@@ -141,7 +141,11 @@ pub async fn run(
     let status = api::bind_status(&cfg.status_socket)
         .with_context(|| format!("binding the status socket {}", cfg.status_socket.display()))?;
     let (status_tx, mut status_rx) = mpsc::channel::<StatusRequest>(8);
-    let status_task = tokio::spawn(api::serve_status(status, status_tx));
+    let status_task = tokio::spawn(api::serve_status(
+        status,
+        status_tx,
+        metrics.status_accept_errors.clone(),
+    ));
 
     let reporter = record::Reporter::start(
         open_events(&cfg.events)?,

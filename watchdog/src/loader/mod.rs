@@ -56,7 +56,7 @@ pub enum LoadError {
     #[error("choosing the kernel probe set")]
     ProbeSet(#[source] kernel_btf::BtfError),
     /// No cgroup v2 hierarchy could be found or mounted.
-    #[error("no cgroup v2 hierarchy is mounted and mounting one at {path} failed: {source}")]
+    #[error("no cgroup v2 hierarchy is mounted and mounting one at {path} failed")]
     NoCgroup2 {
         path: PathBuf,
         #[source]
