@@ -423,6 +423,9 @@ pub fn reset(conn: &ConnInfo, still_valid: impl FnOnce() -> bool) -> Outcome {
 /// `SO_COOKIE`: the socket's cookie, the connection's identity in the kernel tables.
 const SO_COOKIE: libc::c_int = 57;
 
+/// The most of the owner's sockets `shutdown_in_owner` looks at.
+const MAX_WALK: usize = 4096;
+
 /// Shuts the connection down through a duplicate of the owner's descriptor of it, found by its
 /// socket cookie among the owner's sockets: the exact connection, in whatever namespace.
 fn shutdown_in_owner(conn: &ConnInfo) -> Outcome {
@@ -430,7 +433,8 @@ fn shutdown_in_owner(conn: &ConnInfo) -> Outcome {
         Ok(fd) => fd,
         Err(e) => return gone_or_failed(e),
     };
-    for fd in crate::diagnose::socket_fds(conn.tgid) {
+    // Bounded: a server holding a million sockets is not walked on the acting thread.
+    for fd in crate::diagnose::socket_fds(conn.tgid).take(MAX_WALK) {
         // SAFETY: plain syscall; on success the return value is a new descriptor we own.
         let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
         if dup < 0 {
@@ -505,6 +509,21 @@ fn sock_destroy(conn: &ConnInfo) -> io::Result<()> {
     }
     // SAFETY: fd is ours.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // The acting thread waits at most this long for the kernel's answer.
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: setsockopt with a timeval we own and its size.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::addr_of!(timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
     // SAFETY: sending a fully initialised #[repr(C)] struct of the stated length.
     let sent = unsafe {
         libc::send(

@@ -38,7 +38,7 @@ pub fn run(config: Option<&Path>, config_only: bool, probes: Option<Probes>) -> 
                     r.add(false, false, "harmful signal", w.to_string());
                 }
             }
-            Err(e) => r.add(true, false, "config", e.to_string()),
+            Err(e) => r.add(true, false, "config", crate::error_chain(&e)),
         },
         None => r.add(
             false,

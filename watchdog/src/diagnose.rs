@@ -69,57 +69,64 @@ impl Cache {
     }
 
     /// Is this thread's diagnosis read already (`life`: its `TASKS` life stamp)?
+    #[cfg(test)]
     pub fn has(&self, pid: u32, tid: u32, life: u64) -> bool {
         self.threads.contains_key(&(pid, tid, life))
     }
 
-    fn connections(&mut self, pid: u32) -> Vec<String> {
+    /// This process's connection list, if read within `CONNECTIONS_TTL`.
+    pub fn connections_of(&self, pid: u32) -> Option<Vec<String>> {
+        self.procs.get(&pid).map(|(_, c)| c.clone())
+    }
+
+    /// A diagnosis read elsewhere (`read`, on a helper thread): kept for this thread and its
+    /// process's connection list for the process.
+    pub fn remember(&mut self, pid: u32, tid: u32, life: u64, d: Arc<Diagnosis>) {
+        let now = std::time::Instant::now();
         self.procs
             .entry(pid)
-            .or_insert_with(|| {
-                let mut c: Vec<String> = match crate::actions::pidfd_open(pid, 0) {
-                    Ok(pidfd) => socket_fds(pid)
-                        .filter_map(|fd| tcp_socket(&pidfd, fd))
-                        .filter(|s| s.state != "LISTEN")
-                        .map(|s| s.to_string())
-                        .take(MAX_CONNECTIONS)
-                        .collect(),
-                    Err(_) => Vec::new(),
-                };
-                c.sort();
-                (std::time::Instant::now(), c)
-            })
-            .1
-            .clone()
+            .or_insert_with(|| (now, d.connections.clone()));
+        self.threads.insert((pid, tid, life), (now, d));
     }
+
+    /// This thread's diagnosis, if read within `THREAD_TTL`.
+    pub fn get(&self, pid: u32, tid: u32, life: u64) -> Option<Arc<Diagnosis>> {
+        self.threads.get(&(pid, tid, life)).map(|(_, d)| d.clone())
+    }
+}
+
+/// The process's TCP connections other than listening sockets (at most `MAX_CONNECTIONS`).
+fn list_connections(pid: u32) -> Vec<String> {
+    let mut c: Vec<String> = match crate::actions::pidfd_open(pid, 0) {
+        Ok(pidfd) => socket_fds(pid)
+            .filter_map(|fd| tcp_socket(&pidfd, fd))
+            .filter(|s| s.state != "LISTEN")
+            .map(|s| s.to_string())
+            .take(MAX_CONNECTIONS)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    c.sort();
+    c
 }
 
 /// At most this many of a process's connections are listed.
 const MAX_CONNECTIONS: usize = 32;
 
-/// Captures the diagnosis of thread `tid` of process `pid`. Missing pieces stay empty.
+/// Reads the diagnosis of thread `tid` of process `pid`. Missing pieces stay empty.
 ///
-/// It runs before the first action, so it reads only what is cheap (about 0.2 ms in all):
-/// `stat` rather than `status` for the state, and the cgroup path the caller already has.
-/// Shared, not copied: a burst of requests owned by one thread (an event loop) takes one read
-/// and one allocation.
-pub fn capture(
+/// It reads only what is cheap (about 0.2 ms in all): `stat` rather than `status` for the
+/// state, and the cgroup path the caller already has; `connections`, when the caller has the
+/// process's list already. Some of these files take the target's memory lock
+/// (`/proc/PID/cmdline`): a target stuck in a page fault with a thread waiting to unmap blocks
+/// this read, so it runs on a helper thread under a time limit, never on the acting thread
+/// (`daemon/probe.rs`).
+pub fn read(
     pid: u32,
     tid: u32,
-    life: u64,
     cgroup: Option<String>,
-    cache: &mut Cache,
-) -> Arc<Diagnosis> {
-    if let Some((_, d)) = cache.threads.get(&(pid, tid, life)) {
-        return d.clone();
-    }
-    let d = Arc::new(capture_now(pid, tid, cgroup, cache));
-    let now = std::time::Instant::now();
-    cache.threads.insert((pid, tid, life), (now, d.clone()));
-    d
-}
-
-fn capture_now(pid: u32, tid: u32, cgroup: Option<String>, cache: &mut Cache) -> Diagnosis {
+    connections: Option<Vec<String>>,
+) -> Diagnosis {
     let task = format!("/proc/{pid}/task/{tid}");
     let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
     let thread_state = thread_state(&read(&format!("{task}/stat")));
@@ -139,7 +146,7 @@ fn capture_now(pid: u32, tid: u32, cgroup: Option<String>, cache: &mut Cache) ->
         };
         Some(format!("{verb} {} (fd {fd}, local {})", s.remote?, s.local))
     });
-    let connections = cache.connections(pid);
+    let connections = connections.unwrap_or_else(|| list_connections(pid));
     Diagnosis {
         thread_state,
         syscall,
@@ -555,7 +562,7 @@ mod tests {
         let tid = unsafe { libc::gettid() } as u32;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let _c = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let d = capture(pid, tid, 0, None, &mut Cache::default());
+        let d = read(pid, tid, None, None);
         assert_eq!(d.thread_state, "R (running)");
         assert_eq!(Some(d.cgroup.clone()), process::cgroup_path(pid));
         assert!(!d.cmdline.is_empty());
@@ -598,16 +605,17 @@ mod tests {
     }
 
     #[test]
-    fn a_thread_is_read_once_per_life_stamp_for_a_few_milliseconds() {
+    fn a_thread_is_kept_once_per_life_stamp_for_a_few_milliseconds() {
         let pid = std::process::id();
         let mut cache = Cache::default();
-        let a = capture(pid, pid, 7, None, &mut cache);
+        let a = Arc::new(read(pid, pid, None, None));
+        cache.remember(pid, pid, 7, a.clone());
         cache.next_batch();
         assert!(cache.has(pid, pid, 7), "kept for the next batch");
-        assert!(Arc::ptr_eq(&a, &capture(pid, pid, 7, None, &mut cache)));
+        assert!(Arc::ptr_eq(&a, &cache.get(pid, pid, 7).unwrap()));
+        assert_eq!(cache.connections_of(pid), Some(a.connections.clone()));
         // Another life stamp is another task, even with the same tid.
         assert!(!cache.has(pid, pid, 8));
-        assert!(!Arc::ptr_eq(&a, &capture(pid, pid, 8, None, &mut cache)));
         std::thread::sleep(THREAD_TTL + std::time::Duration::from_millis(1));
         cache.next_batch();
         assert!(!cache.has(pid, pid, 7), "read afresh after THREAD_TTL");

@@ -53,16 +53,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// "outer: inner: innermost", without backtraces.
+/// "outer: inner: innermost", without backtraces. Each error's message leaves its source out
+/// (thiserror `#[source]`, or `transparent`), so each part appears once.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
+        s.push_str(": ");
+        s.push_str(&c.to_string());
         cur = c.source();
     }
     s

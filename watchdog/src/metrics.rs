@@ -86,6 +86,10 @@ pub struct Metrics {
     pub events: Counter,
     pub recovered: Family<WhyLabels, Counter>,
     pub dropped: Family<ReasonLabels, Counter>,
+    /// Action records dropped: the reporter's queues were full (an event stream nobody reads).
+    pub records_dropped: Counter,
+    /// Failed accepts on the status socket (descriptors exhausted), each followed by a pause.
+    pub status_accept_errors: Counter,
     /// 1 while the acting thread runs in the realtime class (SCHED_FIFO).
     pub acting_realtime: Gauge,
     /// Which namespaces keep a label of their own on `actions`.
@@ -115,6 +119,8 @@ impl Metrics {
             events: Counter::default(),
             recovered: Family::default(),
             dropped: Family::default(),
+            records_dropped: Counter::default(),
+            status_accept_errors: Counter::default(),
             acting_realtime: Gauge::default(),
             namespaces: crate::pods::NamespaceLabels::default(),
         };
@@ -172,6 +178,16 @@ impl Metrics {
             "watchdog_connections_dropped",
             "Connections dropped from tracking to make room when the table passed its high-water mark, by reason: unselected (no policy selects the owner), over_quota (beyond its workload's share), idle",
             m.dropped.clone(),
+        );
+        registry.register(
+            "watchdog_records_dropped",
+            "Action records not written: the event stream or the reporter fell MAX_QUEUED records behind (a stream nobody reads); the actions themselves were taken",
+            m.records_dropped.clone(),
+        );
+        registry.register(
+            "watchdog_status_accept_errors",
+            "Failed accepts on the status socket (descriptors exhausted); each waits 50 ms before the next",
+            m.status_accept_errors.clone(),
         );
         registry.register(
             "watchdog_acting_thread_realtime",

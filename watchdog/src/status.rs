@@ -1,6 +1,11 @@
 //! `watchdog status`: reads the daemon's status socket and prints it.
 
-use std::{io::Read, os::unix::net::UnixStream, path::Path};
+use std::{
+    fmt::Write as _,
+    io::{Read, Write as _},
+    os::unix::net::UnixStream,
+    path::Path,
+};
 
 use anyhow::Context as _;
 
@@ -14,8 +19,7 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
     let mut doc = String::new();
     s.read_to_string(&mut doc).context("reading the status")?;
     if json {
-        print!("{doc}");
-        return Ok(());
+        return emit(&doc);
     }
     let v: serde_json::Value =
         serde_json::from_str(&doc).context("the daemon sent something that is not JSON")?;
@@ -35,9 +39,11 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join("/")
     };
-    println!("POLICIES");
+    let mut out = String::new();
+    writeln!(out, "POLICIES")?;
     for p in v["policies"].as_array().into_iter().flatten() {
-        println!(
+        writeln!(
+            out,
             "  {:<16} ports {:<14} budget {:>7}ms  mode {:<8} steps {}",
             s(p, "name"),
             s(p, "ports"),
@@ -51,10 +57,11 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
                     .collect::<Vec<_>>()
                     .join(" → "))
                 .unwrap_or_default()
-        );
+        )?;
     }
     let c = &v["connections"];
-    println!(
+    writeln!(
+        out,
         "CONNECTIONS  tracked {}  upgraded (no longer tracked for requests) {}  by protocol {}",
         s(c, "tracked"),
         s(c, "upgraded"),
@@ -66,18 +73,20 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join(", "))
             .unwrap_or_default()
-    );
-    println!("IN FLIGHT");
-    println!(
+    )?;
+    writeln!(out, "IN FLIGHT")?;
+    writeln!(
+        out,
         "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  {:<12} {:<16} {:<16} REQUEST",
         "PORT", "PID", "TID", "COMM", "PEER", "AGE_MS", "BUDGET_MS", "POLICY", "ROUTE", "POD"
-    );
+    )?;
     for r in v["in_flight"].as_array().into_iter().flatten() {
         let budget = match r["budget_ms"].as_u64() {
             Some(b) => b.to_string(),
             None => "off".into(),
         };
-        println!(
+        writeln!(
+            out,
             "  {:>6} {:>8} {:>8} {:<16} {:<22} {:>9} {:>9}  {:<12} {:<16} {:<16} {}",
             s(r, "port"),
             s(r, "pid"),
@@ -90,11 +99,12 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
             s(r, "route"),
             pod(r),
             r["request"].as_str().unwrap_or("-")
-        );
+        )?;
     }
-    println!("RECENT ACTIONS");
+    writeln!(out, "RECENT ACTIONS")?;
     for a in v["recent_actions"].as_array().into_iter().flatten() {
-        println!(
+        writeln!(
+            out,
             "  {:<12} {:<10} pid {:<8} tid {:<8} {:<10} {:<11} after {}ms (lateness {:.2}ms)  {} [{}] {}",
             s(a, "policy"),
             s(a, "action"),
@@ -107,12 +117,25 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
             a["request"].as_str().unwrap_or("-"),
             s(a, "route"),
             pod(a)
-        );
+        )?;
         for line in stack_lines(a) {
-            println!("      {line}");
+            writeln!(out, "      {line}")?;
         }
     }
-    Ok(())
+    emit(&out)
+}
+
+/// Writes `text` to standard output. A reader that went away (`watchdog status | head`) is not
+/// an error: the rest is not wanted, and the command ends quietly.
+fn emit(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("writing the status"),
+    }
 }
 
 /// The innermost frames of an action's Python stack and native stack, one line each.

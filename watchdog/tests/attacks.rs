@@ -345,24 +345,54 @@ fn an_idle_connection_flood_on_a_watched_port_leaves_room_for_a_fresh_request() 
         d.metric("watchdog_tracked_connections", &[])
             + d.metric("watchdog_map_evictions_total", &[("table", "connections")])
     };
-    let saw_all = (0..100).any(|_| {
-        std::thread::sleep(Duration::from_millis(20));
-        seen() >= 100.0
-    });
-    let dropped = d.wait_metric(
+    let saw_all = wait_until(Duration::from_secs(2), || seen() >= 100.0);
+    let dropped_first = d.wait_metric(
         "watchdog_connections_dropped_total",
         &[("reason", "idle")],
         1.0,
         Duration::from_secs(3),
     );
-    let full = d.metric("watchdog_map_evictions_total", &[("table", "connections")]);
+    // The flood goes on while the over-budget request runs: 5 more idle connections every
+    // 50 ms, so that the table passes its high-water mark (57) at every eviction poll (100 ms)
+    // and eviction runs (on the sweeper thread) through the request's whole budget and its
+    // action; each pass leaves room (down to 48 of 64) for the next 100 ms of the flood and
+    // the fresh request.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(Ordering::Relaxed) && held.len() < 1000 {
+                for _ in 0..5 {
+                    if let Ok(s) = TcpStream::connect(local(port)) {
+                        held.push(s);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            held
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let before = d.metric("watchdog_connections_dropped_total", &[("reason", "idle")]);
     let took = slow_request_ends(port);
+    let after = d.metric("watchdog_connections_dropped_total", &[("reason", "idle")]);
+    stop.store(true, Ordering::Relaxed);
+    let more = flood.join().unwrap();
     let late = lateness_ms(&d);
+    let full = d.metric("watchdog_map_evictions_total", &[("table", "connections")]);
     println!(
-        "idle flood: 100 idle connections on a 64-entry table; {full} refused while full, {dropped} idle ones dropped from tracking; a fresh over-budget request ended after {took:?}, action {late:.2} ms late"
+        "idle flood: {} idle connections on a 64-entry table; {full} refused while full, {dropped_first} idle ones dropped before the request, {} while it ran; the over-budget request ended after {took:?}, action {late:.2} ms late",
+        100 + more.len(),
+        after - before
     );
     assert!(saw_all, "the kernel saw {} of the 100 connections", seen());
-    assert!(dropped >= 1.0, "no idle connection was dropped");
+    assert!(dropped_first >= 1.0, "no idle connection was dropped");
+    assert!(
+        after - before >= 30.0,
+        "eviction did not run while the request was in flight: {} dropped",
+        after - before
+    );
     on_time(took, late);
     assert!(d.metric("watchdog_requests_total", &[("port", &p)]) >= 1.0);
     drop(idle);

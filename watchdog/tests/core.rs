@@ -209,9 +209,35 @@ fn idle_connection_longer_than_the_budget_is_untouched() {
     let d = Daemon::start(&["--port", &port.to_string(), "--budget", "500ms"]);
     let mut conn = TcpStream::connect(local(port)).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    std::thread::sleep(Duration::from_millis(1200));
+    // A first request arms the connection's timer for its deadline; it ends at once, and the
+    // connection then idles well past the budget.
     assert!(request(&mut conn, "/fast").unwrap().starts_with("fast"));
+    let idle_since = std::time::Instant::now();
+    // The timer was live: it fired 500 ms later on the idle connection and found no request
+    // in flight (a daemon whose timers never ran would pass the rest of this test).
+    assert_eq!(
+        d.wait_metric(
+            "watchdog_kernel_deadlines_total",
+            &[("result", "already_ended")],
+            1.0,
+            Duration::from_secs(2)
+        ),
+        1.0,
+        "the first request's timer never fired on the idle connection"
+    );
+    assert!(idle_since.elapsed() >= Duration::from_millis(400));
+    std::thread::sleep(Duration::from_millis(1200).saturating_sub(idle_since.elapsed()));
+    assert!(request(&mut conn, "/fast").unwrap().starts_with("fast"));
+    let p = port.to_string();
+    assert_eq!(d.metric("watchdog_requests_total", &[("port", &p)]), 2.0);
     assert_eq!(d.metric("watchdog_tracked_connections", &[]), 1.0);
+    assert_eq!(
+        d.metric(
+            "watchdog_kernel_deadlines_total",
+            &[("result", "in_flight")]
+        ),
+        0.0
+    );
     assert_eq!(d.metric("watchdog_actions_total", &[]), 0.0);
 }
 
@@ -320,6 +346,33 @@ fn status_lists_an_in_flight_request_with_its_owner() {
     assert_eq!(reqs[0]["comm"], "python3");
     assert_eq!(reqs[0]["budget_ms"], 30000);
     assert!(reqs[0]["age_ms"].as_u64().unwrap() >= 250);
+    // `watchdog status | head -3`: the reader is gone before the table is written. The command
+    // ends quietly, whatever it could not write (a reader that closed first makes every write
+    // fail with EPIPE, however short the text).
+    for json in [false, true] {
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+        drop(read_end);
+        let mut cmd = Command::new(BIN);
+        cmd.args(["status", "--status-socket"])
+            .arg(d.status_socket());
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd
+            .stdout(std::process::Stdio::from(write_end))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "status (json {json}) into a closed pipe: {:?} {err}",
+            out.status
+        );
+        assert!(
+            err.is_empty(),
+            "status (json {json}) into a closed pipe said: {err}"
+        );
+    }
 }
 
 #[test]

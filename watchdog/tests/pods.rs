@@ -235,6 +235,14 @@ fn records(events: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The event record of the action on `port`, waited for: the stream has a writer thread of
+/// its own, so the line can follow the metric that counted the action.
+fn record_for(events: &Path, port: u16) -> Option<serde_json::Value> {
+    let find = || records(events).into_iter().find(|r| r["port"] == port);
+    wait_until(Duration::from_secs(2), || find().is_some());
+    find()
+}
+
 #[test]
 fn namespace_pod_and_container_names_select_and_protect_pods_as_they_come_and_go() {
     require_root();
@@ -320,10 +328,7 @@ fn namespace_pod_and_container_names_select_and_protect_pods_as_they_come_and_go
         Duration::from_secs(2),
     );
     assert_eq!(acted, 1.0);
-    let rec = records(&events)
-        .into_iter()
-        .find(|r| r["port"] == api.port)
-        .expect("an action record for the pod");
+    let rec = record_for(&events, api.port).expect("an action record for the pod");
     assert_eq!(rec["namespace"], "payments", "{rec}");
     assert_eq!(rec["pod"], "api-7d9f8-x2x4q", "{rec}");
     assert_eq!(rec["container"], "app", "{rec}");
@@ -343,10 +348,7 @@ fn namespace_pod_and_container_names_select_and_protect_pods_as_they_come_and_go
         Duration::from_secs(2),
     );
     assert_eq!(refused, 1.0, "{}", d.log_text());
-    let rec = records(&events)
-        .into_iter()
-        .find(|r| r["port"] == web.port)
-        .expect("a refusal record for the protected pod");
+    let rec = record_for(&events, web.port).expect("a refusal record for the protected pod");
     assert_eq!(rec["detail"], "refused_protected", "{rec}");
     assert_eq!(
         (&rec["namespace"], &rec["pod"], &rec["container"]),

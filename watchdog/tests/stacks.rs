@@ -45,12 +45,19 @@ fn stuck(port: u16, path: &'static str) -> (serde_json::Value, serde_json::Value
     }
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["result"], "delivered", "{}", lines[0]);
-    let record: serde_json::Value = std::fs::read_to_string(&events)
-        .unwrap()
-        .lines()
-        .next()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .expect("an event record");
+    // The event stream has a writer thread of its own: its line may follow the log's.
+    let first = || {
+        std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    };
+    assert!(
+        wait_until(Duration::from_secs(2), || first().is_some()),
+        "no event record"
+    );
+    let record = first().unwrap();
     println!("record: {record}");
     // `watchdog status` shows the innermost frames of both stacks under the action.
     let out = Command::new(BIN)
@@ -342,8 +349,10 @@ fn a_c_server_has_named_frames_and_a_stripped_copy_says_why_it_has_none() {
             );
             assert!(own.iter().any(|f| f["function"] == "main"), "{own:?}");
         }
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(!server.alive(), "the action still happened");
+        assert!(
+            wait_until(Duration::from_secs(2), || !server.alive()),
+            "the action still happened"
+        );
     }
 }
 
@@ -367,6 +376,8 @@ fn a_stack_that_cannot_be_read_is_said_and_the_action_still_happens() {
         .as_array()
         .unwrap()
         .is_empty());
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(!server.alive(), "the action still happened");
+    assert!(
+        wait_until(Duration::from_secs(2), || !server.alive()),
+        "the action still happened"
+    );
 }

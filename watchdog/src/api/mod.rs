@@ -80,11 +80,27 @@ pub fn bind_status(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// How long the status socket waits after a failed accept before it tries again.
+const STATUS_ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Answers each connection on the status socket with one JSON document from the event loop.
-pub async fn serve_status(listener: UnixListener, tx: mpsc::Sender<StatusRequest>) {
+/// A failed accept (EMFILE/ENFILE: the connection stays in the backlog, so retrying at once
+/// would spin the event loop) is counted in `errors` and waits `STATUS_ACCEPT_BACKOFF`.
+pub async fn serve_status(
+    listener: UnixListener,
+    tx: mpsc::Sender<StatusRequest>,
+    errors: prometheus_client::metrics::counter::Counter,
+) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        let mut stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                if errors.inc() == 0 {
+                    tracing::warn!(error = %e, "status socket: accept failed; backing off (counted in watchdog_status_accept_errors_total)");
+                }
+                tokio::time::sleep(STATUS_ACCEPT_BACKOFF).await;
+                continue;
+            }
         };
         // Only root may ask (the socket mode already says so; this also covers a chmod).
         match stream.peer_cred() {

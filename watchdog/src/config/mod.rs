@@ -28,8 +28,9 @@ pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Errors of reading and validating a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
+    /// The file could not be read (the reason is the source, not part of this message: an
+    /// error chain prints each once).
+    #[error("{path}")]
     Read {
         path: PathBuf,
         #[source]

@@ -6,7 +6,7 @@ use std::{io, path::Path};
 /// Why a password file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum PasswordError {
-    #[error("{0}")]
+    #[error(transparent)]
     Read(#[from] io::Error),
     #[error("is not UTF-8")]
     NotUtf8,

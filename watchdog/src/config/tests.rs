@@ -584,3 +584,24 @@ fn a_group_writable_or_foreign_config_file_is_refused_with_its_path() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_unreadable_file_names_the_path_and_its_reason_once() {
+    let path = std::env::temp_dir().join("watchdog-no-such-config.toml");
+    let e = Config::load(&path).unwrap_err();
+    let io = std::io::Error::from(std::io::ErrorKind::NotFound).to_string();
+    let chain = crate::error_chain(&e);
+    assert_eq!(
+        e.to_string(),
+        path.display().to_string(),
+        "the message leaves the source out"
+    );
+    assert!(
+        chain.starts_with(&format!("{}: ", path.display())),
+        "{chain}"
+    );
+    assert_eq!(chain.matches("No such file").count(), 1, "{chain} ({io})");
+    // Through anyhow, as the reload log prints it (`{e:#}`): once too.
+    let a = format!("{:#}", anyhow::Error::from(e));
+    assert_eq!(a.matches("No such file").count(), 1, "{a}");
+}

@@ -60,10 +60,12 @@ fn release_load_memory() {
 }
 
 mod acting;
+mod probe;
 mod record;
 mod status_doc;
 mod step;
 mod sweeper;
+mod workers;
 
 pub use record::ActionRecord;
 
@@ -88,7 +90,9 @@ struct State {
     own_pid: u32,
     backstop: Backstop,
     evictor: Evictor,
-    workers: step::Workers,
+    workers: workers::Workers,
+    /// Helper threads for the reads of targets' /proc files and stacks (`probe.rs`).
+    probes: probe::Probes,
     kills: step::KillQueries,
     /// Diagnoses of the current batch, and connection lists kept a little longer.
     diagnoses: diagnose::Cache,
@@ -142,11 +146,16 @@ pub async fn run(
     let status = api::bind_status(&cfg.status_socket)
         .with_context(|| format!("binding the status socket {}", cfg.status_socket.display()))?;
     let (status_tx, mut status_rx) = mpsc::channel::<StatusRequest>(8);
-    let status_task = tokio::spawn(api::serve_status(status, status_tx));
+    let status_task = tokio::spawn(api::serve_status(
+        status,
+        status_tx,
+        metrics.status_accept_errors.clone(),
+    ));
 
     let reporter = record::Reporter::start(
         record::open_events(&cfg.events)?,
         step::Accounting::of(&mut metrics),
+        metrics.records_dropped.clone(),
     )?;
     // A second handle on the connection table, for reads off the acting thread (the status
     // document, the backstop's sweeps, kill_query's re-check).
@@ -156,7 +165,16 @@ pub async fn run(
     );
     let (kill_tx, mut kill_rx) = mpsc::unbounded_channel::<step::KillDone>();
     let wake = acting::new_wake()?;
-    let sweeper = sweeper::Sweeper::start(status_reader.clone(), wake.clone())?;
+    let sweeper = sweeper::Sweeper::start(
+        status_reader.clone(),
+        crate::loader::ConnsReader::open(&cfg.state_dir)
+            .context("opening the connection table for eviction")?,
+        sweeper::EvictReport {
+            dropped: metrics.dropped.clone(),
+            max: cfg.max_connections,
+        },
+        wake.clone(),
+    )?;
     let mut st = State {
         kernel,
         cfg: Arc::new(cfg.clone()),
@@ -172,7 +190,8 @@ pub async fn run(
         own_pid: std::process::id(),
         backstop: Backstop::new(0),
         evictor: Evictor::new(cfg.max_connections),
-        workers: step::Workers::default(),
+        workers: workers::Workers::start()?,
+        probes: probe::Probes::new(cfg.nice),
         diagnoses: diagnose::Cache::default(),
         sweeper,
         pidfds: actions::Pidfds::default(),
@@ -296,6 +315,7 @@ impl State {
             *s = labels;
         }
         self.policies = cfg.policies.iter().cloned().map(Arc::new).collect();
+        self.workers.configure(&self.policies);
         for p in &self.policies {
             let mode = cfg.mode_of(p);
             info!(
@@ -488,42 +508,15 @@ impl State {
 
     /// Makes room once the table passes its high-water mark (`evict.rs`): unselected owners'
     /// entries first, then workloads over their share, then the idle longest. Two counter reads
-    /// per poll; a table scan, and one /proc read per owner, only when it is due.
+    /// per poll; the table scan, the owners' /proc facts and the deletions are the sweeper
+    /// thread's (`sweeper.rs`), never the acting thread's.
     fn evict_if_needed(&mut self) {
         let tracked = self.kernel.counters().tracked();
         if !self.evictor.due(tracked) {
             return;
         }
-        let mut facts = process::FactsCache::new(policy::uses_lineage(&self.cfg));
-        let (chosen, workloads) = self.evictor.plan(&self.cfg, &self.kernel.conns(), |tgid| {
-            facts.get(tgid, tgid)
-        });
-        let mut dropped: HashMap<&'static str, u64> = HashMap::new();
-        for v in &chosen {
-            if self.kernel.drop_if_same(v) {
-                *dropped.entry(v.reason.label()).or_default() += 1;
-            }
-        }
+        self.sweeper.evict(self.evictor, self.cfg.clone(), tracked);
         self.evictor.scanned(tracked);
-        for (reason, n) in &dropped {
-            self.metrics
-                .dropped
-                .get_or_create(&crate::metrics::ReasonLabels {
-                    reason: (*reason).into(),
-                })
-                .inc_by(*n);
-        }
-        if !dropped.is_empty() {
-            warn!(
-                unselected = dropped.get("unselected").copied().unwrap_or(0),
-                over_quota = dropped.get("over_quota").copied().unwrap_or(0),
-                idle = dropped.get("idle").copied().unwrap_or(0),
-                workloads,
-                tracked,
-                max = self.cfg.max_connections,
-                "connection table past its high-water mark: dropped unselected owners' connections, workloads' beyond their share, then the idle longest"
-            );
-        }
     }
 
     /// The kernel's count of deadline failures the backstop covers.

@@ -3,9 +3,11 @@
 //! event write sits in front of an action (`acting.rs`).
 
 use std::{
-    sync::{mpsc, Mutex},
+    sync::{atomic::AtomicUsize, mpsc, Mutex},
     thread::JoinHandle,
 };
+
+use prometheus_client::metrics::counter::Counter;
 
 use super::*;
 
@@ -49,6 +51,10 @@ pub struct ActionRecord {
     pub mode: Mode,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub diagnosis: Option<Arc<diagnose::Diagnosis>>,
+    /// Why there is no diagnosis: its read timed out (a target whose /proc files block) or
+    /// was skipped (`probe.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diagnosis_error: Option<String>,
     /// The owner's Python stack, innermost first, and how long reading it took (`stacks.rs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stack: Option<crate::stacks::StackReport>,
@@ -67,28 +73,44 @@ pub struct ActionRecord {
 /// The last actions, for `watchdog status`.
 pub(super) type Recent = Arc<Mutex<VecDeque<ActionRecord>>>;
 
-/// The reporter thread's handle. Records are written in the order they were sent, a batch of
-/// due steps at a time (one wake-up of this thread per batch); the channel is unbounded, and what fills it is bounded by the actions taken (the
-/// breaker caps them).
+/// Records the reporter may hold, not yet written, before it drops (and counts) the rest:
+/// an event stream nobody reads (`--events -` into a stalled pipe) must not grow memory.
+pub(super) const MAX_QUEUED: usize = 4096;
+
+/// The reporter thread's handle. Records are counted, logged and remembered in the order they
+/// were sent, a batch of due steps at a time (one wake-up of this thread per batch); their
+/// lines go to the event stream from a writer thread of their own, so a stream that blocks
+/// holds up neither the metrics nor the acting thread. Both queues are bounded (`MAX_QUEUED`
+/// records); what does not fit is dropped and counted (`watchdog_records_dropped_total`).
 pub(super) struct Reporter {
-    tx: Option<mpsc::Sender<Vec<step::KillDone>>>,
+    tx: Option<mpsc::SyncSender<Vec<step::KillDone>>>,
+    /// Steps sent and not yet taken by the reporter thread.
+    queued: Arc<AtomicUsize>,
+    dropped: Counter,
     handle: Option<JoinHandle<()>>,
     pub(super) recent: Recent,
 }
 
 impl Reporter {
     pub(super) fn start(
-        mut out: Option<Box<dyn Write + Send>>,
+        out: Option<Box<dyn Write + Send>>,
         mut accounting: step::Accounting,
+        dropped: Counter,
     ) -> anyhow::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Vec<step::KillDone>>();
+        let (tx, rx) = mpsc::sync_channel::<Vec<step::KillDone>>(MAX_QUEUED);
+        let lines = match out {
+            Some(out) => Some(Writer::start(out, dropped.clone())?),
+            None => None,
+        };
         let recent: Recent = Arc::default();
         let keep = recent.clone();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let taken = queued.clone();
         let handle = std::thread::Builder::new()
             .name("watchdog-report".into())
             .spawn(move || {
-                let mut line = Vec::new();
                 for done in rx {
+                    taken.fetch_sub(done.len(), Ordering::Relaxed);
                     // Metrics first, then the lines: a record in the stream is counted already.
                     let batch: Vec<ActionRecord> = done
                         .into_iter()
@@ -96,18 +118,9 @@ impl Reporter {
                         .collect();
                     for record in &batch {
                         log_action(record);
-                        // One write per line, newline included: a reader of the stream never
-                        // sees part of a record (a batch in one write, 300 KB, it did).
-                        if let Some(out) = &mut out {
-                            line.clear();
-                            if serde_json::to_writer(&mut line, record).is_ok() {
-                                line.push(b'\n');
-                                let _ = out.write_all(&line);
-                            }
+                        if let Some(lines) = &lines {
+                            lines.send(record);
                         }
-                    }
-                    if let Some(out) = &mut out {
-                        let _ = out.flush();
                     }
                     let Ok(mut recent) = keep.lock() else {
                         continue;
@@ -122,10 +135,15 @@ impl Reporter {
                         });
                     }
                 }
+                if let Some(lines) = lines {
+                    lines.finish();
+                }
             })
             .context("starting the reporter thread")?;
         Ok(Self {
             tx: Some(tx),
+            queued,
+            dropped,
             handle: Some(handle),
             recent,
         })
@@ -140,13 +158,81 @@ impl Reporter {
     }
 }
 
+/// The event stream's writer thread: one line per record, in order; at most `MAX_QUEUED`
+/// lines waiting, the rest dropped and counted.
+struct Writer {
+    tx: mpsc::SyncSender<Vec<u8>>,
+    dropped: Counter,
+    handle: JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(mut out: Box<dyn Write + Send>, dropped: Counter) -> anyhow::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(MAX_QUEUED);
+        let handle = std::thread::Builder::new()
+            .name("watchdog-events".into())
+            .spawn(move || {
+                while let Ok(line) = rx.recv() {
+                    // One write per line, newline included: a reader of the stream never sees
+                    // part of a record (a batch in one write, 300 KB, it did).
+                    let _ = out.write_all(&line);
+                    while let Ok(line) = rx.try_recv() {
+                        let _ = out.write_all(&line);
+                    }
+                    let _ = out.flush();
+                }
+            })
+            .context("starting the event stream's writer thread")?;
+        Ok(Self {
+            tx,
+            dropped,
+            handle,
+        })
+    }
+
+    fn send(&self, record: &ActionRecord) {
+        let mut line = Vec::with_capacity(1024);
+        if serde_json::to_writer(&mut line, record).is_err() {
+            return;
+        }
+        line.push(b'\n');
+        if self.tx.try_send(line).is_err() {
+            self.dropped.inc();
+        }
+    }
+
+    /// Writes out what is queued, unless the stream is stuck: then what is left is dropped.
+    fn finish(self) {
+        drop(self.tx);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !self.handle.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.handle.is_finished() {
+            let _ = self.handle.join();
+        }
+    }
+}
+
 impl State {
     /// Hands a batch of carried-out steps to the reporter thread: it counts them (metrics),
     /// makes their records, logs them, writes them to the event stream and remembers them for
-    /// `watchdog status`.
+    /// `watchdog status`. Never waits: past `MAX_QUEUED` steps waiting, the batch is dropped
+    /// and counted.
     pub(super) fn report(&mut self, steps: Vec<step::KillDone>) {
-        if let (Some(tx), false) = (&self.reporter.tx, steps.is_empty()) {
-            let _ = tx.send(steps);
+        let r = &self.reporter;
+        let (Some(tx), false) = (&r.tx, steps.is_empty()) else {
+            return;
+        };
+        let n = steps.len();
+        if r.queued.load(Ordering::Relaxed) + n > MAX_QUEUED {
+            r.dropped.inc_by(n as u64);
+            return;
+        }
+        r.queued.fetch_add(n, Ordering::Relaxed);
+        if tx.try_send(steps).is_err() {
+            r.queued.fetch_sub(n, Ordering::Relaxed);
+            r.dropped.inc_by(n as u64);
         }
     }
 }

@@ -13,7 +13,9 @@ pub(super) struct StatusJob {
     /// (policy, workload) whose breaker holds them in observe-only now.
     open_breakers: Vec<(String, String)>,
     ladders_active: usize,
-    recent: Vec<ActionRecord>,
+    /// The reporter's recent actions, read when the document is rendered: the acting thread
+    /// (SCHED_FIFO) never takes a lock a normal thread holds.
+    recent: record::Recent,
     reader: Arc<ConnsReader>,
 }
 
@@ -30,12 +32,7 @@ impl State {
                 .map(|k| (k.policy.clone(), k.workload.describe()))
                 .collect(),
             ladders_active: self.tracker.len(),
-            recent: self
-                .reporter
-                .recent
-                .lock()
-                .map(|r| r.iter().cloned().collect())
-                .unwrap_or_default(),
+            recent: self.reporter.recent.clone(),
             reader,
         }
     }
@@ -173,13 +170,18 @@ impl StatusJob {
                 client_gone: p.client_gone.is_some(),
             })
             .collect();
+        let recent: Vec<ActionRecord> = self
+            .recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default();
         let doc = Status {
             version: env!("CARGO_PKG_VERSION"),
             connections,
             in_flight,
             policies,
             ladders_active: self.ladders_active,
-            recent_actions: self.recent.iter().collect(),
+            recent_actions: recent.iter().collect(),
         };
         serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
     }

@@ -23,6 +23,8 @@ pub(super) struct Decided {
     statement: Option<String>,
     /// `client` when the time was the client's (`blame.rs`).
     blame: Option<&'static str>,
+    /// Why the diagnosis is missing (its read timed out or was skipped: `probe.rs`).
+    diagnosis_error: Option<String>,
 }
 
 /// A step's subject, pinned (`State::subject`): the pin, its facts read after the pin, and
@@ -132,36 +134,52 @@ impl State {
         // (`subject`), and only when the thread read is still the request's owner (pinned and
         // checked as a thread target is): a protected process is never stopped or read.
         let start_ns = now_ns();
+        let started = std::time::Instant::now();
         let mut reads = 0;
-        let mut pending = Vec::with_capacity(batch.len());
+        let mut pending: Vec<Option<super::probe::Pending>> = Vec::with_capacity(batch.len());
         for due in &batch {
+            // The first step of a ladder whose request is still current, of a subject the
+            // safety rules let be acted on, whose owner thread still pins and checks out: its
+            // diagnosis, and its stacks if asked for, on the probe pool (`probe.rs`).
             let wanted = due.index == 0
-                && self.cfg.stacks
-                && due.policy.stacks
+                && Self::still_valid(&self.kernel, due.key, &due.conn)
                 && matches!(self.subject(due, &facts), Ok((_, _, Ok(()))))
-                && actions::pin(&mut self.pidfds, Target::Thread, &due.conn).is_ok()
-                && Self::still_valid(&self.kernel, due.key, &due.conn);
-            if !wanted {
+                && actions::pin(&mut self.pidfds, Target::Thread, &due.conn).is_ok();
+            let owner = wanted
+                .then(|| facts.get(due.conn.tgid, due.conn.tid))
+                .flatten();
+            let Some(f) = owner else {
                 pending.push(None);
                 continue;
-            }
-            reads += 1;
-            let (pid, tid) = (due.conn.tgid, due.conn.tid);
+            };
             let late = Duration::from_nanos(start_ns.saturating_sub(due.due_ns));
             let limit = self.cfg.stack_timeout.saturating_sub(late);
-            let skip = |why| crate::stacks::Pending::skipped(pid, self.cfg.native_stacks, why);
-            pending.push(Some(if reads > STACKS_PER_BATCH {
-                skip("skipped: this batch reads no more stacks")
-            } else if limit.is_zero() {
-                skip("skipped: the action is already stack_timeout past its deadline")
-            } else {
-                crate::stacks::start(pid, tid, limit, self.cfg.native_stacks)
-            }));
+            let native = self.cfg.native_stacks;
+            let stacks = (self.cfg.stacks && due.policy.stacks).then(|| {
+                reads += 1;
+                let read = if reads > STACKS_PER_BATCH {
+                    Err("skipped: this batch reads no more stacks")
+                } else if limit.is_zero() {
+                    Err("skipped: the action is already stack_timeout past its deadline")
+                } else {
+                    Ok(limit)
+                };
+                (read, native)
+            });
+            let python = super::probe::looks_python(&f);
+            pending.push(Some(self.probes.start(
+                &f,
+                due.conn.owner_life,
+                &cache,
+                stacks,
+                limit,
+                started,
+                python,
+            )));
         }
         for (due, read) in batch.into_iter().zip(pending) {
-            let stacks = read.map(crate::stacks::Pending::finish);
-            let Some((outcome, decided, at)) = self.run_step(&due, stacks, &mut cache, &mut facts)
-            else {
+            let probe = read.map(|p| self.probes.finish(p, &mut cache));
+            let Some((outcome, decided, at)) = self.run_step(&due, probe, &mut facts) else {
                 continue;
             };
             if matches!(
@@ -275,8 +293,7 @@ impl State {
     fn run_step(
         &mut self,
         due: &Due,
-        stacks: Option<crate::stacks::Captured>,
-        cache: &mut diagnose::Cache,
+        probe: Option<super::probe::Probe>,
         facts: &mut process::FactsCache,
     ) -> Option<(Outcome, Decided, u64)> {
         let c = due.conn;
@@ -312,24 +329,22 @@ impl State {
                     diagnosed: now,
                     statement: None,
                     blame: None,
+                    diagnosis_error: None,
                 };
                 return Some((outcome, decided, now_ns()));
             }
         };
-        let fresh_diagnosis = due.index == 0 && !cache.has(c.tgid, c.tid, c.owner_life);
-        let diagnosis = (due.index == 0 && current && guard.is_ok()).then(|| {
-            let cgroup = (!facts.cgroup.is_empty()).then(|| facts.cgroup.clone());
-            diagnose::capture(c.tgid, c.tid, c.owner_life, cgroup, cache)
-        });
-        // The owner's Python stack and native frames, before the first action, within their
-        // time limit. A burst of deadlines reads stacks until the batch's share of time is
-        // spent; the rest act at once (their records say why they have no stack).
-        let captured = stacks.filter(|_| diagnosis.is_some()).unwrap_or_default();
+        // The diagnosis and stacks were read before, on helper threads (`probe.rs`), only for a
+        // subject the guard allowed.
+        let probe = probe.filter(|_| due.index == 0 && current && guard.is_ok());
+        let probed_from = probe.as_ref().map(|p| p.started_ns);
+        let (diagnosis, diagnosis_error, captured) = match probe {
+            Some(p) => (p.diagnosis, p.diagnosis_error, p.captured),
+            None => (None, None, Default::default()),
+        };
         let (stack, native_stack) = (captured.stack, captured.native);
-        let quick = !(fresh_diagnosis && current)
-            && stack.is_none()
-            && native_stack.is_none()
-            && policy.min_workers.is_none();
+        // Nothing slow runs between the reading above and the signal but a worker count.
+        let quick = policy.min_workers.is_none();
         let diagnosed = now_ns();
         let mode = self.cfg.mode_of(policy);
         let workers = &self.workers;
@@ -344,7 +359,7 @@ impl State {
             decide::Inputs {
                 action: due.step.action,
                 mode,
-                still_current: current && !restarted && (stack.is_none() || valid()),
+                still_current: current && !restarted,
                 guard,
                 floor: policy
                     .min_workers
@@ -362,10 +377,11 @@ impl State {
             stack,
             native_stack,
             mode,
-            started: now,
+            started: probed_from.unwrap_or(now),
             diagnosed,
             statement: None,
             blame: blame.label(),
+            diagnosis_error,
         };
         let outcome = match verdict {
             Verdict::Ended => Outcome::Ended,
@@ -460,6 +476,7 @@ impl Accounting {
             diagnosed,
             statement,
             blame,
+            diagnosis_error,
         } = d;
         let c = due.conn;
         let policy = &due.policy;
@@ -513,6 +530,7 @@ impl Accounting {
             diagnosis_ms: diagnosed.saturating_sub(now) as f64 / 1e6,
             mode,
             diagnosis,
+            diagnosis_error,
             stack,
             native_stack,
             namespace: facts.pod.as_ref().map(|n| n.namespace.clone()),
@@ -528,41 +546,3 @@ const BURST_LOG: usize = 64;
 /// The most owners whose stacks one batch reads (a burst of deadlines must not start a
 /// thousand readers); they are read side by side, so the batch waits at most `stack_timeout`.
 const STACKS_PER_BATCH: usize = 8;
-
-/// Live processes a policy's selector covers, for the `min_workers` floor: a scan of /proc,
-/// remembered for `WORKERS_TTL` so a burst of actions scans once, not per action.
-#[derive(Default)]
-pub(super) struct Workers(std::cell::RefCell<HashMap<String, (usize, std::time::Instant)>>);
-
-const WORKERS_TTL: Duration = Duration::from_millis(500);
-
-impl Workers {
-    fn count(&self, policy: &str, sel: &crate::config::Selector) -> usize {
-        let now = std::time::Instant::now();
-        if let Some((n, at)) = self.0.borrow().get(policy) {
-            if now.duration_since(*at) < WORKERS_TTL {
-                return *n;
-            }
-        }
-        let n = count_selected(sel);
-        self.0.borrow_mut().insert(policy.to_string(), (n, now));
-        n
-    }
-
-    /// After an action of `policy` was carried out: its count is stale (a worker may be dying),
-    /// so the next floor check scans again. The floor is never judged on a count from before an
-    /// action.
-    pub(super) fn forget(&self, policy: &str) {
-        self.0.borrow_mut().remove(policy);
-    }
-}
-
-fn count_selected(sel: &crate::config::Selector) -> usize {
-    let Ok(all) = procfs::process::all_processes() else {
-        return 0;
-    };
-    all.filter_map(Result::ok)
-        .filter_map(|p| process::facts(p.pid as u32, p.pid as u32))
-        .filter(|f| !f.kernel_thread && policy::selects(sel, f))
-        .count()
-}

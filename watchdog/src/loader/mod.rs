@@ -56,7 +56,7 @@ pub enum LoadError {
     #[error("choosing the kernel probe set")]
     ProbeSet(#[source] kernel_btf::BtfError),
     /// No cgroup v2 hierarchy could be found or mounted.
-    #[error("no cgroup v2 hierarchy is mounted and mounting one at {path} failed: {source}")]
+    #[error("no cgroup v2 hierarchy is mounted and mounting one at {path} failed")]
     NoCgroup2 {
         path: PathBuf,
         #[source]
@@ -401,14 +401,14 @@ impl Kernel {
                 .insert(&LpmKey::new(e.bits, e.data), e.value, 0)
                 .map_err(err)?;
         }
+        // A set difference: one pass over the table, one hash probe per key.
+        let wanted: std::collections::HashSet<(u32, [u8; ROUTE_KEY_DATA])> =
+            entries.iter().map(|e| (e.bits, e.data)).collect();
         let stale: Vec<LpmKey<[u8; ROUTE_KEY_DATA]>> = self
             .routes
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| {
-                let (bits, data) = (k.prefix_len(), k.data());
-                !entries.iter().any(|e| e.bits == bits && e.data == data)
-            })
+            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
             .collect();
         for k in stale {
             self.routes.remove(&k).map_err(err)?;
@@ -461,28 +461,9 @@ impl Kernel {
         self.conns.get(&cookie, 0).ok()
     }
 
-    /// Deletes the connection's record if, read again just before, it still holds the request
-    /// `v` chose (`evict::still_same`; its later requests are then not followed). True if it
-    /// was deleted. The window between the re-read and the delete is `evict.rs`'s to explain.
-    pub fn drop_if_same(&mut self, v: &crate::evict::Victim) -> bool {
-        match self.conns.get(&v.cookie, 0) {
-            Ok(r) if crate::evict::still_same(v, &r.info) => self.conns.remove(&v.cookie).is_ok(),
-            _ => false,
-        }
-    }
-
     /// The live task with this tid, if it owned a request and has not exited.
     pub fn task(&self, tid: u32) -> Option<TaskInfo> {
         self.tasks.get(&tid, 0).ok()
-    }
-
-    /// Every tracked connection (one syscall per entry: for status and recovery, not hot paths).
-    pub fn conns(&self) -> Vec<ConnInfo> {
-        self.conns
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(_, r)| r.info)
-            .collect()
     }
 
     /// The kernel's counters, shareable with the metrics collector.
@@ -513,6 +494,17 @@ impl ConnsReader {
     /// One connection's record, as the kernel has it now.
     pub fn get(&self, cookie: u64) -> Option<ConnRecord> {
         self.0.get(&cookie, 0).ok()
+    }
+
+    /// Deletes the connection's record if, read again just before, it still holds the request
+    /// `v` chose (`evict::still_same`; its later requests are then not followed). True if it
+    /// was deleted. The window between the re-read and the delete is `evict.rs`'s to explain.
+    /// Eviction's, on the sweeper thread.
+    pub fn drop_if_same(&mut self, v: &crate::evict::Victim) -> bool {
+        match self.0.get(&v.cookie, 0) {
+            Ok(r) if crate::evict::still_same(v, &r.info) => self.0.remove(&v.cookie).is_ok(),
+            _ => false,
+        }
     }
 }
 
