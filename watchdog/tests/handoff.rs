@@ -287,9 +287,9 @@ fn a_thread_that_execs_hands_its_request_to_the_thread_it_became() {
     let acted = d.log_events("request over budget");
     let took = sent.elapsed();
     assert!(
-        acted
-            .iter()
-            .any(|r| r["result"] == "delivered" && r["tid"] == server.pid() && r["comm"] == "sleep"),
+        acted.iter().any(|r| r["result"] == "delivered"
+            && r["tid"] == server.pid()
+            && r["comm"] == "sleep"),
         "delivered to the new tid (the process's id), now `sleep`: {acted:?}"
     );
     let elapsed = acted[0]["elapsed_ms"].as_u64().unwrap();

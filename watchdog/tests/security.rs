@@ -108,7 +108,8 @@ fn request_then_exec(
 }
 
 #[test]
-fn a_thread_id_freed_by_exec_and_taken_by_another_user_is_never_signalled_and_the_request_goes_with_its_thread() {
+fn a_thread_id_freed_by_exec_and_taken_by_another_user_is_never_signalled_and_the_request_goes_with_its_thread(
+) {
     require_root();
     let port = free_port();
     let dir = tmpdir(&format!("exec-thread{port}"));
