@@ -21,7 +21,7 @@ pub use state::{
 
 /// Bumped whenever the layout of any map key or value changes. Stamped into the `META` map so a
 /// daemon never reads pinned state written with another layout.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Capacity limits of the kernel tables. Fixed at build time; insert failures are counted.
 pub mod limits {
@@ -76,8 +76,11 @@ pub mod port_stat {
     pub const ROUTE_HPACK_INDEXED: u32 = ROUTE_SPLIT + 1;
     /// HTTP/2 streams on a port with routes whose `:path` is Huffman-coded: the same.
     pub const ROUTE_HPACK_HUFFMAN: u32 = ROUTE_HPACK_INDEXED + 1;
+    /// Established connections taken into tracking by the daemon's socket iterator
+    /// (`programs/adopt.rs`), not at accept: they were open before the port was watched.
+    pub const ADOPTED: u32 = ROUTE_HPACK_HUFFMAN + 1;
     /// Entries per slot.
-    pub const STRIDE: u32 = ROUTE_HPACK_HUFFMAN + 1;
+    pub const STRIDE: u32 = ADOPTED + 1;
 }
 
 /// Global counters in the `STATS` per-CPU array.
@@ -133,6 +136,8 @@ pub mod stat {
     pub const DEADLINES_RACED: u32 = 20;
     /// HTTP/2 streams refused because their port already had its share of `STREAMS`.
     pub const STREAMS_PORT_FULL: u32 = 21;
+    /// Connections adopted by the socket iterator (also counted in `CONNS_OPENED`).
+    pub const CONNS_ADOPTED: u32 = 22;
     /// Number of counters.
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
 }

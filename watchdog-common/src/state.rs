@@ -100,6 +100,10 @@ pub mod conn_flag {
     /// The kernel lost track of this HTTP/2 connection's frames: no more streams are started,
     /// and those in flight are dropped when their timer fires.
     pub const H2_LOST: u32 = 32;
+    /// The connection was open before its port was watched and was taken into tracking by the
+    /// daemon's socket iterator, not at accept: no request of it has started since (cleared by
+    /// its first request, like every flag but `UPGRADED`).
+    pub const ADOPTED: u32 = 64;
 }
 
 /// `STREAMS` key: one HTTP/2 stream of a tracked connection.

@@ -40,6 +40,14 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sock_socket: 0,
     sock_cookie: 0,
     _pad: 0,
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_dport: 0,
+    skc_num: 0,
+    skc_family: 0,
+    skc_state: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
 };
 
 /// Is the syscall probe set in use (per-socket state in `SOCK_STATES`, not `SOCKS`)?
@@ -258,6 +266,10 @@ pub const SOCK_H2_LOST: u32 = 4;
 /// The frame walk of the bytes the server sent before the connection's protocol was known
 /// lost its place (it matters only if the connection turns out to speak HTTP/2).
 pub const SOCK_TX_LOST: u32 = 8;
+/// Taken into tracking by the socket iterator (`programs/adopt.rs`), not at accept: sock_ops
+/// never asked for this socket's state changes, so its close and peer FIN come through the
+/// `inet_sock_set_state` tracepoint instead.
+pub const SOCK_ADOPTED: u32 = 16;
 
 #[btf_map]
 pub static SOCKS: SkStorage<SockState> = SkStorage::new();

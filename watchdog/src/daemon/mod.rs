@@ -190,6 +190,7 @@ pub async fn run(
             }
         }
     }
+    st.adopt_existing("start");
     release_load_memory();
     // Served from here on: bound early (a taken port fails the start at once), but nothing is
     // answered before the programs are attached and the policies applied.
@@ -345,12 +346,28 @@ impl State {
         merged
     }
 
+    /// Takes the established connections on watched ports that no accept was seen for into
+    /// tracking (`Kernel::adopt_existing`), and says how many. A failure leaves them untracked,
+    /// as before, and is logged.
+    fn adopt_existing(&self, why: &str) {
+        match self.kernel.adopt_existing() {
+            Ok(n) => info!(
+                adopted = n,
+                "{why}: adopted {n} established connections on watched ports (tracked from their next request)"
+            ),
+            Err(e) => error!(
+                "{why}: the established connections on watched ports could not be adopted (only those accepted from now on are tracked): {e:#}"
+            ),
+        }
+    }
+
     fn reload(&mut self, why: &str) {
         let Some(path) = self.config_path.clone() else {
             info!("{why}: no config file to reload (running from command-line flags)");
             return;
         };
         self.config_stamp = stamp(&path);
+        let watched_before = self.watched_ports.clone();
         let result = Config::load(&path)
             .map_err(anyhow::Error::from)
             .and_then(|c| {
@@ -360,6 +377,13 @@ impl State {
         match result {
             Ok(()) => {
                 info!(file = %path.display(), "{why}: configuration reloaded");
+                if self
+                    .watched_ports
+                    .iter()
+                    .any(|p| *p != 0 && !watched_before.contains(p))
+                {
+                    self.adopt_existing(why);
+                }
                 self.metrics
                     .reloads
                     .get_or_create(&crate::metrics::ResultLabels {

@@ -16,7 +16,7 @@ use aya::{
     },
     programs::{
         links::{CgroupAttachMode, FdLink},
-        BtfTracePoint, SockOps,
+        BtfTracePoint, Iter, SockOps,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -146,6 +146,8 @@ pub struct Kernel {
     pub cgroup: PathBuf,
     /// Which probe set feeds the request maps.
     pub probe_set: ProbeSet,
+    /// Where the state is pinned (the iterators are run through their pinned links).
+    state_dir: Option<PathBuf>,
     /// Fresh, adopted from a pinned state, or replacing one.
     pub origin: Origin,
 }
@@ -177,6 +179,8 @@ pub struct KernelStats {
     pub starts_contended: u64,
     pub deadlines_raced: u64,
     pub streams_port_full: u64,
+    /// Connections open before their port was watched, taken into tracking by the iterator.
+    pub conns_adopted: u64,
 }
 
 /// Per-slot request counters summed over CPUs (see `watchdog_common::port_stat`).
@@ -191,6 +195,8 @@ pub struct SlotStats {
     pub protocols: Vec<u64>,
     /// Connections upgraded (`101`) and no longer tracked for requests.
     pub upgraded: u64,
+    /// Connections open before the port was watched, adopted by the iterator (port slots).
+    pub adopted: u64,
     /// Requests on a routed port whose bytes could not be read.
     pub route_unreadable: u64,
     /// Requests on a routed port whose request line ended before the path.
@@ -241,7 +247,10 @@ impl Kernel {
             match adopt(dir, &meta) {
                 Ok(Some(maps)) => {
                     info!(dir = %dir.display(), "adopted the pinned kernel state of an earlier daemon");
-                    return Self::from_maps(maps, None, cgroup, probe_set, Origin::Adopted);
+                    let mut kernel =
+                        Self::from_maps(maps, None, cgroup, probe_set, Origin::Adopted)?;
+                    kernel.state_dir = Some(dir.clone());
+                    return Ok(kernel);
                 }
                 Ok(None) => {}
                 Err(reason) => {
@@ -259,7 +268,7 @@ impl Kernel {
         let btf = Btf::from_sys_fs().map_err(LoadError::NoBtf)?;
         let offsets = match probe_set {
             ProbeSet::Syscalls => kbtf.offsets().map_err(LoadError::ProbeSet)?,
-            ProbeSet::Sock => Default::default(),
+            ProbeSet::Sock => kbtf.sock_common_offsets().map_err(LoadError::ProbeSet)?,
         };
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
@@ -308,6 +317,15 @@ impl Kernel {
                 hook,
                 source,
             };
+            if let Some(target) = kernel_btf::iter_target(hook) {
+                // Pinned like the others; reading the pin runs the iterator (`adopt_existing`).
+                let it: &mut Iter = program(&mut ebpf, name)?;
+                it.load(target, &btf).map_err(err)?;
+                let id = it.attach().map_err(err)?;
+                let link = it.take_link(id).map_err(err)?;
+                links.push((name, FdLink::try_from(link).ok()));
+                continue;
+            }
             let tp: &mut BtfTracePoint = program(&mut ebpf, name)?;
             tp.load(hook, &btf).map_err(err)?;
             let id = tp.attach().map_err(err)?;
@@ -322,6 +340,7 @@ impl Kernel {
         if let Some(dir) = &opts.state_dir {
             pin(dir, &maps, links)?;
             let mut kernel = Self::from_maps(maps, Some(ebpf), cgroup, probe_set, origin)?;
+            kernel.state_dir = Some(dir.clone());
             // The stamp goes in last: a directory without a valid one is never adopted.
             kernel
                 .meta
@@ -376,8 +395,35 @@ impl Kernel {
             _links: Vec::new(),
             cgroup,
             probe_set,
+            state_dir: None,
             origin,
         })
+    }
+
+    /// Takes into tracking the established connections on watched ports (their own `PORTS`
+    /// entry) that no program has seen accepted: runs the TCP socket iterator (and, for the
+    /// syscall set, the task-file iterator that makes their holders owners) by reading its pinned
+    /// link to the end. Only the daemon's network namespace is visited. Returns how many were
+    /// adopted. An unpinned load (`watchdog check`) adopts nothing.
+    pub fn adopt_existing(&self) -> Result<u64, LoadError> {
+        use std::io::Read;
+        let Some(dir) = &self.state_dir else {
+            return Ok(0);
+        };
+        let before = self.counters.stats().conns_adopted;
+        let iterators = kernel_btf::PROGRAMS
+            .iter()
+            .filter(|p| kernel_btf::iter_target(p.hook).is_some())
+            .filter(|p| p.set.is_none_or(|s| s == self.probe_set));
+        for spec in iterators {
+            let path = dir.join(format!("link_{}", spec.program));
+            let run = fs::File::open(&path).and_then(|mut f| {
+                let mut sink = Vec::new();
+                f.read_to_end(&mut sink)
+            });
+            run.map_err(|source| LoadError::Pin { path, source })?;
+        }
+        Ok(self.counters.stats().conns_adopted.saturating_sub(before))
     }
 
     /// Hands over the event ring buffer (once).
