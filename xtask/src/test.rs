@@ -135,6 +135,8 @@ impl Stage {
                 "mariadb",
                 "--test",
                 "handoff",
+                "--test",
+                "adopt",
                 "--",
                 "--test-threads=1",
             ])
