@@ -190,7 +190,7 @@ pub async fn run(
             }
         }
     }
-    st.adopt_existing("start");
+    st.kernel.adopt_existing("start");
     release_load_memory();
     // Served from here on: bound early (a taken port fails the start at once), but nothing is
     // answered before the programs are attached and the policies applied.
@@ -346,21 +346,6 @@ impl State {
         merged
     }
 
-    /// Takes the established connections on watched ports that no accept was seen for into
-    /// tracking (`Kernel::adopt_existing`), and says how many. A failure leaves them untracked,
-    /// as before, and is logged.
-    fn adopt_existing(&self, why: &str) {
-        match self.kernel.adopt_existing() {
-            Ok(n) => info!(
-                adopted = n,
-                "{why}: adopted {n} established connections on watched ports (tracked from their next request)"
-            ),
-            Err(e) => error!(
-                "{why}: the established connections on watched ports could not be adopted (only those accepted from now on are tracked): {e:#}"
-            ),
-        }
-    }
-
     fn reload(&mut self, why: &str) {
         let Some(path) = self.config_path.clone() else {
             info!("{why}: no config file to reload (running from command-line flags)");
@@ -382,7 +367,7 @@ impl State {
                     .iter()
                     .any(|p| *p != 0 && !watched_before.contains(p))
                 {
-                    self.adopt_existing(why);
+                    self.kernel.adopt_existing(why);
                 }
                 self.metrics
                     .reloads

@@ -28,6 +28,7 @@ use watchdog_common::{
     TaskInfo, LAYOUT_VERSION,
 };
 
+mod adopt;
 mod counters;
 mod pin;
 
@@ -398,32 +399,6 @@ impl Kernel {
             state_dir: None,
             origin,
         })
-    }
-
-    /// Takes into tracking the established connections on watched ports (their own `PORTS`
-    /// entry) that no program has seen accepted: runs the TCP socket iterator (and, for the
-    /// syscall set, the task-file iterator that makes their holders owners) by reading its pinned
-    /// link to the end. Only the daemon's network namespace is visited. Returns how many were
-    /// adopted. An unpinned load (`watchdog check`) adopts nothing.
-    pub fn adopt_existing(&self) -> Result<u64, LoadError> {
-        use std::io::Read;
-        let Some(dir) = &self.state_dir else {
-            return Ok(0);
-        };
-        let before = self.counters.stats().conns_adopted;
-        let iterators = kernel_btf::PROGRAMS
-            .iter()
-            .filter(|p| kernel_btf::iter_target(p.hook).is_some())
-            .filter(|p| p.set.is_none_or(|s| s == self.probe_set));
-        for spec in iterators {
-            let path = dir.join(format!("link_{}", spec.program));
-            let run = fs::File::open(&path).and_then(|mut f| {
-                let mut sink = Vec::new();
-                f.read_to_end(&mut sink)
-            });
-            run.map_err(|source| LoadError::Pin { path, source })?;
-        }
-        Ok(self.counters.stats().conns_adopted.saturating_sub(before))
     }
 
     /// Hands over the event ring buffer (once).
