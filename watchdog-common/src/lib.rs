@@ -21,7 +21,7 @@ pub use state::{
 
 /// Bumped whenever the layout of any map key or value changes. Stamped into the `META` map so a
 /// daemon never reads pinned state written with another layout.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// Capacity limits of the kernel tables. Fixed at build time; insert failures are counted.
 pub mod limits {
@@ -83,8 +83,11 @@ pub mod port_stat {
     pub const HEAD_COMPLETED: u32 = HEAD_PENDING + 1;
     /// HTTP/1.x interim answers (`1xx` other than `101`) sent: the request goes on.
     pub const INTERIM: u32 = HEAD_COMPLETED + 1;
+    /// Established connections taken into tracking by the daemon's socket iterator
+    /// (`programs/adopt.rs`), not at accept: they were open before the port was watched.
+    pub const ADOPTED: u32 = INTERIM + 1;
     /// Entries per slot.
-    pub const STRIDE: u32 = INTERIM + 1;
+    pub const STRIDE: u32 = ADOPTED + 1;
 }
 
 /// Global counters in the `STATS` per-CPU array.
@@ -140,6 +143,8 @@ pub mod stat {
     pub const DEADLINES_RACED: u32 = 20;
     /// HTTP/2 streams refused because their port already had its share of `STREAMS`.
     pub const STREAMS_PORT_FULL: u32 = 21;
+    /// Connections adopted by the socket iterator (also counted in `CONNS_OPENED`).
+    pub const CONNS_ADOPTED: u32 = 22;
     /// Number of counters.
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
 }

@@ -40,6 +40,15 @@ pub const PROG_TASK_EXIT: &str = "task_exit";
 /// tp_btf sched_process_exec: a non-leader thread's tid vanishes at exec.
 pub const PROG_TASK_EXEC: &str = "task_exec";
 
+/// iter/tcp: established connections on watched ports, open before the port was watched,
+/// taken into tracking (run by the daemon at start and when a reload watches a new port).
+pub const PROG_ADOPT: &str = "conn_adopt";
+/// tp_btf inet_sock_set_state: close and peer FIN of adopted connections (sock_ops never saw
+/// them, so it cannot have asked for their state changes).
+pub const PROG_ADOPTED_STATE: &str = "conn_adopted_state";
+/// iter/task_file (syscall set): processes holding a tracked socket join `OWNERS`.
+pub const PROG_ADOPT_OWNERS: &str = "owners_adopt";
+
 /// tp_btf sys_exit: the syscall probe set (accept, recv*, send*, read, write...).
 pub const PROG_SYS_EXIT: &str = "syscall_exit";
 /// tp_btf sched_process_fork: a child inherits its parent's tracked file table.
@@ -71,3 +80,7 @@ pub const TP_TASK_EXIT: &str = "sched_process_exit";
 pub const TP_TASK_EXEC: &str = "sched_process_exec";
 pub const TP_SYS_EXIT: &str = "sys_exit";
 pub const TP_FORK: &str = "sched_process_fork";
+pub const TP_SET_STATE: &str = "inet_sock_set_state";
+/// BPF iterator targets (`bpf_iter_<target>`), written as the hook of their programs.
+pub const ITER_TCP: &str = "iter/tcp";
+pub const ITER_TASK_FILE: &str = "iter/task_file";

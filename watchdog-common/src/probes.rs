@@ -39,9 +39,20 @@ pub struct KernelOffsets {
     /// `sock.__sk_common.skc_cookie`
     pub sock_cookie: u32,
     pub _pad: u32,
+    /// `sock_common` fields the socket iterator reads (`programs/adopt.rs`), both sets:
+    /// `skc_daddr`, `skc_rcv_saddr`, `skc_dport` (network order), `skc_num` (host order),
+    /// `skc_family`, `skc_state`, `skc_v6_daddr`, `skc_v6_rcv_saddr`.
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 40);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 72);
 
 #[cfg(feature = "user")]
 // SAFETY: plain #[repr(C)] u32 fields, no padding (checked above).

@@ -109,6 +109,10 @@ pub mod conn_flag {
     /// clock (`start_ns`) when the blank line arrives, and userspace never acts on the worker
     /// while this is set (`blame.rs`).
     pub const HEAD_PENDING: u32 = 64;
+    /// The connection was open before its port was watched and was taken into tracking by the
+    /// daemon's socket iterator, not at accept: no request of it has started since (cleared by
+    /// its first request, like every flag but `UPGRADED`).
+    pub const ADOPTED: u32 = 128;
 }
 
 /// `STREAMS` key: one HTTP/2 stream of a tracked connection.

@@ -40,6 +40,14 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sock_socket: 0,
     sock_cookie: 0,
     _pad: 0,
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_dport: 0,
+    skc_num: 0,
+    skc_family: 0,
+    skc_state: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
 };
 
 /// Is the syscall probe set in use (per-socket state in `SOCK_STATES`, not `SOCKS`)?
@@ -283,6 +291,10 @@ pub const SOCK_TX_LOST: u32 = 8;
 /// The HTTP/1.x request in flight has no whole head yet: its reads are scanned for the blank
 /// line (`request::head_more`). Every other in-flight read pays only this flag test.
 pub const SOCK_HEAD_PENDING: u32 = 16;
+/// Taken into tracking by the socket iterator (`programs/adopt.rs`), not at accept: sock_ops
+/// never asked for this socket's state changes, so its close and peer FIN come through the
+/// `inet_sock_set_state` tracepoint instead.
+pub const SOCK_ADOPTED: u32 = 32;
 
 #[btf_map]
 pub static SOCKS: SkStorage<SockState> = SkStorage::new();

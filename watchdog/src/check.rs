@@ -116,12 +116,15 @@ fn probe_btf(r: &mut Report, btf: &KernelBtf, want: Probes) {
         if spec.program == watchdog_common::names::PROG_SOCK_OPS {
             continue;
         }
-        let found = btf.has_tracepoint(spec.hook);
+        let (found, what) = match crate::kernel_btf::iter_target(spec.hook) {
+            Some(target) => (btf.has_iterator(target), "iterator"),
+            None => (btf.has_tracepoint(spec.hook), "tracepoint"),
+        };
         let set = spec.set.map_or("both sets", ProbeSet::label);
         r.add(
             false,
             found,
-            &format!("tracepoint {}", spec.hook),
+            &format!("{what} {}", spec.hook),
             if found {
                 format!("present ({set})")
             } else {

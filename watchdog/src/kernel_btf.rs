@@ -63,8 +63,8 @@ pub struct ProgramSpec {
     pub since: &'static str,
 }
 
-/// The compat table. Every program is a sock_ops program or a BTF tracepoint: no kprobes, no
-/// fentry. BTF tracepoints need BTF (5.5+), `bpf_timer` needs 5.15, `PIDFD_THREAD` 6.9
+/// The compat table. Every program is a sock_ops program, a BTF tracepoint or a BPF iterator
+/// (`iter/...`, run by the daemon): no kprobes, no fentry. BTF tracepoints need BTF (5.5+), `bpf_timer` needs 5.15, `PIDFD_THREAD` 6.9
 /// (`tgkill` before).
 pub const PROGRAMS: &[ProgramSpec] = &[
     ProgramSpec {
@@ -92,6 +92,18 @@ pub const PROGRAMS: &[ProgramSpec] = &[
         since: "5.15",
     },
     ProgramSpec {
+        program: names::PROG_ADOPT,
+        hook: names::ITER_TCP,
+        set: None,
+        since: "5.15",
+    },
+    ProgramSpec {
+        program: names::PROG_ADOPTED_STATE,
+        hook: names::TP_SET_STATE,
+        set: None,
+        since: "5.15",
+    },
+    ProgramSpec {
         program: names::PROG_RECV,
         hook: names::TP_RECV,
         set: Some(ProbeSet::Sock),
@@ -115,7 +127,19 @@ pub const PROGRAMS: &[ProgramSpec] = &[
         set: Some(ProbeSet::Syscalls),
         since: "5.15",
     },
+    ProgramSpec {
+        program: names::PROG_ADOPT_OWNERS,
+        hook: names::ITER_TASK_FILE,
+        set: Some(ProbeSet::Syscalls),
+        since: "5.15",
+    },
 ];
+
+/// The iterator target of a program whose hook is `iter/<target>` (run by the daemon, not
+/// attached to an event).
+pub fn iter_target(hook: &str) -> Option<&str> {
+    hook.strip_prefix("iter/")
+}
 
 /// The kernel's BTF, parsed once.
 pub struct KernelBtf {
@@ -139,6 +163,13 @@ impl KernelBtf {
     pub fn has_tracepoint(&self, name: &str) -> bool {
         self.btf
             .resolve_ids_by_name(&format!("btf_trace_{name}"))
+            .is_ok_and(|ids| !ids.is_empty())
+    }
+
+    /// Does the kernel have this BPF iterator target (`bpf_iter_<target>` function)?
+    pub fn has_iterator(&self, target: &str) -> bool {
+        self.btf
+            .resolve_ids_by_name(&format!("bpf_iter_{target}"))
             .is_ok_and(|ids| !ids.is_empty())
     }
 
@@ -171,6 +202,23 @@ impl KernelBtf {
             sock_socket: self.offset_of("sock", &["sk_socket"])?,
             sock_cookie: self.offset_of("sock", &["__sk_common", "skc_cookie"])?,
             _pad: 0,
+            ..self.sock_common_offsets()?
+        })
+    }
+
+    /// The `sock_common` fields the socket iterator reads (both sets); the rest zero.
+    pub fn sock_common_offsets(&self) -> Result<KernelOffsets, BtfError> {
+        let skc = |field: &str| self.offset_of("sock_common", &[field]);
+        Ok(KernelOffsets {
+            skc_daddr: skc("skc_daddr")?,
+            skc_rcv_saddr: skc("skc_rcv_saddr")?,
+            skc_dport: skc("skc_dport")?,
+            skc_num: skc("skc_num")?,
+            skc_family: skc("skc_family")?,
+            skc_state: skc("skc_state")?,
+            skc_v6_daddr: skc("skc_v6_daddr")?,
+            skc_v6_rcv_saddr: skc("skc_v6_rcv_saddr")?,
+            ..KernelOffsets::default()
         })
     }
 
@@ -255,6 +303,15 @@ mod tests {
         assert_eq!(o.fdt_fd, 8, "{o:?}");
         assert!(o.task_files > 0x100 && o.task_tgid > 0x100, "{o:?}");
         assert!(o.sock_socket > o.sock_cookie, "{o:?}");
+        // The head of `sock_common` has not moved since Linux 3.x.
+        assert_eq!((o.skc_daddr, o.skc_rcv_saddr), (0, 4), "{o:?}");
+        assert_eq!(
+            (o.skc_dport, o.skc_num, o.skc_family),
+            (12, 14, 16),
+            "{o:?}"
+        );
+        assert_eq!(o.skc_state, 18, "{o:?}");
+        assert!(o.skc_v6_rcv_saddr == o.skc_v6_daddr + 16, "{o:?}");
     }
 
     #[test]
@@ -268,6 +325,8 @@ mod tests {
     fn this_kernel_gets_the_sock_set_unless_told_otherwise() {
         let btf = KernelBtf::load().expect("BTF");
         assert!(btf.has_tracepoint("sched_process_exit"));
+        assert!(btf.has_iterator("tcp") && btf.has_iterator("task_file"));
+        assert!(!btf.has_iterator("no_such_iterator_xyz"));
         assert!(!btf.has_tracepoint("no_such_tracepoint_xyz"));
         assert_eq!(btf.choose(Probes::Syscalls).unwrap(), ProbeSet::Syscalls);
         let sock = btf.has_tracepoint(names::TP_RECV);

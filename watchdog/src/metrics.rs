@@ -319,6 +319,16 @@ impl prometheus_client::collector::Collector for KernelCollector {
                 .encode_counter::<PortLabels, u64, f64>(&st.upgraded, None)?;
         }
         let mut e = enc.encode_descriptor(
+            "watchdog_connections_adopted",
+            "Connections open before their port was watched (daemon start, reload) that the socket iterator took into tracking",
+            None,
+            MetricType::Counter,
+        )?;
+        for (s, st) in &ports {
+            e.encode_family(&port_labels(s, None))?
+                .encode_counter::<PortLabels, u64, f64>(&st.adopted, None)?;
+        }
+        let mut e = enc.encode_descriptor(
             "watchdog_requests_route_unknown",
             "Requests on a port with routes that ran on the policy's budget because their route could not be read",
             None,

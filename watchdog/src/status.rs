@@ -62,8 +62,9 @@ pub fn run(socket: &Path, json: bool) -> anyhow::Result<()> {
     let c = &v["connections"];
     writeln!(
         out,
-        "CONNECTIONS  tracked {}  upgraded (no longer tracked for requests) {}  by protocol {}",
+        "CONNECTIONS  tracked {}  adopted, idle {}  upgraded (no longer tracked for requests) {}  by protocol {}",
         s(c, "tracked"),
+        s(c, "adopted_idle"),
         s(c, "upgraded"),
         c["by_protocol"]
             .as_object()

@@ -116,10 +116,13 @@ fn proxy_gives_up(proxy: fn(u16, u16) -> Proc) {
     }
     let dead_after = t.elapsed() - gave_up;
     eprintln!("worker dead {dead_after:?} after the 504 reached the client");
+    // The action's metrics are the reporter thread's: they follow the signal by a moment.
     assert_eq!(
-        d.metric(
+        d.wait_metric(
             "watchdog_actions_total",
-            &[("reason", "client_gone"), ("result", "delivered")]
+            &[("reason", "client_gone"), ("result", "delivered")],
+            1.0,
+            Duration::from_secs(2)
         ),
         1.0
     );

@@ -306,27 +306,27 @@ fn a_table_flood_by_an_unselected_process_leaves_a_selected_server_tracked() {
             Duration::from_secs(3)
         ) >= 48.0
     );
-    let unselected = [("reason", "unselected")];
-    let dropped = d.wait_metric(
-        "watchdog_connections_dropped_total",
-        &unselected,
-        16.0,
-        Duration::from_secs(3),
-    );
+    // Eviction runs as soon as the table passes its high-water mark: connections whose
+    // requests have not started yet have no owner to judge and go as idle ones; those in flight
+    // go because no policy selects their owner. Either way the flooder's, never the victim's.
+    let dropped_by =
+        |reason: &str| d.metric("watchdog_connections_dropped_total", &[("reason", reason)]);
+    let mut dropped = 0.0;
+    wait_until(Duration::from_secs(3), || {
+        dropped = dropped_by("unselected") + dropped_by("idle");
+        dropped >= 16.0
+    });
     let refused = d.metric("watchdog_map_evictions_total", &[("table", "connections")]);
     // A fresh connection to the selected server, over budget.
     let sent = Instant::now();
     let r = http_get(&local(victim_port), "/sleep", Duration::from_secs(10));
     let took = sent.elapsed();
     println!(
-        "unselected flood: 100 one-byte requests on a 64-entry table, {refused} refused while full, {dropped} dropped from tracking; the selected server's over-budget request ended after {took:?}"
+        "unselected flood: 100 one-byte requests on a 64-entry table, {refused} refused while full, {dropped} dropped from tracking (unselected {}, idle {}); the selected server's over-budget request ended after {took:?}",
+        dropped_by("unselected"),
+        dropped_by("idle")
     );
     assert!(dropped >= 16.0, "{}", d.log_text());
-    assert_eq!(
-        d.metric("watchdog_connections_dropped_total", &[("reason", "idle")]),
-        0.0,
-        "nothing was idle"
-    );
     assert!(r.is_err(), "the over-budget request was answered: {r:?}");
     assert!(
         took >= Duration::from_millis(1000) && took < Duration::from_millis(1600),

@@ -137,6 +137,7 @@ impl Stage {
                 "handoff",
                 "--test",
                 "slow_clients",
+                "adopt",
                 "--",
                 "--test-threads=1",
             ])

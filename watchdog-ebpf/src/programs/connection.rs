@@ -16,16 +16,16 @@ use aya_ebpf::{
     EbpfContext,
 };
 use watchdog_common::{
-    conn_flag, stat, ConnInfo, EventKind, ReqState, LAYOUT_VERSION, PORT_CLIENT_GONE,
+    conn_flag, port_stat, stat, ConnInfo, EventKind, ReqState, LAYOUT_VERSION, PORT_CLIENT_GONE,
 };
 
 use crate::maps::{
     cmpxchg, count, emit, fetch_add, fetch_or, port_config, port_count, sock_state, syscall_set,
     xchg, ConnEntry, H2Dir, SockState, ARMED_FIRED, CONNS, CONN_SCRATCH, EVENTS, SOCKS,
-    SOCK_PEER_FIN, SOCK_STATES, TASKS,
+    SOCK_ADOPTED, SOCK_PEER_FIN, SOCK_STATES, TASKS,
 };
 
-const AF_INET: u32 = 2;
+pub const AF_INET: u32 = 2;
 const CLOCK_MONOTONIC: u64 = 1;
 
 /// `sock_ops` on the cgroup v2 root: every TCP socket of the host passes here.
@@ -45,7 +45,7 @@ fn sk_of(ctx: &SockOpsContext) -> *mut bpf_sock {
 }
 
 #[inline(always)]
-fn addr(family: u32, v4: u32, v6: [u32; 4]) -> [u8; 16] {
+pub fn addr(family: u32, v4: u32, v6: [u32; 4]) -> [u8; 16] {
     let mut out = [0u8; 16];
     if family == AF_INET {
         out[10] = 0xff;
@@ -104,14 +104,32 @@ fn on_accept(ctx: &SockOpsContext) {
         family: family as u16,
         ..ConnInfo::default()
     };
+    if track(sk.cast(), &info, cfg.slot, false) {
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
+}
+
+/// Takes a connection into tracking: its `CONNS` record (idle, no request yet) with its timer
+/// initialised, then its per-socket state. The one way in, for an accept (`on_accept`) and for
+/// a connection open before its port was watched (`adopted`: `programs/adopt.rs`, which flags
+/// both the record and the state). False, counted, when a table had no room or the connection
+/// is tracked already (its record exists).
+///
+/// `sk` is a socket the verifier knows as one (the sock_ops context's, or the iterator's).
+#[inline(always)]
+pub fn track(sk: *mut c_void, info: &ConnInfo, slot: u32, adopted: bool) -> bool {
+    let cookie = info.cookie;
     // The new record is built in per-CPU scratch: it is too large for the program stack.
     let Some(entry) = CONN_SCRATCH.get_ptr_mut(0) else {
-        return;
+        return false;
     };
     // SAFETY: this CPU's scratch value (preemption is off in these programs). The timer is
     // initialised below, in the inserted copy; the rest starts as zeroes.
     unsafe {
-        (*entry).info = info;
+        (*entry).info = *info;
+        if adopted {
+            (*entry).info.flags = conn_flag::ADOPTED;
+        }
         (*entry).armed_ns = 0;
         (*entry).seq = 0;
         ptr::write_bytes(ptr::addr_of_mut!((*entry).head), 0, 1);
@@ -125,15 +143,17 @@ fn on_accept(ctx: &SockOpsContext) {
         )
         .is_err()
     {
-        count(stat::CONNS_TABLE_FULL);
-        return;
+        if !adopted || CONNS.get_ptr(cookie).is_none() {
+            count(stat::CONNS_TABLE_FULL);
+        }
+        return false;
     }
     let Some(e) = CONNS.get_ptr_mut(cookie) else {
-        return;
+        return false;
     };
     // SAFETY: `e` points into CONNS (the lookup above).
-    // Best effort here (softirq): allocation can fail under a burst of accepts; request start
-    // retries in process context.
+    // Best effort at accept (softirq): allocation can fail under a burst of accepts; request
+    // start retries in process context.
     if !unsafe { init_timer(e) } {
         count(stat::TIMER_INIT_ERRORS);
     }
@@ -141,9 +161,9 @@ fn on_accept(ctx: &SockOpsContext) {
         cookie,
         gen: 0,
         state: ReqState::Idle as u32,
-        slot: cfg.slot,
-        flags: 0,
-        stat_slot: cfg.slot,
+        slot,
+        flags: if adopted { SOCK_ADOPTED } else { 0 },
+        stat_slot: slot,
         proto: 0,
         h2_rx: H2Dir::START,
         h2_tx: H2Dir::START,
@@ -153,10 +173,14 @@ fn on_accept(ctx: &SockOpsContext) {
     if !create_state(sk, &init) {
         let _ = CONNS.remove(cookie);
         count(stat::SOCK_STATES_TABLE_FULL);
-        return;
+        return false;
     }
-    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     count(stat::CONNS_OPENED);
+    if adopted {
+        count(stat::CONNS_ADOPTED);
+        port_count(slot, port_stat::ADOPTED, 1);
+    }
+    true
 }
 
 /// TCP state change on a tracked connection.
@@ -174,7 +198,14 @@ fn on_state(ctx: &SockOpsContext) {
         return;
     }
     // SAFETY: non-null storage pointer.
-    let st = unsafe { &mut *st };
+    state_changed(unsafe { &mut *st }, new_state);
+}
+
+/// A tracked connection's peer sent FIN (`BPF_TCP_CLOSE_WAIT`) or it closed (`BPF_TCP_CLOSE`);
+/// both ways of seeing it (sock_ops for accepted connections, `inet_sock_set_state` for
+/// adopted ones) end here.
+#[inline(always)]
+pub fn state_changed(st: &mut SockState, new_state: u32) {
     let in_flight = st.state == ReqState::InFlight as u32;
     if new_state == BPF_TCP_CLOSE_WAIT {
         st.flags |= SOCK_PEER_FIN;
@@ -220,7 +251,7 @@ pub unsafe fn init_timer(e: *mut ConnEntry) -> bool {
 /// Creates the per-socket state of a newly tracked connection: socket-local storage for the
 /// sock set, `SOCK_STATES[cookie]` for the syscall set. False if there was no room.
 #[inline(always)]
-fn create_state(sk: *mut bpf_sock, init: &SockState) -> bool {
+fn create_state(sk: *mut c_void, init: &SockState) -> bool {
     if syscall_set() {
         return SOCK_STATES
             .insert(init.cookie, *init, BPF_NOEXIST.into())
@@ -230,7 +261,7 @@ fn create_state(sk: *mut bpf_sock, init: &SockState) -> bool {
     let st = unsafe {
         bpf_sk_storage_get(
             ptr::addr_of!(SOCKS) as *mut c_void,
-            sk.cast(),
+            sk,
             ptr::addr_of!(*init) as *mut c_void,
             BPF_SK_STORAGE_GET_F_CREATE.into(),
         )

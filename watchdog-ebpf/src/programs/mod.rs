@@ -1,4 +1,5 @@
 pub mod abi;
+mod adopt;
 pub mod connection;
 pub mod h2;
 pub mod head;

@@ -209,6 +209,7 @@ pub async fn run(
             }
         }
     }
+    st.kernel.adopt_existing("start");
     release_load_memory();
     // Served from here on: bound early (a taken port fails the start at once), but nothing is
     // answered before the programs are attached and the policies applied.
@@ -371,6 +372,7 @@ impl State {
             return;
         };
         self.config_stamp = stamp(&path);
+        let watched_before = self.watched_ports.clone();
         let result = Config::load(&path)
             .map_err(anyhow::Error::from)
             .and_then(|c| {
@@ -380,6 +382,13 @@ impl State {
         match result {
             Ok(()) => {
                 info!(file = %path.display(), "{why}: configuration reloaded");
+                if self
+                    .watched_ports
+                    .iter()
+                    .any(|p| *p != 0 && !watched_before.contains(p))
+                {
+                    self.kernel.adopt_existing(why);
+                }
                 self.metrics
                     .reloads
                     .get_or_create(&crate::metrics::ResultLabels {

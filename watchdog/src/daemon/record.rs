@@ -317,9 +317,11 @@ pub(super) fn open_events(path: &Option<PathBuf>) -> anyhow::Result<Option<Box<d
             let meta = file
                 .metadata()
                 .with_context(|| format!("reading {}", p.display()))?;
+            // A regular file, or a pipe a collector reads (`mkfifo`): nothing else.
+            use std::os::unix::fs::FileTypeExt;
             anyhow::ensure!(
-                meta.is_file(),
-                "{} is not a regular file: refusing to write events to it",
+                meta.is_file() || meta.file_type().is_fifo(),
+                "{} is neither a regular file nor a FIFO: refusing to write events to it",
                 p.display()
             );
             // One another user made (and can read) is not ours to fill.

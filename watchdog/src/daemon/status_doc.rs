@@ -79,6 +79,9 @@ impl StatusJob {
             tracked: usize,
             /// Answered `101 Switching Protocols`: no longer tracked for requests.
             upgraded: usize,
+            /// Open before their port was watched, adopted, and no request seen since: their
+            /// owner is known only once they read (`adopted, idle`).
+            adopted_idle: usize,
             by_protocol: std::collections::BTreeMap<&'static str, usize>,
         }
         #[derive(Serialize)]
@@ -95,11 +98,15 @@ impl StatusJob {
         let mut connections = Connections {
             tracked: records.len(),
             upgraded: 0,
+            adopted_idle: 0,
             by_protocol: Default::default(),
         };
         for r in &records {
             if r.info.flags & conn_flag::UPGRADED != 0 {
                 connections.upgraded += 1;
+            }
+            if r.info.flags & conn_flag::ADOPTED != 0 && r.info.gen == 0 {
+                connections.adopted_idle += 1;
             }
             *connections
                 .by_protocol

@@ -79,6 +79,7 @@ impl Counters {
             starts_contended: get(stat::STARTS_CONTENDED),
             deadlines_raced: get(stat::DEADLINES_RACED),
             streams_port_full: get(stat::STREAMS_PORT_FULL),
+            conns_adopted: get(stat::CONNS_ADOPTED),
         }
     }
 
@@ -102,6 +103,7 @@ impl Counters {
                 .map(|p| get(port_stat::PROTO + p))
                 .collect(),
             upgraded: get(port_stat::UPGRADED),
+            adopted: get(port_stat::ADOPTED),
             route_unreadable: get(port_stat::ROUTE_UNREADABLE),
             route_split: get(port_stat::ROUTE_SPLIT),
         }

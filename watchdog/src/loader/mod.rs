@@ -16,7 +16,7 @@ use aya::{
     },
     programs::{
         links::{CgroupAttachMode, FdLink},
-        BtfTracePoint, SockOps,
+        BtfTracePoint, Iter, SockOps,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -28,6 +28,7 @@ use watchdog_common::{
     TaskInfo, LAYOUT_VERSION,
 };
 
+mod adopt;
 mod counters;
 mod pin;
 
@@ -146,6 +147,8 @@ pub struct Kernel {
     pub cgroup: PathBuf,
     /// Which probe set feeds the request maps.
     pub probe_set: ProbeSet,
+    /// Where the state is pinned (the iterators are run through their pinned links).
+    state_dir: Option<PathBuf>,
     /// Fresh, adopted from a pinned state, or replacing one.
     pub origin: Origin,
 }
@@ -177,6 +180,8 @@ pub struct KernelStats {
     pub starts_contended: u64,
     pub deadlines_raced: u64,
     pub streams_port_full: u64,
+    /// Connections open before their port was watched, taken into tracking by the iterator.
+    pub conns_adopted: u64,
 }
 
 /// Per-slot request counters summed over CPUs (see `watchdog_common::port_stat`).
@@ -191,6 +196,8 @@ pub struct SlotStats {
     pub protocols: Vec<u64>,
     /// Connections upgraded (`101`) and no longer tracked for requests.
     pub upgraded: u64,
+    /// Connections open before the port was watched, adopted by the iterator (port slots).
+    pub adopted: u64,
     /// Requests on a routed port whose bytes could not be read.
     pub route_unreadable: u64,
     /// Requests on a routed port whose request line ended before the path.
@@ -241,7 +248,10 @@ impl Kernel {
             match adopt(dir, &meta) {
                 Ok(Some(maps)) => {
                     info!(dir = %dir.display(), "adopted the pinned kernel state of an earlier daemon");
-                    return Self::from_maps(maps, None, cgroup, probe_set, Origin::Adopted);
+                    let mut kernel =
+                        Self::from_maps(maps, None, cgroup, probe_set, Origin::Adopted)?;
+                    kernel.state_dir = Some(dir.clone());
+                    return Ok(kernel);
                 }
                 Ok(None) => {}
                 Err(reason) => {
@@ -259,7 +269,7 @@ impl Kernel {
         let btf = Btf::from_sys_fs().map_err(LoadError::NoBtf)?;
         let offsets = match probe_set {
             ProbeSet::Syscalls => kbtf.offsets().map_err(LoadError::ProbeSet)?,
-            ProbeSet::Sock => Default::default(),
+            ProbeSet::Sock => kbtf.sock_common_offsets().map_err(LoadError::ProbeSet)?,
         };
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
@@ -308,6 +318,15 @@ impl Kernel {
                 hook,
                 source,
             };
+            if let Some(target) = kernel_btf::iter_target(hook) {
+                // Pinned like the others; reading the pin runs the iterator (`adopt_existing`).
+                let it: &mut Iter = program(&mut ebpf, name)?;
+                it.load(target, &btf).map_err(err)?;
+                let id = it.attach().map_err(err)?;
+                let link = it.take_link(id).map_err(err)?;
+                links.push((name, FdLink::try_from(link).ok()));
+                continue;
+            }
             let tp: &mut BtfTracePoint = program(&mut ebpf, name)?;
             tp.load(hook, &btf).map_err(err)?;
             let id = tp.attach().map_err(err)?;
@@ -322,6 +341,7 @@ impl Kernel {
         if let Some(dir) = &opts.state_dir {
             pin(dir, &maps, links)?;
             let mut kernel = Self::from_maps(maps, Some(ebpf), cgroup, probe_set, origin)?;
+            kernel.state_dir = Some(dir.clone());
             // The stamp goes in last: a directory without a valid one is never adopted.
             kernel
                 .meta
@@ -376,6 +396,7 @@ impl Kernel {
             _links: Vec::new(),
             cgroup,
             probe_set,
+            state_dir: None,
             origin,
         })
     }
