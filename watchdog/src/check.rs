@@ -235,6 +235,17 @@ fn probe_kernel(r: &mut Report, want: Probes) {
             format!("SOCK_DESTROY failed ({e}): `reset` steps will fail"),
         ),
     }
+    let native = cfg!(target_arch = "x86_64");
+    r.add(
+        false,
+        native,
+        "native stacks",
+        if native {
+            "ptrace registers + framehop unwinding"
+        } else {
+            "not on this architecture yet (x86_64 only): `stacks` records say `native stacks are read on x86_64 only`; Python stacks (py-spy) are unaffected"
+        },
+    );
     if euid == 0 {
         match loader::Kernel::load(&loader::LoadOptions::ephemeral(want)) {
             Ok(k) => r.add(

@@ -18,7 +18,6 @@ mod symbols;
 use std::{
     cell::Cell,
     collections::HashMap,
-    io::IoSliceMut,
     ops::Range,
     sync::Arc,
     time::{Duration, Instant},
@@ -29,8 +28,6 @@ use nix::{
     sys::{
         ptrace,
         signal::Signal,
-        uio::{process_vm_readv, RemoteIoVec},
-        wait::{waitpid, WaitPidFlag, WaitStatus},
     },
     unistd::Pid,
 };
@@ -192,6 +189,11 @@ impl Drop for Seized {
 /// wait for the stop (a thread in uninterruptible sleep stops only when it leaves it).
 #[cfg(target_arch = "x86_64")]
 fn snapshot(pid: u32, tid: u32, maps: &[Mapping], wait: Duration) -> Result<Snapshot, NativeError> {
+    use nix::sys::{
+        uio::{process_vm_readv, RemoteIoVec},
+        wait::{waitpid, WaitPidFlag, WaitStatus},
+    };
+    use std::io::IoSliceMut;
     let t = Pid::from_raw(tid as i32);
     ptrace::seize(t, ptrace::Options::empty()).map_err(|e| match e {
         Errno::ESRCH => NativeError::Exited,

@@ -25,9 +25,9 @@ impl Class {
 /// Moves the calling thread to SCHED_FIFO at `priority` (1..=99). `SCHED_RESET_ON_FORK` keeps
 /// any thread or process it might start out of the realtime class.
 pub fn set_fifo(priority: u8) -> io::Result<()> {
-    let param = libc::sched_param {
-        sched_priority: i32::from(priority),
-    };
+    // SAFETY: sched_param is plain integers (musl adds SCHED_SPORADIC fields): zero is valid.
+    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+    param.sched_priority = i32::from(priority);
     // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid sched_param.
     let r = unsafe {
         libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param)
@@ -46,7 +46,7 @@ pub fn current() -> Class {
     unsafe {
         let policy = libc::sched_getscheduler(0) & !libc::SCHED_RESET_ON_FORK;
         if policy == libc::SCHED_FIFO {
-            let mut p = libc::sched_param { sched_priority: 0 };
+            let mut p: libc::sched_param = std::mem::zeroed();
             if libc::sched_getparam(0, &mut p) == 0 {
                 return Class::Fifo(p.sched_priority.clamp(0, 99) as u8);
             }

@@ -19,7 +19,7 @@ use watchdog_common::head::{
 
 use crate::{
     maps::{ConnEntry, ROUTES, SCRATCH},
-    programs::abi::{nr, reg, regs},
+    programs::abi::{args, nr, reg, sysno},
 };
 
 /// The current task's saved user registers (sock set; the syscall set has them as an argument).
@@ -45,9 +45,9 @@ const MSGHDR_IOV: u64 = 16;
 #[inline(always)]
 fn user_buffer(regs: *const u64) -> Option<(u64, u64)> {
     let (sysno, si, dx) = (
-        reg(regs, regs::ORIG_AX),
-        reg(regs, regs::SI),
-        reg(regs, regs::DX),
+        sysno(regs),
+        reg(regs, args::A1),
+        reg(regs, args::A2),
     );
     let iov = match sysno {
         nr::READ | nr::WRITE | nr::RECVFROM | nr::SENDTO => return Some((si, dx)),
