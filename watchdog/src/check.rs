@@ -235,15 +235,21 @@ fn probe_kernel(r: &mut Report, want: Probes) {
             format!("SOCK_DESTROY failed ({e}): `reset` steps will fail"),
         ),
     }
-    let native = cfg!(target_arch = "x86_64");
+    let native = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
     r.add(
         false,
         native,
         "native stacks",
         if native {
-            "ptrace registers + framehop unwinding"
+            format!(
+                "ptrace registers + framehop's {} unwinder",
+                std::env::consts::ARCH
+            )
         } else {
-            "not on this architecture yet (x86_64 only): `stacks` records say `native stacks are read on x86_64 only`; Python stacks (py-spy) are unaffected"
+            format!(
+                "not on {}: records say so; Python stacks (py-spy) are unaffected",
+                std::env::consts::ARCH
+            )
         },
     );
     if euid == 0 {

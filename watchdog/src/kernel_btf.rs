@@ -24,7 +24,9 @@ pub enum BtfError {
     Missing { what: String },
     #[error("the sock probe set needs the sock_recv_length/sock_send_length tracepoints (Linux 6.3+); this kernel lacks them: use --probes syscalls or auto")]
     NoSockTracepoints,
-    #[error("the kernel programs know the syscall registers of x86_64 and aarch64 only; this is {0}")]
+    #[error(
+        "the kernel programs know the syscall registers of x86_64 and aarch64 only; this is {0}"
+    )]
     UnsupportedArch(&'static str),
     #[error("the kernel saves a syscall's registers elsewhere than the programs read them: struct pt_regs member {member} is at byte {found}, the programs read byte {expected}")]
     RegsLayout {
@@ -49,11 +51,7 @@ pub const PT_REGS: &[(&str, u32)] = &[
 /// As above: `regs[1..=3]` are words 1..=3 of the array at 0; `orig_x0` is the first argument
 /// at exit, `syscallno` an s32.
 #[cfg(target_arch = "aarch64")]
-pub const PT_REGS: &[(&str, u32)] = &[
-    ("regs", 0),
-    ("orig_x0", 34 * 8),
-    ("syscallno", 35 * 8),
-];
+pub const PT_REGS: &[(&str, u32)] = &[("regs", 0), ("orig_x0", 34 * 8), ("syscallno", 35 * 8)];
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 pub const PT_REGS: &[(&str, u32)] = &[];
 

@@ -29,6 +29,9 @@ pub enum Stage {
     E2eSyscalls,
     /// Debian's 6.1 and 6.12 kernels under QEMU.
     Vm,
+    /// Debian's arm64 6.1 and 6.12 kernels under QEMU (TCG), with the cross-built aarch64
+    /// daemon: a stage of its own because its cold cross-build costs more than the x86 leg.
+    VmArm64,
     /// Manifests, unit file and image (includes the Prometheus checks).
     Deploy,
     /// deploy/prometheus only: promtool, then a real Prometheus scraping a real daemon.
@@ -68,6 +71,7 @@ impl Stage {
             E2eSock => "end-to-end, sock probe set",
             E2eSyscalls => "end-to-end, syscalls probe set",
             Vm => "kernel matrix (QEMU)",
+            VmArm64 => "kernel matrix, arm64 (QEMU)",
             Deploy => "deploy",
             Prometheus => "prometheus",
             Fuzz => "fuzz",
@@ -140,7 +144,8 @@ impl Stage {
             ])
             .env("RUST_BACKTRACE", "1")
             .env("WATCHDOG_PROBES", "syscalls")),
-            Vm => vm::test(),
+            Vm => vm::test(crate::build::Arch::X86_64),
+            VmArm64 => vm::test(crate::build::Arch::Aarch64),
             Deploy => deploy::check(),
             Prometheus => prometheus::check(&crate::root().join("target/release/watchdog")),
             Fuzz => fuzz::test(fuzz_seconds),
