@@ -60,8 +60,8 @@ enum Cmd {
     /// kernel matrix, deploy/, fuzz, bench --quick and a soak. The flags below select stages
     /// instead (any combination; pipeline order is kept).
     Test {
-        /// The kernel matrix: boot Debian's 6.1 and 6.12 kernels under QEMU and run the core
-        /// scenarios inside.
+        /// The kernel matrix: boot Debian's 6.1 and 6.12 kernels, amd64 and arm64, under QEMU and
+        /// run the core scenarios inside (`--stage vm` / `--stage vm-arm64`: one architecture).
         #[arg(long)]
         vm: bool,
         /// The fuzz targets (cargo-fuzz, nightly), each for `--seconds`.
@@ -134,6 +134,7 @@ fn main() -> Result<()> {
         } => {
             for (on, s) in [
                 (vm, test::Stage::Vm),
+                (vm, test::Stage::VmArm64),
                 (fuzz, test::Stage::Fuzz),
                 (deploy, test::Stage::Deploy),
                 (prometheus, test::Stage::Prometheus),
