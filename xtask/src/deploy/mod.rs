@@ -300,3 +300,20 @@ fn index_platforms(inspect: &str) -> Result<Vec<String>> {
     out.sort();
     Ok(out)
 }
+
+#[cfg(test)]
+mod index_tests {
+    use super::index_platforms;
+
+    #[test]
+    fn the_index_platforms_are_read_from_manifest_inspect() {
+        let inspect = r#"{"schemaVersion":2,"manifests":[
+            {"digest":"sha256:b","platform":{"architecture":"arm64","os":"linux"}},
+            {"digest":"sha256:a","platform":{"architecture":"amd64","os":"linux"}}]}"#;
+        assert_eq!(
+            index_platforms(inspect).unwrap(),
+            ["linux/amd64", "linux/arm64"]
+        );
+        assert!(index_platforms(r#"{"schemaVersion":2}"#).is_err());
+    }
+}
