@@ -44,11 +44,7 @@ const MSGHDR_IOV: u64 = 16;
 /// The first user buffer of the current recv/send syscall, and its size.
 #[inline(always)]
 fn user_buffer(regs: *const u64) -> Option<(u64, u64)> {
-    let (sysno, si, dx) = (
-        sysno(regs),
-        reg(regs, args::A1),
-        reg(regs, args::A2),
-    );
+    let (sysno, si, dx) = (sysno(regs), reg(regs, args::A1), reg(regs, args::A2));
     let iov = match sysno {
         nr::READ | nr::WRITE | nr::RECVFROM | nr::SENDTO => return Some((si, dx)),
         nr::READV | nr::WRITEV => si,
