@@ -238,6 +238,23 @@ fn probe_kernel(r: &mut Report, want: Probes) {
             format!("SOCK_DESTROY failed ({e}): `reset` steps will fail"),
         ),
     }
+    let native = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
+    r.add(
+        false,
+        native,
+        "native stacks",
+        if native {
+            format!(
+                "ptrace registers + framehop's {} unwinder",
+                std::env::consts::ARCH
+            )
+        } else {
+            format!(
+                "not on {}: records say so; Python stacks (py-spy) are unaffected",
+                std::env::consts::ARCH
+            )
+        },
+    );
     if euid == 0 {
         match loader::Kernel::load(&loader::LoadOptions::ephemeral(want)) {
             Ok(k) => r.add(

@@ -24,9 +24,36 @@ pub enum BtfError {
     Missing { what: String },
     #[error("the sock probe set needs the sock_recv_length/sock_send_length tracepoints (Linux 6.3+); this kernel lacks them: use --probes syscalls or auto")]
     NoSockTracepoints,
-    #[error("the syscall probe set reads x86-64 syscall registers; this is {0}")]
+    #[error(
+        "the kernel programs know the syscall registers of x86_64 and aarch64 only; this is {0}"
+    )]
     UnsupportedArch(&'static str),
+    #[error("the kernel saves a syscall's registers elsewhere than the programs read them: struct pt_regs member {member} is at byte {found}, the programs read byte {expected}")]
+    RegsLayout {
+        member: &'static str,
+        expected: u32,
+        found: u32,
+    },
 }
+
+/// Where the kernel programs of this build read a syscall's number and arguments in `struct
+/// pt_regs` (watchdog-ebpf/src/programs/abi/<arch>.rs, chosen by the same target): checked against
+/// the running kernel's BTF before anything loads, so a kernel that moved them fails loudly
+/// instead of the programs reading the wrong words.
+#[cfg(target_arch = "x86_64")]
+pub const PT_REGS: &[(&str, u32)] = &[
+    ("orig_ax", 15 * 8),
+    ("di", 14 * 8),
+    ("si", 13 * 8),
+    ("dx", 12 * 8),
+    ("r10", 7 * 8),
+];
+/// As above: `regs[1..=3]` are words 1..=3 of the array at 0; `orig_x0` is the first argument
+/// at exit, `syscallno` an s32.
+#[cfg(target_arch = "aarch64")]
+pub const PT_REGS: &[(&str, u32)] = &[("regs", 0), ("orig_x0", 34 * 8), ("syscallno", 35 * 8)];
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+pub const PT_REGS: &[(&str, u32)] = &[];
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
@@ -175,18 +202,37 @@ impl KernelBtf {
 
     /// The set to use for a requested `Probes`.
     pub fn choose(&self, want: Probes) -> Result<ProbeSet, BtfError> {
+        self.regs_layout()?;
         let sock = self.has_tracepoint(names::TP_RECV) && self.has_tracepoint(names::TP_SEND);
         match want {
             Probes::Sock if !sock => Err(BtfError::NoSockTracepoints),
             Probes::Sock => Ok(ProbeSet::Sock),
             Probes::Auto if sock => Ok(ProbeSet::Sock),
-            Probes::Auto | Probes::Syscalls if cfg!(target_arch = "x86_64") => {
-                Ok(ProbeSet::Syscalls)
-            }
-            Probes::Auto | Probes::Syscalls => {
-                Err(BtfError::UnsupportedArch(std::env::consts::ARCH))
+            Probes::Auto | Probes::Syscalls => Ok(ProbeSet::Syscalls),
+        }
+    }
+
+    /// The running kernel's `struct pt_regs` against `PT_REGS` (both sets read the registers:
+    /// the syscall set for the fd and number, the sock set for the head capture's buffer).
+    pub fn regs_layout(&self) -> Result<(), BtfError> {
+        if PT_REGS.is_empty() {
+            return Err(BtfError::UnsupportedArch(std::env::consts::ARCH));
+        }
+        self.check_regs(PT_REGS)
+    }
+
+    fn check_regs(&self, table: &[(&'static str, u32)]) -> Result<(), BtfError> {
+        for &(member, expected) in table {
+            let found = self.offset_of("pt_regs", &[member])?;
+            if found != expected {
+                return Err(BtfError::RegsLayout {
+                    member,
+                    expected,
+                    found,
+                });
             }
         }
+        Ok(())
     }
 
     /// The offsets the syscall set walks, for this kernel.
@@ -312,6 +358,22 @@ mod tests {
         );
         assert_eq!(o.skc_state, 18, "{o:?}");
         assert!(o.skc_v6_rcv_saddr == o.skc_v6_daddr + 16, "{o:?}");
+    }
+
+    /// The programs of this build read the registers where this kernel saves them; a layout
+    /// that differs is refused.
+    #[test]
+    fn the_running_kernel_saves_registers_where_the_programs_read_them() {
+        let btf = KernelBtf::load().expect("BTF");
+        btf.regs_layout().expect("pt_regs as the abi module says");
+        // The check compares, it does not just resolve: one word off is refused, and named.
+        let (member, at) = PT_REGS[1];
+        let e = btf.check_regs(&[(member, at + 8)]).unwrap_err();
+        assert!(
+            matches!(e, BtfError::RegsLayout { member: m, found, .. } if m == member && found == at),
+            "{e}"
+        );
+        assert!(btf.check_regs(&[("no_such_register", 0)]).is_err());
     }
 
     #[test]

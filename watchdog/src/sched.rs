@@ -1,6 +1,10 @@
 //! Scheduling of the acting thread: the realtime class (SCHED_FIFO at a modest priority, which
 //! needs CAP_SYS_NICE or an RLIMIT_RTPRIO that allows it) and optional CPU placement. Every call
 //! here affects only the calling thread.
+//!
+//! The raw syscalls, not libc's wrappers: musl (the static aarch64 build) stubs
+//! `sched_setscheduler`, `sched_getscheduler` and `sched_getparam` to fail with ENOSYS, since
+//! the kernel's calls are per thread and POSIX's per process; per thread is what is wanted here.
 
 use std::io;
 
@@ -25,12 +29,17 @@ impl Class {
 /// Moves the calling thread to SCHED_FIFO at `priority` (1..=99). `SCHED_RESET_ON_FORK` keeps
 /// any thread or process it might start out of the realtime class.
 pub fn set_fifo(priority: u8) -> io::Result<()> {
-    let param = libc::sched_param {
-        sched_priority: i32::from(priority),
-    };
+    // SAFETY: sched_param is plain integers (musl adds SCHED_SPORADIC fields): zero is valid.
+    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+    param.sched_priority = i32::from(priority);
     // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid sched_param.
     let r = unsafe {
-        libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param)
+        libc::syscall(
+            libc::SYS_sched_setscheduler,
+            0,
+            libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK,
+            &param as *const libc::sched_param,
+        )
     };
     if r == 0 {
         Ok(())
@@ -44,10 +53,16 @@ pub fn current() -> Class {
     // SAFETY: sched_getscheduler / sched_getparam on the calling thread; the param struct is
     // written by the kernel.
     unsafe {
-        let policy = libc::sched_getscheduler(0) & !libc::SCHED_RESET_ON_FORK;
+        let policy =
+            libc::syscall(libc::SYS_sched_getscheduler, 0) as i32 & !libc::SCHED_RESET_ON_FORK;
         if policy == libc::SCHED_FIFO {
-            let mut p = libc::sched_param { sched_priority: 0 };
-            if libc::sched_getparam(0, &mut p) == 0 {
+            let mut p: libc::sched_param = std::mem::zeroed();
+            if libc::syscall(
+                libc::SYS_sched_getparam,
+                0,
+                &mut p as *mut libc::sched_param,
+            ) == 0
+            {
                 return Class::Fifo(p.sched_priority.clamp(0, 99) as u8);
             }
         }

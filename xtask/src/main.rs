@@ -31,8 +31,12 @@ struct Cli {
 enum Cmd {
     /// Install the toolchain pieces (and, as root, the test packages) this machine lacks.
     Setup,
-    /// Build a self-contained target/release/watchdog.
-    Build,
+    /// Build a self-contained target/release/watchdog; with `--target aarch64` (or arm64) a
+    /// static target/aarch64-unknown-linux-musl/release/watchdog, cross-built from here.
+    Build {
+        #[arg(long, value_enum)]
+        target: Option<build::Arch>,
+    },
     /// Build and run the daemon as root: `cargo xtask run -- run --port 8080 --budget 2s`.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -56,8 +60,8 @@ enum Cmd {
     /// kernel matrix, deploy/, fuzz, bench --quick and a soak. The flags below select stages
     /// instead (any combination; pipeline order is kept).
     Test {
-        /// The kernel matrix: boot Debian's 6.1 and 6.12 kernels under QEMU and run the core
-        /// scenarios inside.
+        /// The kernel matrix: boot Debian's 6.1 and 6.12 kernels, amd64 and arm64, under QEMU and
+        /// run the core scenarios inside (`--stage vm` / `--stage vm-arm64`: one architecture).
         #[arg(long)]
         vm: bool,
         /// The fuzz targets (cargo-fuzz, nightly), each for `--seconds`.
@@ -88,9 +92,15 @@ fn main() -> Result<()> {
             setup::toolchain()?;
             setup::test_packages()
         }
-        Cmd::Build => {
+        Cmd::Build { target: None } => {
             setup::toolchain()?;
             cargo(&["build", "--release", "-p", "watchdog"])
+        }
+        Cmd::Build { target: Some(arch) } => {
+            setup::toolchain()?;
+            let path = build::static_binary_for(arch, "watchdog", "watchdog")?;
+            println!("{}", path.display());
+            Ok(())
         }
         Cmd::Run { args } => {
             setup::toolchain()?;
@@ -124,6 +134,7 @@ fn main() -> Result<()> {
         } => {
             for (on, s) in [
                 (vm, test::Stage::Vm),
+                (vm, test::Stage::VmArm64),
                 (fuzz, test::Stage::Fuzz),
                 (deploy, test::Stage::Deploy),
                 (prometheus, test::Stage::Prometheus),
@@ -152,7 +163,8 @@ fn cargo_cmd(args: &[&str]) -> Command {
     // Test-profile and static builds reuse the eBPF object of the release build (see
     // `reuse_ebpf_object`); plain release builds never do, so they never rebuild for it.
     if let Some(object) = EBPF_OBJECT.get() {
-        if args.first() == Some(&"test") || args.contains(&"--target") {
+        // Only x86_64 builds: the object of another target carries another syscall ABI.
+        if args.first() == Some(&"test") || args.contains(&"x86_64-unknown-linux-gnu") {
             c.env("WATCHDOG_EBPF_OBJECT", object);
         }
     }

@@ -3,6 +3,10 @@
 //! scenarios inside (see xtask/src/bin/vm-guest.rs), once per probe set each kernel offers.
 //!
 //! TCG, not KVM: /dev/kvm exists on these machines but a KVM guest hangs.
+//!
+//! arm64 guests run the same scenarios with an aarch64 `watchdog` and `vm-guest` (cross-built,
+//! static musl), Debian's arm64 busybox and `qemu-system-aarch64 -M virt`: the programs' arm64
+//! syscall ABI is proven there, on a real arm64 kernel and JIT, under emulation.
 
 use std::{
     fs,
@@ -11,22 +15,36 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
-use crate::{root, run, setup};
+use crate::{build::Arch, root, run, setup};
 
-/// Debian kernel packages under test: (label, apt-cache pattern of the package name, the probe
-/// sets the guest must run there). 6.1 has no `sock_recv_length`, so `auto` is `syscalls` there;
-/// 6.12 offers both sets and must run both.
-const KERNELS: &[(&str, &str, &[&str])] = &[
+/// Debian kernel packages under test: (label, architecture, apt-cache pattern of the package
+/// name, the probe sets the guest must run there). 6.1 has no `sock_recv_length`, so `auto` is
+/// `syscalls` there; 6.12 offers both sets and must run both.
+const KERNELS: &[(&str, Arch, &str, &[&str])] = &[
     (
         "debian-6.1",
+        Arch::X86_64,
         r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64$",
         &["syscalls"],
     ),
     (
         "debian-6.12",
+        Arch::X86_64,
         r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64$",
+        &["sock", "syscalls"],
+    ),
+    (
+        "debian-6.1-arm64",
+        Arch::Aarch64,
+        r"^linux-image-6\.1\.0-[0-9]+-cloud-arm64$",
+        &["syscalls"],
+    ),
+    (
+        "debian-6.12-arm64",
+        Arch::Aarch64,
+        r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-arm64$",
         &["sock", "syscalls"],
     ),
 ];
@@ -37,37 +55,56 @@ const SCENARIOS: &[&str] = &[
     "start",
     "keepalive_untouched",
     "slow_killed_at_budget",
+    "native_stack",
     "thread_target",
     "upgraded_left_alone",
     "route_budget",
 ];
 
-const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
+const PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "qemu-system-arm",
+    "busybox-static",
+    "cpio",
+];
 
 /// One guest must finish within this (boot ~5 s, scenarios well under a minute).
 const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
-pub fn test() -> Result<()> {
+/// The guests of `arch` in [`KERNELS`].
+pub fn test(only: Arch) -> Result<()> {
     setup::ensure_packages(PACKAGES)?;
     let dir = root().join("target/vm");
     fs::create_dir_all(&dir)?;
-    let watchdog = crate::build::static_binary("watchdog", "watchdog")?;
-    let guest = crate::build::static_binary("xtask", "vm-guest")?;
-    let initrd = pack_initramfs(&dir, &watchdog, &guest)?;
+    let mut initrds = Vec::new();
     let mut failed = Vec::new();
-    for (label, pattern, sets) in KERNELS {
+    for &(label, arch, pattern, sets) in KERNELS.iter().filter(|k| k.1 == only) {
+        let initrd = match initrds.iter().find(|(a, _)| *a == arch) {
+            Some((_, i)) => PathBuf::clone(i),
+            None => {
+                let started = Instant::now();
+                let i = initramfs_for(&dir, arch)?;
+                println!(
+                    "{}: built and packed in {:.0?}",
+                    arch.debian(),
+                    started.elapsed()
+                );
+                initrds.push((arch, i.clone()));
+                i
+            }
+        };
         let vmlinuz =
             kernel(&dir, pattern).with_context(|| format!("getting the {label} kernel"))?;
         let started = Instant::now();
         let log = dir.join(format!("{label}.log"));
-        let mut outcome = boot(&vmlinuz, &initrd, &log);
+        let mut outcome = boot(arch, &vmlinuz, &initrd, &log);
         let mut text = fs::read_to_string(&log).unwrap_or_default();
         // Under TCG a guest kernel has been seen to panic while booting (in enqueue_timer,
         // before init ran): that says nothing about watchdog, so boot it once more.
         if !text.contains("VMTEST KERNEL") && text.contains("Kernel panic") {
             eprintln!("{label}: the guest kernel panicked before init ran; booting it again");
             let _ = fs::rename(&log, dir.join(format!("{label}.panic.log")));
-            outcome = boot(&vmlinuz, &initrd, &log);
+            outcome = boot(arch, &vmlinuz, &initrd, &log);
             text = fs::read_to_string(&log).unwrap_or_default();
         }
         for l in text.lines().filter(|l| l.starts_with("VMTEST")) {
@@ -82,7 +119,7 @@ pub fn test() -> Result<()> {
             Ok(()) => {}
             Err(e) => {
                 eprintln!("{label}: FAILED: {e:#}");
-                failed.push(*label);
+                failed.push(label);
             }
         }
     }
@@ -201,17 +238,65 @@ echo "VMTEST KERNEL $(uname -r)"
 poweroff -f
 "#;
 
+/// The static `watchdog` and `vm-guest` for `arch`, with that architecture's busybox.
+fn initramfs_for(dir: &Path, arch: Arch) -> Result<PathBuf> {
+    let watchdog = crate::build::static_binary_for(arch, "watchdog", "watchdog")?;
+    let guest = crate::build::static_binary_for(arch, "xtask", "vm-guest")?;
+    let busybox = match arch {
+        Arch::X86_64 => PathBuf::from("/bin/busybox"),
+        Arch::Aarch64 => foreign_busybox(dir, arch)?,
+    };
+    pack_initramfs(dir, arch, &busybox, &watchdog, &guest)
+}
+
+/// Debian's busybox-static for another architecture, unpacked (not installed): `dpkg
+/// --add-architecture` once so apt can download it.
+fn foreign_busybox(dir: &Path, arch: Arch) -> Result<PathBuf> {
+    let unpacked = dir.join(format!("busybox-{}", arch.debian()));
+    let busybox = unpacked.join("bin/busybox");
+    if busybox.exists() {
+        return Ok(busybox);
+    }
+    let foreign = output(Command::new("dpkg").arg("--print-foreign-architectures"))?;
+    if !foreign.lines().any(|l| l.trim() == arch.debian()) {
+        run(Command::new("dpkg").args(["--add-architecture", arch.debian()]))?;
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+    }
+    let debs = dir.join("debs");
+    fs::create_dir_all(&debs)?;
+    let package = format!("busybox-static:{}", arch.debian());
+    run(Command::new("apt-get")
+        .args(["download", "-q", &package])
+        .current_dir(&debs))?;
+    let deb = fs::read_dir(&debs)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            let n = p.file_name().unwrap_or_default().to_string_lossy();
+            n.starts_with("busybox-static_") && n.ends_with(&format!("_{}.deb", arch.debian()))
+        })
+        .with_context(|| format!("apt-get download {package} left no .deb"))?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    ensure!(busybox.exists(), "no bin/busybox in {}", deb.display());
+    Ok(busybox)
+}
+
 /// busybox + the two static binaries + init, as a gzipped newc cpio archive.
-fn pack_initramfs(dir: &Path, watchdog: &Path, guest: &Path) -> Result<PathBuf> {
-    let tree = dir.join("initramfs");
+fn pack_initramfs(
+    dir: &Path,
+    arch: Arch,
+    busybox: &Path,
+    watchdog: &Path,
+    guest: &Path,
+) -> Result<PathBuf> {
+    let tree = dir.join(format!("initramfs-{}", arch.debian()));
     let _ = fs::remove_dir_all(&tree);
     fs::create_dir_all(tree.join("bin"))?;
-    fs::copy("/bin/busybox", tree.join("bin/busybox")).context("busybox-static")?;
+    fs::copy(busybox, tree.join("bin/busybox")).context("busybox-static")?;
     fs::copy(watchdog, tree.join("bin/watchdog"))?;
     fs::copy(guest, tree.join("bin/vm-guest"))?;
     fs::write(tree.join("init"), INIT)?;
     run(Command::new("chmod").arg("755").arg(tree.join("init")))?;
-    let out = dir.join("initrd.gz");
+    let out = dir.join(format!("initrd-{}.gz", arch.debian()));
     run(Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -223,20 +308,34 @@ fn pack_initramfs(dir: &Path, watchdog: &Path, guest: &Path) -> Result<PathBuf> 
 }
 
 /// Boots the kernel with the initramfs; the console goes to `log`.
-fn boot(vmlinuz: &Path, initrd: &Path, log: &Path) -> Result<()> {
+///
+/// arm64: the `virt` board, its PL011 UART as the console. `-cpu max` has LSE atomics (the
+/// arming protocol's fetch/xchg/cmpxchg JIT to `ldaddal`/`swpal`/`casal`); `pauth-impdef`
+/// swaps QEMU's costly emulation of the architected pointer-authentication hash for a cheap one.
+fn boot(arch: Arch, vmlinuz: &Path, initrd: &Path, log: &Path) -> Result<()> {
     let console = fs::File::create(log)?;
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1024"])
+    let (qemu, machine, tty): (&str, &[&str], &str) = match arch {
+        Arch::X86_64 => ("qemu-system-x86_64", &["-cpu", "max"], "ttyS0"),
+        Arch::Aarch64 => (
+            "qemu-system-aarch64",
+            &["-M", "virt", "-cpu", "max,pauth-impdef=on"],
+            "ttyAMA0",
+        ),
+    };
+    let mut child = Command::new(qemu)
+        .args(["-accel", "tcg"])
+        .args(machine)
+        .args(["-smp", "2", "-m", "1024"])
         .args(["-nographic", "-no-reboot", "-kernel"])
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .args(["-append", &format!("console={tty} quiet panic=-1")])
         .stdin(Stdio::null())
         .stdout(console.try_clone()?)
         .stderr(console)
         .spawn()
-        .context("starting qemu-system-x86_64")?;
+        .with_context(|| format!("starting {qemu}"))?;
     let until = Instant::now() + GUEST_TIMEOUT;
     loop {
         if let Some(status) = child.try_wait()? {

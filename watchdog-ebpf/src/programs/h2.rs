@@ -43,7 +43,7 @@ use crate::{
         EVENTS, SOCK_H2_LOST, SOCK_TX_LOST, STREAMS, STREAM_SCRATCH, TASKS,
     },
     programs::{
-        abi::{nr, reg, regs},
+        abi::{args, nr, reg, sysno},
         request::bucket,
     },
 };
@@ -103,7 +103,7 @@ static WALKS: PerCpuArray<Walk, 1> = PerCpuArray::new();
 /// The first user buffer, or the iovec array, of the current recv/send syscall.
 #[inline(always)]
 fn layout(r: *const u64) -> Option<(u64, u64, u64)> {
-    let (sysno, si, dx) = (reg(r, regs::ORIG_AX), reg(r, regs::SI), reg(r, regs::DX));
+    let (sysno, si, dx) = (sysno(r), reg(r, args::A1), reg(r, args::A2));
     match sysno {
         nr::READ | nr::WRITE | nr::RECVFROM | nr::SENDTO => Some((0, si, dx)),
         nr::READV | nr::WRITEV => Some((si, 0, dx)),

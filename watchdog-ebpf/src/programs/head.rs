@@ -20,7 +20,7 @@ use watchdog_common::head::{
 
 use crate::{
     maps::{ConnEntry, BLANK_SCRATCH, ROUTES, SCRATCH},
-    programs::abi::{nr, reg, regs},
+    programs::abi::{args, nr, reg, sysno},
 };
 
 /// The current task's saved user registers (sock set; the syscall set has them as an argument).
@@ -45,11 +45,7 @@ const MSGHDR_IOV: u64 = 16;
 /// The first user buffer of the current recv/send syscall, and its size.
 #[inline(always)]
 fn user_buffer(regs: *const u64) -> Option<(u64, u64)> {
-    let (sysno, si, dx) = (
-        reg(regs, regs::ORIG_AX),
-        reg(regs, regs::SI),
-        reg(regs, regs::DX),
-    );
+    let (sysno, si, dx) = (sysno(regs), reg(regs, args::A1), reg(regs, args::A2));
     let iov = match sysno {
         nr::READ | nr::WRITE | nr::RECVFROM | nr::SENDTO => return Some((si, dx)),
         nr::READV | nr::WRITEV => si,

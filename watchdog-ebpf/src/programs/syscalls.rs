@@ -10,7 +10,8 @@
 //! Why `sys_exit` and not the per-syscall `syscalls:sys_exit_*` tracepoints: those are classic
 //! tracepoints, and the kernel refuses maps holding a `bpf_timer` in classic tracepoint programs
 //! ("tracing progs cannot use bpf_timer yet"); BTF tracepoints may use them. The fd is still in
-//! the saved registers at exit (x86-64 `pt_regs.di`), so no enter program is needed.
+//! the saved registers at exit (x86-64 `pt_regs.di`, arm64 `pt_regs.orig_x0`: see `abi`), so no
+//! enter program is needed.
 
 use aya_ebpf::{
     bindings::BPF_ANY,
@@ -26,7 +27,7 @@ use watchdog_common::stat;
 use crate::{
     maps::{count, offsets, syscall_set, OWNERS, SOCK_STATES},
     programs::{
-        abi::{nr, reg, regs},
+        abi::{args, nr, reg, sysno},
         request::{bytes_in, bytes_out, MSG_PEEK},
     },
 };
@@ -42,14 +43,14 @@ pub fn syscall_exit(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     let regs: *const u64 = ctx.arg(0);
-    let (sysno, fd) = (reg(regs, regs::ORIG_AX), reg(regs, regs::DI));
+    let (sysno, fd) = (sysno(regs), reg(regs, args::A0));
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     match sysno {
         nr::ACCEPT | nr::ACCEPT4 => on_accept(tgid, ret as u64),
         nr::READ | nr::READV | nr::RECVFROM | nr::RECVMSG | nr::RECVMMSG if ret > 0 => {
             let flags = match sysno {
-                nr::RECVMSG => reg(regs, regs::DX),
-                nr::RECVFROM | nr::RECVMMSG => reg(regs, regs::R10),
+                nr::RECVMSG => reg(regs, args::A2),
+                nr::RECVFROM | nr::RECVMMSG => reg(regs, args::A3),
                 _ => 0,
             };
             if flags & MSG_PEEK as u64 == 0 {
@@ -80,13 +81,13 @@ fn byte_count(sysno: u64, regs: *const u64, ret: u64) -> Option<u64> {
     }
     // `struct mmsghdr { struct user_msghdr msg_hdr; unsigned int msg_len; }`: 56 bytes, then
     // msg_len. The vector is the second argument.
-    let first = reg(regs, regs::SI);
+    let first = reg(regs, args::A1);
     // SAFETY: bpf_probe_read_user checks the address; a bad one is an error.
     let len: u32 = unsafe { bpf_probe_read_user((first + MMSGHDR_LEN) as *const u32) }.ok()?;
     (len > 0).then_some(u64::from(len))
 }
 
-/// Offset of `msg_len` in `struct mmsghdr` (x86-64).
+/// Offset of `msg_len` in `struct mmsghdr` (LP64: x86-64 and arm64 alike).
 const MMSGHDR_LEN: u64 = 56;
 
 /// A process took a connection: if it is tracked, the process's reads and writes matter now.

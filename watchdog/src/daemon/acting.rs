@@ -250,7 +250,7 @@ impl Acting {
             },
         ];
         let ts = libc::timespec {
-            tv_sec: (timeout_ns / 1_000_000_000).min(3600) as libc::time_t,
+            tv_sec: (timeout_ns / 1_000_000_000).min(3600) as _,
             tv_nsec: (timeout_ns % 1_000_000_000) as libc::c_long,
         };
         // SAFETY: ppoll on two pollfds we own for the call, a valid timeout, no signal mask.

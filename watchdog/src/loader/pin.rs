@@ -316,10 +316,10 @@ fn link_info(path: &Path) -> std::io::Result<LinkInfoRaw> {
 
 /// Mounts bpffs on the parent of `dir` (normally /sys/fs/bpf) unless it is on a bpffs already.
 pub(super) fn prepare_bpffs(dir: &Path) -> Result<(), LoadError> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    const BPF_FS_MAGIC: u32 = 0xcafe_4a11;
     let parent = dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
-    let on_bpffs =
-        nix::sys::statfs::statfs(parent).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
+    let on_bpffs = nix::sys::statfs::statfs(parent)
+        .is_ok_and(|s| s.filesystem_type().0 as u32 == BPF_FS_MAGIC);
     if on_bpffs {
         return Ok(());
     }

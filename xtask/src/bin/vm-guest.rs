@@ -208,7 +208,83 @@ fn run_set(r: &mut Report, set: &str) -> Option<String> {
     let _ = wd.wait();
     let _ = server.kill();
     let _ = server.wait();
+    native_stack(r, set, &actual);
     Some(actual)
+}
+
+/// The kill's record carries the spinning thread's native frames (ptrace registers and the
+/// architecture's unwinder, read before the action): the leaf and its caller, by name. A daemon
+/// of its own, with a `stack_timeout` that TCG's lateness cannot use up.
+fn native_stack(r: &mut Report, set: &str, actual: &str) {
+    let events = format!("/tmp/events-{set}.jsonl");
+    let config = format!("/tmp/watchdog-{set}.toml");
+    let text = format!(
+        "[daemon]\nstack_timeout = \"1s\"\nevents = {events:?}\n\n[[policy]]\nname = \"vm\"\n\
+         ports = [{PORT}]\nbudget = \"1s\"\nsignal = \"SIGKILL\"\n"
+    );
+    let name = format!("{actual}/native_stack");
+    if let Err(e) = std::fs::write(&config, text) {
+        r.check(false, &name, format!("writing {config}: {e}"));
+        return;
+    }
+    let mut server = spawn_server();
+    let mut wd = Command::new("/bin/watchdog")
+        .args(["run", "--config", &config, "--probes", set])
+        .args(["--metrics-addr", METRICS, "--status-socket", "/run/wd.sock"])
+        .spawn()
+        .expect("spawn /bin/watchdog");
+    let frames = if wait_ready().is_some() {
+        let _ = connect().and_then(|mut c| {
+            c.write_all(b"GET /spin HTTP/1.1\r\n\r\n")?;
+            c.set_read_timeout(Some(Duration::from_secs(20)))?;
+            c.read_to_end(&mut Vec::new())
+        });
+        let _ = wait_exit(&mut server, Duration::from_secs(10));
+        native_frames(&events)
+    } else {
+        Err("watchdog never became ready".into())
+    };
+    r.check(
+        frames.as_ref().is_ok_and(|f| {
+            f.iter().any(|n| n.contains("spin_forever")) && f.iter().any(|n| n.contains("handle"))
+        }),
+        &name,
+        format!("{frames:?}"),
+    );
+    let _ = wd.kill();
+    let _ = wd.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// The function names of the native frames in the first record of the events file (waits up
+/// to 5 s for it), or what was there instead.
+fn native_frames(path: &str) -> Result<Vec<String>, String> {
+    let until = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let t = std::fs::read_to_string(path).unwrap_or_default();
+        if t.contains("native_stack") || Instant::now() > until {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let line = text.lines().find(|l| l.contains("native_stack"));
+    let line =
+        line.ok_or_else(|| format!("no record with a native stack in {path}: {text:.300}"))?;
+    let at = line.find("\"native_stack\"").unwrap_or(0);
+    let stack = &line[at..];
+    // Names only: `"function":"NAME"` pairs, without a JSON parser (std + libc only here).
+    let names: Vec<String> = stack
+        .split("\"function\":\"")
+        .skip(1)
+        .filter_map(|s| s.split('"').next())
+        .map(|s| s.chars().take(60).collect())
+        .take(8)
+        .collect();
+    if names.is_empty() {
+        return Err(format!("no named frames: {:.300}", stack));
+    }
+    Ok(names)
 }
 
 fn field(s: &str, key: &str) -> Option<u64> {
@@ -338,6 +414,15 @@ fn serve(port: u16) {
     }
 }
 
+/// A leaf function the native stack must name, and see past to its caller `handle` (on arm64
+/// through the link register: a leaf does not save it).
+#[inline(never)]
+fn spin_forever() -> ! {
+    loop {
+        std::hint::spin_loop();
+    }
+}
+
 fn handle(c: TcpStream) -> std::io::Result<()> {
     let mut r = BufReader::new(c.try_clone()?);
     let mut w = c;
@@ -353,9 +438,7 @@ fn handle(c: TcpStream) -> std::io::Result<()> {
             }
         }
         let body = match first.split_whitespace().nth(1).unwrap_or("") {
-            p if p.ends_with("/spin") => loop {
-                std::hint::spin_loop();
-            },
+            p if p.ends_with("/spin") => spin_forever(),
             "/upgrade" => {
                 w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: test\r\nConnection: Upgrade\r\n\r\n")?;
                 loop {

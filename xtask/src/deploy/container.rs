@@ -20,19 +20,27 @@ pub(super) fn podman() -> Result<Command> {
 
 /// Builds the image from a scratch context holding only the static binary.
 pub(super) fn build_image(binary: &Path) -> Result<String> {
-    let ctx = work().join("image-context");
+    let image = image_tag();
+    build_image_as(binary, &image, crate::build::Arch::X86_64)?;
+    Ok(image)
+}
+
+/// Builds `image` for `arch` from a scratch context holding only that architecture's static
+/// binary (`FROM scratch` and `COPY` only: no emulation needed for a foreign platform).
+pub(super) fn build_image_as(binary: &Path, image: &str, arch: crate::build::Arch) -> Result<()> {
+    let ctx = work().join(format!("image-context-{}", arch.debian()));
     let _ = fs::remove_dir_all(&ctx);
     fs::create_dir_all(&ctx)?;
     fs::copy(binary, ctx.join("watchdog"))?;
-    let image = image_tag();
     checked(
         podman()?
             .args(["build", "--pull=never", "--quiet", "-f"])
             .arg(root().join("deploy/container/Containerfile"))
-            .args(["-t", &image])
+            .args(["--platform", &format!("linux/{}", arch.debian())])
+            .args(["-t", image])
             .arg(&ctx),
     )?;
-    Ok(image)
+    Ok(())
 }
 
 /// podman's default seccomp profile, amended as containerd's default is: bpf() with CAP_BPF

@@ -241,15 +241,79 @@ pub fn check() -> Result<()> {
 
 /// `cargo xtask image`: the static binary in the FROM-scratch image, tagged as the DaemonSet
 /// names it.
+/// `cargo xtask image`: one image per architecture (`<tag>-amd64`, `<tag>-arm64`) and the
+/// multi-arch OCI index `<tag>` listing both, which a mixed cluster's DaemonSet pulls unchanged.
 pub fn image() -> Result<()> {
-    let binary = build::static_binary("watchdog", "watchdog")?;
     setup::ensure_packages(&["podman"])?;
-    let image = build_image(&binary)?;
-    println!("built {image}");
+    let index = image_tag();
+    let mut images = Vec::new();
+    for arch in [build::Arch::X86_64, build::Arch::Aarch64] {
+        let binary = build::static_binary_for(arch, "watchdog", "watchdog")?;
+        let image = format!("{index}-{}", arch.debian());
+        container::build_image_as(&binary, &image, arch)?;
+        println!("built {image} (linux/{})", arch.debian());
+        images.push(image);
+    }
+    // The index takes the plain tag: whatever held it (an image of an earlier build, an older
+    // index) is untagged first.
+    let _ = output(container::podman()?.args(["manifest", "rm", &index]));
+    let _ = output(container::podman()?.args(["rmi", &index]));
+    checked(container::podman()?.args(["manifest", "create", &index]))?;
+    for image in &images {
+        checked(container::podman()?.args([
+            "manifest",
+            "add",
+            &index,
+            &format!("containers-storage:{image}"),
+        ]))?;
+    }
+    let listed = text(&checked(container::podman()?.args(["manifest", "inspect", &index]))?.stdout);
+    let platforms = index_platforms(&listed)?;
+    ensure!(
+        platforms == ["linux/amd64", "linux/arm64"],
+        "the index lists {platforms:?}"
+    );
+    println!("built {index}: OCI index of {}", platforms.join(", "));
     println!(
-        "push it:   podman push {image} REGISTRY/watchdog:{}",
+        "push it:   podman manifest push --all --format oci {index} docker://REGISTRY/watchdog:{}",
         env!("CARGO_PKG_VERSION")
     );
-    println!("or load it on a node: podman save {image} | ctr -n k8s.io images import -");
+    println!("or load one on a node: podman save {index}-arm64 | ctr -n k8s.io images import -");
     Ok(())
+}
+
+/// The `os/architecture` of each manifest in `podman manifest inspect` output, sorted.
+fn index_platforms(inspect: &str) -> Result<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_str(inspect).context("manifest inspect")?;
+    let mut out: Vec<String> = v["manifests"]
+        .as_array()
+        .context("no manifests in the index")?
+        .iter()
+        .map(|m| {
+            format!(
+                "{}/{}",
+                m["platform"]["os"].as_str().unwrap_or("?"),
+                m["platform"]["architecture"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod index_tests {
+    use super::index_platforms;
+
+    #[test]
+    fn the_index_platforms_are_read_from_manifest_inspect() {
+        let inspect = r#"{"schemaVersion":2,"manifests":[
+            {"digest":"sha256:b","platform":{"architecture":"arm64","os":"linux"}},
+            {"digest":"sha256:a","platform":{"architecture":"amd64","os":"linux"}}]}"#;
+        assert_eq!(
+            index_platforms(inspect).unwrap(),
+            ["linux/amd64", "linux/arm64"]
+        );
+        assert!(index_platforms(r#"{"schemaVersion":2}"#).is_err());
+    }
 }
