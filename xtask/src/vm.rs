@@ -55,6 +55,7 @@ const SCENARIOS: &[&str] = &[
     "start",
     "keepalive_untouched",
     "slow_killed_at_budget",
+    "old_connection_killed_at_budget",
     "native_stack",
     "thread_target",
     "upgraded_left_alone",

@@ -119,6 +119,52 @@ fn run_set(r: &mut Report, set: &str) -> Option<String> {
     let _ = wd.kill();
     let _ = wd.wait();
 
+    // 1b. A keep-alive connection opened before the daemon started (adopted by the TCP socket
+    //     iterator): a slow request on it is killed at its budget. The killed daemon above
+    //     left its programs pinned and attached (they would track the connection from its
+    //     accept): unloaded first, so only adoption can.
+    let unloaded = Command::new("/bin/watchdog").arg("unload").status();
+    let mut server = spawn_server();
+    let old = connect().and_then(|mut c| request(&mut c, "/fast").map(|b| (c, b)));
+    let mut wd = spawn_watchdog(set, &["--budget", "1s", "--signal", "SIGKILL"]);
+    let ready = wait_ready();
+    let adopted = http_get("/metrics").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("watchdog_connections_adopted_total{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    });
+    match (ready, old) {
+        (Some(_), Ok((mut c, first))) if first.contains("fast") && adopted == Some(1.0) => {
+            let start = Instant::now();
+            let slow = c.write_all(b"GET /spin HTTP/1.1\r\n\r\n").and_then(|_| {
+                let mut buf = Vec::new();
+                c.read_to_end(&mut buf).map(|_| buf.len())
+            });
+            let elapsed = start.elapsed();
+            let status = wait_exit(&mut server, Duration::from_secs(10));
+            let killed = status.and_then(|s| s.signal()) == Some(libc::SIGKILL);
+            r.check(
+                killed
+                    && elapsed >= Duration::from_secs(1)
+                    && elapsed < Duration::from_secs(1) + SLACK,
+                &name("old_connection_killed_at_budget"),
+                format!("opened before the daemon (adopted {adopted:?}, unload {unloaded:?}): ended after {elapsed:?} ({slow:?}), server exit {status:?}"),
+            );
+        }
+        (ready, old) => r.check(
+            false,
+            &name("old_connection_killed_at_budget"),
+            format!(
+                "ready {ready:?}, adopted {adopted:?} (unload {unloaded:?}), connection before the daemon {:?}",
+                old.map(|o| o.1)
+            ),
+        ),
+    }
+    let _ = wd.kill();
+    let _ = wd.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+
     // 2. Thread targeting: SIGUSR1 reaches exactly the thread that owns the request.
     let mut server = spawn_server();
     let mut wd = spawn_watchdog(
