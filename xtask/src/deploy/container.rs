@@ -144,15 +144,32 @@ pub(super) fn pod_flags(pod: &Value, config_dir: &Path, caps: &[String]) -> Resu
 }
 
 /// `watchdog check` in place of the container's `run`, with the same flags.
-pub(super) fn check_args(pod: &Value) -> Result<Vec<String>> {
+/// The DaemonSet's container args without `--metrics-addr` and its value: the DaemonSet takes
+/// that address from the downward API (`$(POD_IP)`), which a container run here does not have.
+/// `deploy::kubernetes` checks the flag itself.
+fn daemonset_args(pod: &Value) -> Result<Vec<String>> {
     let args: Vec<String> = pod["spec"]["template"]["spec"]["containers"][0]["args"]
         .as_array()
         .context("args")?
         .iter()
         .filter_map(|a| a.as_str().map(str::to_string))
         .collect();
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        if a == "--metrics-addr" {
+            it.next();
+        } else if !a.starts_with("--metrics-addr=") {
+            out.push(a);
+        }
+    }
+    Ok(out)
+}
+
+/// `watchdog check` with the DaemonSet's `run` args (its config), minus what only `run` takes.
+pub(super) fn check_args(pod: &Value) -> Result<Vec<String>> {
     let mut out = vec!["check".to_string()];
-    out.extend(args.into_iter().skip(1));
+    out.extend(daemonset_args(pod)?.into_iter().skip(1));
     Ok(out)
 }
 
@@ -235,12 +252,7 @@ pub(super) fn run_daemon(
     const STATE: &str = "/sys/fs/bpf/watchdog-deploy-check";
     const ADDR: &str = "127.0.0.1:19477";
     let flags = pod_flags(pod, config_dir, caps)?;
-    let mut args: Vec<String> = pod["spec"]["template"]["spec"]["containers"][0]["args"]
-        .as_array()
-        .context("args")?
-        .iter()
-        .filter_map(|a| a.as_str().map(str::to_string))
-        .collect();
+    let mut args = daemonset_args(pod)?;
     args.extend(["--metrics-addr", ADDR, "--state-dir", STATE].map(String::from));
     let _ = output(podman()?.args(["rm", "--force", NAME]));
     let result = (|| -> Result<()> {
@@ -429,4 +441,24 @@ pub(super) fn run_chroot(
         eprintln!("deploy:      without CAP_{cap}: `watchdog check` fails, as it must");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daemonsets_metrics_address_is_left_to_the_test_run() {
+        let pod = serde_json::json!({"spec": {"template": {"spec": {"containers": [{"args": [
+            "run", "--config", "/etc/watchdog/watchdog.toml", "--metrics-addr", "$(POD_IP):9477"
+        ]}]}}}});
+        assert_eq!(
+            check_args(&pod).unwrap(),
+            ["check", "--config", "/etc/watchdog/watchdog.toml"]
+        );
+        assert_eq!(
+            daemonset_args(&pod).unwrap(),
+            ["run", "--config", "/etc/watchdog/watchdog.toml"]
+        );
+    }
 }
