@@ -501,7 +501,7 @@ fn read_config_file(path: &Path) -> Result<String, ConfigError> {
     // opened (fstat), and what is read is that same file.
     let file = std::fs::File::options()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
         .open(path)
         .map_err(read_err)?;
     let meta = file.metadata().map_err(read_err)?;
